@@ -1,0 +1,2 @@
+//! virtio-iommu model.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! virtio-iommu wire format.
+#![forbid(unsafe_code)]
