@@ -1,2 +1,1057 @@
-//! virtio-iommu model.
+//! The virtio-iommu model: endpoints, groups, domains, DMA owners and page tables.
+//!
+//! A pure state machine with no I/O. Two faces, as in the kernel model the project grew from
+//! (see DESIGN.md and notes/linux-ownership-model.md):
+//!
+//! - the **guest face** ([`Iommu::attach`], [`Iommu::detach`], [`Iommu::map`],
+//!   [`Iommu::unmap`], [`Iommu::probe`]): what the guest driver programs, per the virtio spec;
+//!   a group is attached as a whole and always translates through one domain;
+//! - the **host face** ([`Iommu::use_dma_api`], [`Iommu::claim_dma_owner`], ...): who on the
+//!   host may ask the fast path to translate for an endpoint.
+//!
+//! The fast path is [`Translator`]: any number of reader threads translate IOVAs without
+//! taking a lock, while the single writer (`&mut Iommu`) changes the model. Every writer
+//! operation that takes a translation away returns only after no reader can still return it
+//! (the IOTLB-sync rule, see [`epoch`]).
+//!
+//! Every operation returns `Result<_, Error>`; a refused operation changes nothing.
 #![forbid(unsafe_code)]
+
+pub mod epoch;
+pub mod pagetable;
+pub mod topology;
+
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use thiserror::Error;
+
+use crate::{
+    epoch::{Readers, Slot},
+    pagetable::{Arena, TableError, TableWriter, NODE_BYTES},
+};
+pub use crate::{
+    pagetable::{Mapping, PERM_MMIO, PERM_READ, PERM_WRITE},
+    topology::{
+        DomainId, EndpointId, EndpointInfo, GroupId, Limits, ResvKind, ResvRegion, Topology,
+        TopologyBuilder, TopologyError, X86_MSI_REGION,
+    },
+};
+
+/// Why a guest or host operation was refused. Nothing changed.
+///
+/// The daemon maps these to virtio status codes in one place; the spec rule each one stands
+/// for is cited.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    /// Spec A3, D2, P2: NOENT.
+    #[error("endpoint {0:#x} does not exist")]
+    UnknownEndpoint(EndpointId),
+    /// ATTACH with a domain ID outside `domain_range`: RANGE.
+    #[error("domain {0} is outside the domain range")]
+    DomainOutOfRange(DomainId),
+    /// Spec M4, U2: NOENT.
+    #[error("domain {0} does not exist")]
+    UnknownDomain(DomainId),
+    /// Spec A5: the ATTACH bypass flag differs from the domain's kind: INVAL.
+    #[error("domain {0} exists with the other kind (bypass flag mismatch)")]
+    KindMismatch(DomainId),
+    /// Spec A7: the endpoint's reserved regions collide with the domain's mappings: UNSUPP.
+    #[error("endpoint {endpoint:#x} has reserved regions that domain {domain} maps")]
+    Incompatible {
+        domain: DomainId,
+        endpoint: EndpointId,
+    },
+    /// Spec D3: the domain is absent or the endpoint is not attached to it: INVAL.
+    #[error("endpoint {endpoint:#x} is not attached to domain {domain}")]
+    NotAttached {
+        domain: DomainId,
+        endpoint: EndpointId,
+    },
+    /// Spec M5, U3: MAP or UNMAP on a bypass (identity) domain: INVAL.
+    #[error("domain {0} is a bypass domain")]
+    IdentityDomain(DomainId),
+    /// `virt_end < virt_start`: INVAL.
+    #[error("range end {end:#x} is below its start {start:#x}")]
+    InvalidRange { start: u64, end: u64 },
+    /// Spec M1: RANGE.
+    #[error("range {start:#x}-{end:#x} or address {phys:#x} is not aligned to the granule")]
+    Misaligned { start: u64, end: u64, phys: u64 },
+    /// MAP outside `input_range`, or a physical end past 2^64: RANGE.
+    #[error("range {start:#x}-{end:#x} is outside the input range")]
+    OutOfRange { start: u64, end: u64 },
+    /// Spec M2: INVAL.
+    #[error("range {start:#x}-{end:#x} overlaps an existing mapping")]
+    Overlap { start: u64, end: u64 },
+    /// Spec R4: INVAL.
+    #[error("range {start:#x}-{end:#x} overlaps a reserved region")]
+    ReservedOverlap { start: u64, end: u64 },
+    /// Spec U4: RANGE, and nothing removed.
+    #[error("unmapping {start:#x}-{end:#x} would split a mapping")]
+    WouldSplit { start: u64, end: u64 },
+    /// NOMEM: `Limits::max_domains`.
+    #[error("too many domains")]
+    TooManyDomains,
+    /// NOMEM: `Limits::max_mappings_per_domain` or `Limits::max_mappings`.
+    #[error("too many mappings")]
+    TooManyMappings,
+    /// NOMEM: `Limits::max_table_bytes`.
+    #[error("page-table memory exhausted")]
+    OutOfTableMemory,
+    /// Host face: the group has another exclusive owner (the kernel's -EBUSY).
+    #[error("group {0:?} is owned by another DMA owner")]
+    Busy(GroupId),
+    /// Host face: DMA-API users block an exclusive claim (the kernel's -EPERM).
+    #[error("group {0:?} has DMA-API users")]
+    InUse(GroupId),
+    /// Host face: an owner cookie must be neither 0 nor `u64::MAX` (the kernel's -EINVAL).
+    #[error("invalid owner cookie")]
+    InvalidOwner,
+    /// Host face: release by a cookie that does not own the group.
+    #[error("group {0:?} is not owned by this cookie")]
+    NotOwner(GroupId),
+    /// Host face: `unuse_dma_api` without a matching `use_dma_api`.
+    #[error("group {0:?} has no DMA-API users")]
+    NotInUse(GroupId),
+    /// Host face: no such group.
+    #[error("group {0:?} does not exist")]
+    UnknownGroup(GroupId),
+}
+
+/// Why the fast path refused a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Host-side: no such endpoint. Not reported to the guest.
+    UnknownEndpoint,
+    /// Host-side: the requester does not own the endpoint's group. Not reported to the guest.
+    NotOwner,
+    /// The endpoint is not attached and not in bypass (fault reason DOMAIN).
+    NoDomain,
+    /// No mapping covers the address (fault reason MAPPING).
+    Unmapped,
+    /// The address is outside the input range (fault reason MAPPING).
+    OutOfRange,
+    /// The mapping does not allow this access, spec M6 (fault reason MAPPING).
+    Permission,
+    /// A bypassed access hit a reserved region, spec R5 (fault reason MAPPING).
+    Reserved,
+}
+
+impl Fault {
+    /// Whether the guest should see this fault on the event queue.
+    pub fn guest_visible(self) -> bool {
+        !matches!(self, Fault::UnknownEndpoint | Fault::NotOwner)
+    }
+}
+
+/// The kind of a domain, fixed at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DomainKind {
+    /// Translates through page tables filled by MAP.
+    Paging,
+    /// Created by ATTACH with ATTACH_F_BYPASS: identity, MAP/UNMAP refused.
+    Identity,
+}
+
+/// Who asks the fast path to translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requester {
+    /// A shared user, after `use_dma_api` on the endpoint (the VMM's own devices).
+    DmaApi,
+    /// The exclusive owner that claimed the group with this cookie.
+    Owner(u64),
+}
+
+/// Owner cell values readers compare against.
+const OWNER_NONE: u64 = 0;
+const OWNER_DMA_API: u64 = u64::MAX;
+
+impl Requester {
+    /// The owner-cell value this requester may translate under; `OWNER_NONE` for a cookie
+    /// that can never own a group (0, or the DMA-API marker), so it matches nothing.
+    #[inline]
+    fn token(self) -> u64 {
+        match self {
+            Requester::DmaApi => OWNER_DMA_API,
+            Requester::Owner(OWNER_DMA_API) => OWNER_NONE,
+            Requester::Owner(cookie) => cookie,
+        }
+    }
+}
+
+/// The access a DMA makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A successful translation of the first `len` bytes at the IOVA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    pub gpa: u64,
+    /// Bytes from the IOVA that translate contiguously (at most the length asked for).
+    pub len: u64,
+    /// The domain that translated, None in bypass.
+    pub domain: Option<DomainId>,
+    /// The mapping is MMIO (MAP_F_MMIO).
+    pub mmio: bool,
+}
+
+/// Group state as readers see it: `tag | root << 2 | domain << 32`.
+const STATE_UNATTACHED: u64 = 0;
+const STATE_IDENTITY: u64 = 1;
+const STATE_PAGING: u64 = 2;
+
+fn encode_state(domain: DomainId, kind: DomainKind, root: u32) -> u64 {
+    let tag = match kind {
+        DomainKind::Paging => STATE_PAGING,
+        DomainKind::Identity => STATE_IDENTITY,
+    };
+    tag | (u64::from(root) << 2) | (u64::from(domain) << 32)
+}
+
+#[derive(Debug, Default)]
+struct GroupCell {
+    state: AtomicU64,
+    owner: AtomicU64,
+}
+
+/// An endpoint as readers see it.
+#[derive(Debug)]
+struct EndpointCell {
+    group: u32,
+    regions: Box<[ResvRegion]>,
+}
+
+/// Endpoint ID to cell: a dense table for small IDs (PCI requester IDs), else a sorted list.
+#[derive(Debug)]
+enum EndpointIndex {
+    Dense(Box<[u32]>),
+    Sorted(Box<[EndpointId]>),
+}
+
+const DENSE_LIMIT: EndpointId = 1 << 16;
+
+/// State shared by the writer and all readers.
+#[derive(Debug)]
+struct Shared {
+    arena: Arena,
+    readers: Readers,
+    levels: u32,
+    input_start: u64,
+    input_end: u64,
+    bypass: AtomicBool,
+    groups: Box<[GroupCell]>,
+    endpoints: Box<[EndpointCell]>,
+    index: EndpointIndex,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl Shared {
+    #[inline]
+    fn endpoint(&self, id: EndpointId) -> Option<&EndpointCell> {
+        let position = match &self.index {
+            EndpointIndex::Dense(table) => match table.get(id as usize) {
+                Some(&p) if p != u32::MAX => p as usize,
+                _ => return None,
+            },
+            EndpointIndex::Sorted(ids) => ids.binary_search(&id).ok()?,
+        };
+        self.endpoints.get(position)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OwnerState {
+    None,
+    /// `use_dma_api` users, counted.
+    DmaApi(u32),
+    /// An exclusive owner and how many claims it holds.
+    User {
+        cookie: u64,
+        count: u32,
+    },
+}
+
+#[derive(Debug)]
+struct GroupState {
+    domain: Option<DomainId>,
+    /// Endpoints of the group the guest has attached (DETACH uncounts them).
+    attached: BTreeSet<EndpointId>,
+    owner: OwnerState,
+}
+
+#[derive(Debug)]
+struct Domain {
+    kind: DomainKind,
+    /// Page-table root; None for identity domains.
+    root: Option<u32>,
+    groups: BTreeSet<GroupId>,
+    mappings: u64,
+}
+
+/// A domain as [`Iommu::domains`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub id: DomainId,
+    pub kind: DomainKind,
+    pub groups: Vec<GroupId>,
+    /// Endpoints the guest attached, over all groups on the domain.
+    pub endpoints: Vec<EndpointId>,
+    pub mappings: u64,
+}
+
+/// Counters of the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelStats {
+    pub domains: u64,
+    pub mappings: u64,
+    pub table_bytes: u64,
+    pub grace_periods: u64,
+    pub grace_wait_max_ns: u64,
+}
+
+/// The device model (the writer). See the crate documentation.
+#[derive(Debug)]
+pub struct Iommu {
+    topo: Arc<Topology>,
+    shared: Arc<Shared>,
+    table: TableWriter,
+    groups: Vec<GroupState>,
+    domains: BTreeMap<DomainId, Domain>,
+    mappings: u64,
+    grace_periods: u64,
+    grace_wait_max_ns: u64,
+}
+
+impl Iommu {
+    /// A model with every group unattached and `bypass` off.
+    pub fn new(topology: Topology) -> Self {
+        let (input_start, input_end) = topology.input_range();
+        let levels = pagetable::levels_for(input_end);
+        let limits = topology.limits();
+        let arena = Arena::new(limits.max_table_bytes / NODE_BYTES);
+        let groups = (0..topology.group_count())
+            .map(|_| GroupCell::default())
+            .collect();
+        let mut ids = Vec::new();
+        let endpoints = topology
+            .endpoints()
+            .map(|(id, info)| {
+                ids.push(id);
+                EndpointCell {
+                    group: info.group.0,
+                    regions: info.regions.clone().into_boxed_slice(),
+                }
+            })
+            .collect();
+        let index = match ids.last() {
+            Some(&max) if max < DENSE_LIMIT => {
+                let mut table = vec![u32::MAX; max as usize + 1];
+                for (position, id) in ids.iter().enumerate() {
+                    table[*id as usize] = position as u32;
+                }
+                EndpointIndex::Dense(table.into_boxed_slice())
+            }
+            _ => EndpointIndex::Sorted(ids.into_boxed_slice()),
+        };
+        let shared = Arc::new(Shared {
+            arena,
+            readers: Readers::default(),
+            levels,
+            input_start,
+            input_end,
+            bypass: AtomicBool::new(false),
+            groups,
+            endpoints,
+            index,
+        });
+        let groups = (0..topology.group_count())
+            .map(|_| GroupState {
+                domain: None,
+                attached: BTreeSet::new(),
+                owner: OwnerState::None,
+            })
+            .collect();
+        Iommu {
+            topo: Arc::new(topology),
+            shared,
+            table: TableWriter::new(levels),
+            groups,
+            domains: BTreeMap::new(),
+            mappings: 0,
+            grace_periods: 0,
+            grace_wait_max_ns: 0,
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// A fast-path handle for one reader thread.
+    pub fn translator(&self) -> Translator {
+        Translator::new(self.shared.clone())
+    }
+
+    fn group_of(&self, endpoint: EndpointId) -> Result<GroupId, Error> {
+        self.topo
+            .endpoint(endpoint)
+            .map(|info| info.group)
+            .ok_or(Error::UnknownEndpoint(endpoint))
+    }
+
+    /// The group an endpoint belongs to.
+    pub fn group(&self, endpoint: EndpointId) -> Result<GroupId, Error> {
+        self.group_of(endpoint)
+    }
+
+    /// The domain a group is attached to, and the endpoints the guest attached.
+    pub fn group_attachment(&self, group: GroupId) -> Option<(Option<DomainId>, Vec<EndpointId>)> {
+        self.groups
+            .get(group.0 as usize)
+            .map(|g| (g.domain, g.attached.iter().copied().collect()))
+    }
+
+    /// Waits out readers that may hold the state just replaced, then recycles retired nodes.
+    fn synchronize(&mut self) {
+        let waited = self.shared.readers.synchronize();
+        self.grace_periods += 1;
+        self.grace_wait_max_ns = self.grace_wait_max_ns.max(waited.as_nanos() as u64);
+        self.table.reclaim(&self.shared.arena);
+    }
+
+    fn publish_group(&self, group: GroupId) {
+        let state = match self.groups[group.0 as usize].domain {
+            None => STATE_UNATTACHED,
+            Some(id) => {
+                let d = &self.domains[&id];
+                encode_state(id, d.kind, d.root.unwrap_or(0))
+            }
+        };
+        self.shared.groups[group.0 as usize]
+            .state
+            .store(state, Ordering::Release);
+    }
+
+    // ---- guest face ----------------------------------------------------------------------
+
+    /// ATTACH: attaches `endpoint`, and with it its whole group, to `domain` (created on first
+    /// use). Singleton groups take [`Self::attach_device`], multi-endpoint groups
+    /// [`Self::attach_device_shared`]: the difference is explicit, as in the seed thread.
+    pub fn attach(
+        &mut self,
+        domain: DomainId,
+        endpoint: EndpointId,
+        kind: DomainKind,
+    ) -> Result<(), Error> {
+        let group = self.group_of(endpoint)?;
+        let (first, last) = self.topo.domain_range();
+        if domain < first || domain > last {
+            return Err(Error::DomainOutOfRange(domain));
+        }
+        if self.topo.group_members(group).len() == 1 {
+            self.attach_device(group, domain, endpoint, kind)
+        } else {
+            self.attach_device_shared(group, domain, endpoint, kind)
+        }
+    }
+
+    /// `iommu_attach_device`: the endpoint is alone in its group, one endpoint to one domain.
+    fn attach_device(
+        &mut self,
+        group: GroupId,
+        domain: DomainId,
+        endpoint: EndpointId,
+        kind: DomainKind,
+    ) -> Result<(), Error> {
+        self.replace_group_domain(group, domain, endpoint, kind)
+    }
+
+    /// `iommu_attach_device_shared`: N endpoints that cannot be isolated share one domain. The
+    /// first ATTACH moves the whole group; the guest's ATTACHes for the other endpoints of the
+    /// group (same domain) only count them.
+    fn attach_device_shared(
+        &mut self,
+        group: GroupId,
+        domain: DomainId,
+        endpoint: EndpointId,
+        kind: DomainKind,
+    ) -> Result<(), Error> {
+        self.replace_group_domain(group, domain, endpoint, kind)
+    }
+
+    /// `iommu_replace_group_domain`: the group moves to `domain` in one store that every
+    /// endpoint of the group reads, so no DMA sees an empty or stale table, and the endpoints
+    /// of a group never translate through different domains. Spec A6: an endpoint attached
+    /// elsewhere behaves as DETACH then ATTACH, without the window.
+    fn replace_group_domain(
+        &mut self,
+        group: GroupId,
+        domain: DomainId,
+        endpoint: EndpointId,
+        kind: DomainKind,
+    ) -> Result<(), Error> {
+        let gi = group.0 as usize;
+        if self.groups[gi].domain == Some(domain) {
+            if self.domains[&domain].kind != kind {
+                return Err(Error::KindMismatch(domain));
+            }
+            self.groups[gi].attached.insert(endpoint);
+            return Ok(());
+        }
+        let root = match self.domains.get(&domain) {
+            Some(d) if d.kind != kind => return Err(Error::KindMismatch(domain)),
+            Some(d) => {
+                self.check_compatible(domain, d, group)?;
+                None
+            }
+            None => {
+                if self.domains.len() >= self.topo.limits().max_domains as usize {
+                    return Err(Error::TooManyDomains);
+                }
+                match kind {
+                    DomainKind::Paging => Some(
+                        self.table
+                            .new_root(&self.shared.arena)
+                            .ok_or(Error::OutOfTableMemory)?,
+                    ),
+                    DomainKind::Identity => None,
+                }
+            }
+        };
+        if let Some(root) = root {
+            self.domains.insert(
+                domain,
+                Domain {
+                    kind,
+                    root: Some(root),
+                    groups: BTreeSet::new(),
+                    mappings: 0,
+                },
+            );
+        } else {
+            self.domains.entry(domain).or_insert(Domain {
+                kind,
+                root: None,
+                groups: BTreeSet::new(),
+                mappings: 0,
+            });
+        }
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.groups.insert(group);
+        }
+        let old = self.groups[gi].domain.replace(domain);
+        self.groups[gi].attached.insert(endpoint);
+        self.publish_group(group);
+        if let Some(old) = old {
+            self.leave_domain(old, group);
+        }
+        self.synchronize();
+        Ok(())
+    }
+
+    /// Spec A7: a domain that maps addresses reserved for an endpoint of the group cannot take
+    /// the group.
+    fn check_compatible(&self, domain: DomainId, d: &Domain, group: GroupId) -> Result<(), Error> {
+        let Some(root) = d.root else { return Ok(()) };
+        for &endpoint in self.topo.group_members(group) {
+            let regions = self.topo.endpoint(endpoint).map_or(&[][..], |e| &e.regions);
+            for r in regions {
+                if self
+                    .table
+                    .any_mapped(&self.shared.arena, root, r.start, r.end)
+                {
+                    return Err(Error::Incompatible { domain, endpoint });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group left `domain`; the domain dies with its last group (spec: domain lifetime).
+    /// The caller synchronizes readers before anything retired here is reused.
+    fn leave_domain(&mut self, domain: DomainId, group: GroupId) {
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return;
+        };
+        d.groups.remove(&group);
+        if d.groups.is_empty() {
+            if let Some(d) = self.domains.remove(&domain) {
+                self.mappings -= d.mappings;
+                if let Some(root) = d.root {
+                    self.table.retire_tree(&self.shared.arena, root);
+                }
+            }
+        }
+    }
+
+    /// DETACH: uncounts `endpoint`; when the guest has detached every endpoint of the group,
+    /// the group returns to its core state (blocked, or bypass when `bypass` is set) and spec
+    /// D4 holds: it reaches none of the domain's mappings once this returns.
+    pub fn detach(&mut self, domain: DomainId, endpoint: EndpointId) -> Result<(), Error> {
+        let group = self.group_of(endpoint)?;
+        let gi = group.0 as usize;
+        let g = &mut self.groups[gi];
+        if g.domain != Some(domain) || !g.attached.contains(&endpoint) {
+            return Err(Error::NotAttached { domain, endpoint });
+        }
+        g.attached.remove(&endpoint);
+        if g.attached.is_empty() {
+            g.domain = None;
+            self.publish_group(group);
+            self.leave_domain(domain, group);
+            self.synchronize();
+        }
+        Ok(())
+    }
+
+    fn paging_root(&self, domain: DomainId) -> Result<(u32, &Domain), Error> {
+        let d = self
+            .domains
+            .get(&domain)
+            .ok_or(Error::UnknownDomain(domain))?;
+        match d.root {
+            Some(root) => Ok((root, d)),
+            None => Err(Error::IdentityDomain(domain)),
+        }
+    }
+
+    /// MAP `[virt_start, virt_end]` to `phys_start` with `PERM_*` flags.
+    pub fn map(
+        &mut self,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        perms: u64,
+    ) -> Result<(), Error> {
+        let (root, d) = self.paging_root(domain)?;
+        let (start, end) = (virt_start, virt_end);
+        if end < start {
+            return Err(Error::InvalidRange { start, end });
+        }
+        let mask = self.topo.granule() - 1;
+        if start & mask != 0 || phys_start & mask != 0 || end & mask != mask {
+            return Err(Error::Misaligned {
+                start,
+                end,
+                phys: phys_start,
+            });
+        }
+        let (first, last) = self.topo.input_range();
+        if start < first || end > last || phys_start.checked_add(end - start).is_none() {
+            return Err(Error::OutOfRange { start, end });
+        }
+        for group in &d.groups {
+            for &endpoint in self.topo.group_members(*group) {
+                let regions = self.topo.endpoint(endpoint).map_or(&[][..], |e| &e.regions);
+                if regions.iter().any(|r| r.overlaps(start, end)) {
+                    return Err(Error::ReservedOverlap { start, end });
+                }
+            }
+        }
+        let arena = &self.shared.arena;
+        if self.table.any_mapped(arena, root, start, end) {
+            return Err(Error::Overlap { start, end });
+        }
+        let limits = self.topo.limits();
+        if d.mappings >= limits.max_mappings_per_domain || self.mappings >= limits.max_mappings {
+            return Err(Error::TooManyMappings);
+        }
+        let mapping = Mapping {
+            virt_start: start,
+            virt_end: end,
+            phys_start,
+            perms: perms & pagetable::PERM_MASK,
+        };
+        self.table
+            .map(arena, root, mapping)
+            .map_err(|_| Error::OutOfTableMemory)?;
+        self.mappings += 1;
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.mappings += 1;
+        }
+        Ok(())
+    }
+
+    /// UNMAP every mapping inside `[virt_start, virt_end]`; returns how many were removed.
+    /// Spec U4: a range that would split a mapping removes nothing. Returns only once no
+    /// reader can still translate through a removed mapping.
+    pub fn unmap(
+        &mut self,
+        domain: DomainId,
+        virt_start: u64,
+        virt_end: u64,
+    ) -> Result<u64, Error> {
+        let (root, _) = self.paging_root(domain)?;
+        let (start, end) = (virt_start, virt_end);
+        if end < start {
+            return Err(Error::InvalidRange { start, end });
+        }
+        let removed = self
+            .table
+            .unmap(&self.shared.arena, root, start, end)
+            .map_err(|e| match e {
+                TableError::WouldSplit => Error::WouldSplit { start, end },
+                TableError::NoMemory => Error::OutOfTableMemory,
+            })?;
+        if removed > 0 {
+            self.mappings -= removed;
+            if let Some(d) = self.domains.get_mut(&domain) {
+                d.mappings -= removed;
+            }
+            self.synchronize();
+        } else if self.table.has_retired() {
+            self.synchronize();
+        }
+        Ok(removed)
+    }
+
+    /// PROBE: the endpoint's reserved regions.
+    pub fn probe(&self, endpoint: EndpointId) -> Result<&[ResvRegion], Error> {
+        self.topo
+            .endpoint(endpoint)
+            .map(|e| e.regions.as_slice())
+            .ok_or(Error::UnknownEndpoint(endpoint))
+    }
+
+    /// Device reset: every group unattached, every domain and mapping gone. `bypass` and the
+    /// host face (DMA owners) survive (spec C2).
+    pub fn reset(&mut self) {
+        for g in &mut self.groups {
+            g.domain = None;
+            g.attached.clear();
+        }
+        for cell in self.shared.groups.iter() {
+            cell.state.store(STATE_UNATTACHED, Ordering::Release);
+        }
+        for (_, d) in std::mem::take(&mut self.domains) {
+            if let Some(root) = d.root {
+                self.table.retire_tree(&self.shared.arena, root);
+            }
+        }
+        self.mappings = 0;
+        self.synchronize();
+    }
+
+    /// Sets the config-space `bypass` state: whether unattached endpoints bypass.
+    pub fn set_bypass(&mut self, bypass: bool) {
+        let old = self.shared.bypass.swap(bypass, Ordering::AcqRel);
+        if old && !bypass {
+            self.synchronize();
+        }
+    }
+
+    pub fn bypass(&self) -> bool {
+        self.shared.bypass.load(Ordering::Acquire)
+    }
+
+    /// The mappings of a paging domain, in IOVA order.
+    pub fn mappings(&self, domain: DomainId) -> Result<Vec<Mapping>, Error> {
+        let (root, _) = self.paging_root(domain)?;
+        Ok(self.table.mappings(&self.shared.arena, root))
+    }
+
+    /// Every live domain.
+    pub fn domains(&self) -> Vec<DomainInfo> {
+        self.domains
+            .iter()
+            .map(|(&id, d)| {
+                let mut endpoints: Vec<EndpointId> = d
+                    .groups
+                    .iter()
+                    .flat_map(|g| self.groups[g.0 as usize].attached.iter().copied())
+                    .collect();
+                endpoints.sort_unstable();
+                DomainInfo {
+                    id,
+                    kind: d.kind,
+                    groups: d.groups.iter().copied().collect(),
+                    endpoints,
+                    mappings: d.mappings,
+                }
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> ModelStats {
+        ModelStats {
+            domains: self.domains.len() as u64,
+            mappings: self.mappings,
+            table_bytes: self.table.nodes_in_use() * NODE_BYTES,
+            grace_periods: self.grace_periods,
+            grace_wait_max_ns: self.grace_wait_max_ns,
+        }
+    }
+
+    // ---- host face -----------------------------------------------------------------------
+
+    fn group_state(&mut self, group: GroupId) -> Result<&mut GroupState, Error> {
+        self.groups
+            .get_mut(group.0 as usize)
+            .ok_or(Error::UnknownGroup(group))
+    }
+
+    fn publish_owner(&self, group: GroupId, value: u64) {
+        self.shared.groups[group.0 as usize]
+            .owner
+            .store(value, Ordering::Release);
+    }
+
+    /// `iommu_device_use_default_domain`: a shared DMA-API user of the endpoint's group
+    /// (counted, no cookie). Refused while an exclusive owner holds the group.
+    pub fn use_dma_api(&mut self, endpoint: EndpointId) -> Result<(), Error> {
+        let group = self.group_of(endpoint)?;
+        let g = self.group_state(group)?;
+        g.owner = match g.owner {
+            OwnerState::User { .. } => return Err(Error::Busy(group)),
+            OwnerState::None => OwnerState::DmaApi(1),
+            OwnerState::DmaApi(n) => OwnerState::DmaApi(n.saturating_add(1)),
+        };
+        self.publish_owner(group, OWNER_DMA_API);
+        Ok(())
+    }
+
+    /// `iommu_device_unuse_default_domain`.
+    pub fn unuse_dma_api(&mut self, endpoint: EndpointId) -> Result<(), Error> {
+        let group = self.group_of(endpoint)?;
+        let g = self.group_state(group)?;
+        match g.owner {
+            OwnerState::DmaApi(1) => {
+                g.owner = OwnerState::None;
+                self.publish_owner(group, OWNER_NONE);
+                self.synchronize();
+            }
+            OwnerState::DmaApi(n) => g.owner = OwnerState::DmaApi(n - 1),
+            _ => return Err(Error::NotInUse(group)),
+        }
+        Ok(())
+    }
+
+    /// `iommu_group_claim_dma_owner`: one exclusive owner, named by a cookie. The same cookie
+    /// may claim again (counted, as `iommu_device_claim_dma_owner` for several devices).
+    pub fn claim_dma_owner(&mut self, group: GroupId, cookie: u64) -> Result<(), Error> {
+        if cookie == OWNER_NONE || cookie == OWNER_DMA_API {
+            return Err(Error::InvalidOwner);
+        }
+        let g = self.group_state(group)?;
+        g.owner = match g.owner {
+            OwnerState::None => OwnerState::User { cookie, count: 1 },
+            OwnerState::User { cookie: c, count } if c == cookie => OwnerState::User {
+                cookie,
+                count: count.saturating_add(1),
+            },
+            OwnerState::User { .. } => return Err(Error::Busy(group)),
+            OwnerState::DmaApi(_) => return Err(Error::InUse(group)),
+        };
+        self.publish_owner(group, cookie);
+        Ok(())
+    }
+
+    /// `iommu_group_release_dma_owner`: once the last claim is released, the cookie can no
+    /// longer translate for the group (after in-flight translations finish).
+    pub fn release_dma_owner(&mut self, group: GroupId, cookie: u64) -> Result<(), Error> {
+        let g = self.group_state(group)?;
+        match g.owner {
+            OwnerState::User { cookie: c, count } if c == cookie => {
+                if count > 1 {
+                    g.owner = OwnerState::User {
+                        cookie,
+                        count: count - 1,
+                    };
+                } else {
+                    g.owner = OwnerState::None;
+                    self.publish_owner(group, OWNER_NONE);
+                    self.synchronize();
+                }
+                Ok(())
+            }
+            _ => Err(Error::NotOwner(group)),
+        }
+    }
+
+    /// The cookie owning a group exclusively, if any.
+    pub fn dma_owner(&self, group: GroupId) -> Option<u64> {
+        match self.groups.get(group.0 as usize)?.owner {
+            OwnerState::User { cookie, .. } => Some(cookie),
+            _ => None,
+        }
+    }
+}
+
+/// The fast path: translates IOVAs for one reader thread, without locks.
+///
+/// Each translator has its own read-side slot; it is `Send` but not `Sync` (move it to the
+/// thread that uses it, or clone one per thread). Cloning registers a new slot.
+#[derive(Debug)]
+pub struct Translator {
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+    depth: Cell<u32>,
+}
+
+impl Clone for Translator {
+    fn clone(&self) -> Self {
+        Translator::new(self.shared.clone())
+    }
+}
+
+impl Drop for Translator {
+    fn drop(&mut self) {
+        self.shared.readers.unregister(&self.slot);
+    }
+}
+
+/// A read-side critical section: translations obtained through it stay valid (no UNMAP or
+/// detach that removes them completes) until it is dropped. Hold it across the DMA.
+#[derive(Debug)]
+pub struct ReadGuard<'a> {
+    translator: &'a Translator,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        let t = self.translator;
+        let depth = t.depth.get() - 1;
+        t.depth.set(depth);
+        if depth == 0 {
+            t.shared.readers.leave(&t.slot);
+        }
+    }
+}
+
+impl Translator {
+    fn new(shared: Arc<Shared>) -> Self {
+        let slot = shared.readers.register();
+        Translator {
+            shared,
+            slot,
+            depth: Cell::new(0),
+        }
+    }
+
+    /// Enters a read-side critical section (nestable).
+    #[inline]
+    pub fn read(&self) -> ReadGuard<'_> {
+        let depth = self.depth.get();
+        if depth == 0 {
+            self.shared.readers.enter(&self.slot);
+        }
+        self.depth.set(depth + 1);
+        ReadGuard { translator: self }
+    }
+
+    /// Translates one access; the result is only guaranteed current at the time of the call.
+    /// Use [`Translator::read`] and [`ReadGuard::translate`] to keep it valid during the DMA.
+    #[inline]
+    pub fn translate(
+        &self,
+        requester: Requester,
+        endpoint: EndpointId,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        self.read()
+            .translate(requester, endpoint, iova, len, access)
+    }
+
+    /// The endpoint's group, if the endpoint exists.
+    pub fn group_of(&self, endpoint: EndpointId) -> Option<GroupId> {
+        self.shared.endpoint(endpoint).map(|e| GroupId(e.group))
+    }
+}
+
+impl ReadGuard<'_> {
+    /// Translates the first bytes of `[iova, iova + len)` for `endpoint`: the returned
+    /// translation covers `len` bytes or fewer (up to the end of the page-table entry); ask
+    /// again for the rest.
+    #[inline]
+    pub fn translate(
+        &self,
+        requester: Requester,
+        endpoint: EndpointId,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Translation, Fault> {
+        let shared = &*self.translator.shared;
+        let ep = shared.endpoint(endpoint).ok_or(Fault::UnknownEndpoint)?;
+        let cell = &shared.groups[ep.group as usize];
+        let token = requester.token();
+        if token == OWNER_NONE || cell.owner.load(Ordering::Acquire) != token {
+            return Err(Fault::NotOwner);
+        }
+        let state = cell.state.load(Ordering::Acquire);
+        let domain = (state >> 32) as DomainId;
+        match state & 0b11 {
+            STATE_PAGING => {
+                if iova < shared.input_start || iova > shared.input_end {
+                    return Err(Fault::OutOfRange);
+                }
+                let root = ((state >> 2) & 0x3fff_ffff) as u32;
+                let leaf = pagetable::lookup(&shared.arena, root, shared.levels, iova)
+                    .ok_or(Fault::Unmapped)?;
+                let needed = match access {
+                    Access::Read => PERM_READ,
+                    Access::Write => PERM_WRITE,
+                };
+                if leaf.perms & needed == 0 {
+                    return Err(Fault::Permission);
+                }
+                let offset = iova - leaf.base;
+                Ok(Translation {
+                    gpa: leaf.gpa + offset,
+                    len: len.min(leaf.end - iova + 1),
+                    domain: Some(domain),
+                    mmio: leaf.perms & PERM_MMIO != 0,
+                })
+            }
+            STATE_IDENTITY => identity(ep, iova, len, Some(domain)),
+            _ if shared.bypass.load(Ordering::Acquire) => identity(ep, iova, len, None),
+            _ => Err(Fault::NoDomain),
+        }
+    }
+}
+
+/// Bypass: the identity, except reserved regions (spec R5).
+fn identity(
+    ep: &EndpointCell,
+    iova: u64,
+    len: u64,
+    domain: Option<DomainId>,
+) -> Result<Translation, Fault> {
+    let mut len = len.min(u64::MAX - iova).max(1.min(len));
+    for r in ep.regions.iter() {
+        if r.start <= iova && iova <= r.end {
+            return Err(Fault::Reserved);
+        }
+        if r.start > iova {
+            len = len.min(r.start - iova);
+        }
+    }
+    Ok(Translation {
+        gpa: iova,
+        len,
+        domain,
+        mmio: false,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,782 @@
+//! Conformance tests (named after the checklist IDs of notes/virtio-iommu-spec.md), the group
+//! and ownership rules, limits, and the IOTLB-sync ordering.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use super::*;
+
+const RW: u64 = PERM_READ | PERM_WRITE;
+const PAGE: u64 = 4096;
+const OWNER: u64 = 0xc0ffee;
+
+/// Endpoints 1, 2, 5 alone; 3 and 4 share a group. All have the x86 MSI region.
+fn topology() -> TopologyBuilder {
+    Topology::builder()
+        .endpoints([1, 2, 3, 4, 5])
+        .group([3, 4])
+        .domain_range(0, 1000)
+        .region_all(X86_MSI_REGION)
+}
+
+fn iommu() -> Iommu {
+    Iommu::new(topology().build().unwrap())
+}
+
+/// Translates a read of one byte as the DMA-API user of the endpoint's group.
+fn read(t: &Translator, endpoint: EndpointId, iova: u64) -> Result<Translation, Fault> {
+    t.translate(Requester::DmaApi, endpoint, iova, 1, Access::Read)
+}
+
+fn use_all(m: &mut Iommu) {
+    for e in [1, 2, 3, 5] {
+        m.use_dma_api(e).unwrap();
+    }
+}
+
+// ---- config and general ------------------------------------------------------------------
+
+#[test]
+fn c2_bypass_survives_reset() {
+    let mut m = iommu();
+    m.set_bypass(true);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.reset();
+    assert!(m.bypass());
+    use_all(&mut m);
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1234).unwrap().gpa, 0x1234);
+}
+
+#[test]
+fn g4_unattached_endpoint_without_bypass_reaches_nothing() {
+    let mut m = iommu();
+    use_all(&mut m);
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1000), Err(Fault::NoDomain));
+    m.set_bypass(true);
+    assert_eq!(read(&t, 1, 0x1000).unwrap().gpa, 0x1000);
+    m.set_bypass(false);
+    assert_eq!(read(&t, 1, 0x1000), Err(Fault::NoDomain));
+}
+
+#[test]
+fn g4_after_reset_no_endpoint_is_attached() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(7, 1, DomainKind::Paging).unwrap();
+    m.map(7, 0x1000, 0x1fff, 0x5000, RW).unwrap();
+    m.attach(8, 3, DomainKind::Identity).unwrap();
+    m.reset();
+    assert!(m.domains().is_empty());
+    assert_eq!(m.stats().mappings, 0);
+    assert_eq!(m.group_attachment(GroupId(0)), Some((None, vec![])));
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1000), Err(Fault::NoDomain));
+    assert_eq!(read(&t, 3, 0x1000), Err(Fault::NoDomain));
+    assert_eq!(
+        m.map(7, 0x1000, 0x1fff, 0x5000, RW),
+        Err(Error::UnknownDomain(7))
+    );
+}
+
+// ---- ATTACH ------------------------------------------------------------------------------
+
+#[test]
+fn a3_attach_unknown_endpoint_is_noent() {
+    let mut m = iommu();
+    assert_eq!(
+        m.attach(1, 99, DomainKind::Paging),
+        Err(Error::UnknownEndpoint(99))
+    );
+    assert!(m.domains().is_empty());
+}
+
+#[test]
+fn attach_domain_outside_domain_range_is_range() {
+    let mut m = iommu();
+    assert_eq!(
+        m.attach(1001, 1, DomainKind::Paging),
+        Err(Error::DomainOutOfRange(1001))
+    );
+    assert!(m.domains().is_empty());
+}
+
+#[test]
+fn a4_a_domain_is_shared_between_groups() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(1, 2, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1000).unwrap().gpa, 0x9000);
+    assert_eq!(read(&t, 2, 0x1000).unwrap().gpa, 0x9000);
+    assert_eq!(m.domains()[0].groups.len(), 2);
+}
+
+#[test]
+fn a5_attach_with_inconsistent_bypass_flag_is_inval() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.attach(1, 2, DomainKind::Identity),
+        Err(Error::KindMismatch(1))
+    );
+    assert_eq!(
+        m.attach(1, 1, DomainKind::Identity),
+        Err(Error::KindMismatch(1))
+    );
+    m.attach(2, 2, DomainKind::Identity).unwrap();
+    assert_eq!(
+        m.attach(2, 5, DomainKind::Paging),
+        Err(Error::KindMismatch(2))
+    );
+    assert_eq!(m.group_attachment(GroupId(3)), Some((None, vec![])));
+}
+
+#[test]
+fn a6_attach_elsewhere_behaves_as_detach_then_attach() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    m.attach(2, 1, DomainKind::Paging).unwrap();
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1000), Err(Fault::Unmapped));
+    // Domain 1 lost its last group: it and its mappings are gone.
+    assert_eq!(m.mappings(1), Err(Error::UnknownDomain(1)));
+    assert_eq!(m.domains().len(), 1);
+}
+
+#[test]
+fn a7_attach_to_a_domain_mapping_the_endpoint_reserved_region_is_unsupp() {
+    let topo = topology()
+        .region(
+            5,
+            ResvRegion {
+                kind: ResvKind::Reserved,
+                start: 0x10_0000,
+                end: 0x10_ffff,
+            },
+        )
+        .build()
+        .unwrap();
+    let mut m = Iommu::new(topo);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x10_0000, 0x10_0fff, 0, RW).unwrap();
+    assert_eq!(
+        m.attach(1, 5, DomainKind::Paging),
+        Err(Error::Incompatible {
+            domain: 1,
+            endpoint: 5
+        })
+    );
+    m.attach(2, 5, DomainKind::Paging).unwrap();
+}
+
+#[test]
+fn a8_attach_creates_the_domain_and_attaches() {
+    let mut m = iommu();
+    m.attach(42, 2, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.domains(),
+        vec![DomainInfo {
+            id: 42,
+            kind: DomainKind::Paging,
+            groups: vec![GroupId(2)],
+            endpoints: vec![2],
+            mappings: 0
+        }]
+    );
+}
+
+// ---- groups ------------------------------------------------------------------------------
+
+#[test]
+fn first_attach_moves_the_whole_group() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 3, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    let t = m.translator();
+    // Endpoint 4 was never attached by the guest, yet it cannot be isolated from 3.
+    assert_eq!(read(&t, 4, 0x1000), read(&t, 3, 0x1000));
+    assert_eq!(read(&t, 4, 0x1000).unwrap().domain, Some(1));
+    m.attach(1, 4, DomainKind::Paging).unwrap();
+    assert_eq!(m.group_attachment(GroupId(0)), Some((Some(1), vec![3, 4])));
+}
+
+#[test]
+fn group_moves_keep_every_endpoint_attached() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 3, DomainKind::Paging).unwrap();
+    m.attach(1, 4, DomainKind::Paging).unwrap();
+    m.attach(2, 3, DomainKind::Paging).unwrap();
+    assert_eq!(m.group_attachment(GroupId(0)), Some((Some(2), vec![3, 4])));
+    let t = m.translator();
+    m.map(2, 0, 0xfff, 0x7000, RW).unwrap();
+    assert_eq!(read(&t, 3, 0).unwrap().domain, Some(2));
+    assert_eq!(read(&t, 4, 0).unwrap().domain, Some(2));
+    // Domain 1 lost its only group.
+    assert_eq!(m.domains().len(), 1);
+}
+
+#[test]
+fn detach_uncounts_and_the_last_detach_blocks_the_group() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 3, DomainKind::Paging).unwrap();
+    m.attach(1, 4, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0x7000, RW).unwrap();
+    m.detach(1, 3).unwrap();
+    let t = m.translator();
+    assert_eq!(
+        read(&t, 3, 0).unwrap().gpa,
+        0x7000,
+        "4 still attached: the group stays"
+    );
+    m.detach(1, 4).unwrap();
+    assert_eq!(read(&t, 3, 0), Err(Fault::NoDomain));
+    assert_eq!(read(&t, 4, 0), Err(Fault::NoDomain));
+    assert!(m.domains().is_empty());
+}
+
+// ---- DETACH ------------------------------------------------------------------------------
+
+#[test]
+fn d2_detach_unknown_endpoint_is_noent() {
+    let mut m = iommu();
+    assert_eq!(m.detach(1, 99), Err(Error::UnknownEndpoint(99)));
+}
+
+#[test]
+fn d3_detach_from_a_domain_not_attached_is_inval() {
+    let mut m = iommu();
+    assert_eq!(
+        m.detach(1, 1),
+        Err(Error::NotAttached {
+            domain: 1,
+            endpoint: 1
+        })
+    );
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.detach(2, 1),
+        Err(Error::NotAttached {
+            domain: 2,
+            endpoint: 1
+        })
+    );
+    m.attach(1, 3, DomainKind::Paging).unwrap();
+    // 4 shares 3's group but the guest never attached it.
+    assert_eq!(
+        m.detach(1, 4),
+        Err(Error::NotAttached {
+            domain: 1,
+            endpoint: 4
+        })
+    );
+    assert_eq!(m.domains()[0].endpoints, vec![1, 3]);
+}
+
+#[test]
+fn d4_after_detach_the_endpoint_reaches_no_mapping_of_the_domain() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.set_bypass(true);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(1, 2, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    m.detach(1, 1).unwrap();
+    let t = m.translator();
+    // Bypass: identity, not the domain's mapping.
+    assert_eq!(read(&t, 1, 0x1000).unwrap().gpa, 0x1000);
+    assert_eq!(read(&t, 2, 0x1000).unwrap().gpa, 0x9000);
+}
+
+// ---- MAP ---------------------------------------------------------------------------------
+
+#[test]
+fn m1_map_misaligned_is_range() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    for (s, e, p) in [
+        (0x800, 0x17ff, 0),
+        (0x1000, 0x1ffe, 0),
+        (0x1000, 0x1fff, 0x10),
+    ] {
+        assert_eq!(
+            m.map(1, s, e, p, RW),
+            Err(Error::Misaligned {
+                start: s,
+                end: e,
+                phys: p
+            })
+        );
+    }
+    assert!(m.mappings(1).unwrap().is_empty());
+}
+
+#[test]
+fn m1_granule_follows_the_page_size_mask() {
+    let mut m = Iommu::new(topology().page_size_mask(!0xffff).build().unwrap());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert!(matches!(
+        m.map(1, 0x1000, 0x1fff, 0, RW),
+        Err(Error::Misaligned { .. })
+    ));
+    m.map(1, 0x10000, 0x1ffff, 0x20000, RW).unwrap();
+}
+
+#[test]
+fn map_outside_the_input_range_is_range() {
+    let mut m = Iommu::new(topology().input_range(0x1000, 0xfff_ffff).build().unwrap());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.map(1, 0, 0xfff, 0, RW),
+        Err(Error::OutOfRange {
+            start: 0,
+            end: 0xfff
+        })
+    );
+    assert_eq!(
+        m.map(1, 0xfff_f000, 0x1000_0fff, 0, RW),
+        Err(Error::OutOfRange {
+            start: 0xfff_f000,
+            end: 0x1000_0fff
+        })
+    );
+    // Physical end past 2^64.
+    assert_eq!(
+        m.map(1, 0x1000, 0x2fff, u64::MAX - 0xfff, RW),
+        Err(Error::OutOfRange {
+            start: 0x1000,
+            end: 0x2fff
+        })
+    );
+    assert_eq!(
+        m.map(1, 0x2000, 0x1fff, 0, RW),
+        Err(Error::InvalidRange {
+            start: 0x2000,
+            end: 0x1fff
+        })
+    );
+    m.map(1, 0x1000, 0xfff_ffff, 0, RW).unwrap();
+}
+
+#[test]
+fn m2_map_overlapping_is_inval() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x2000, 0x3fff, 0, RW).unwrap();
+    for (s, e) in [
+        (0x1000, 0x2fff),
+        (0x3000, 0x4fff),
+        (0x2000, 0x2fff),
+        (0, 0x20_0000 - 1),
+    ] {
+        assert_eq!(
+            m.map(1, s, e, 0, RW),
+            Err(Error::Overlap { start: s, end: e })
+        );
+    }
+    m.map(1, 0x1000, 0x1fff, 0, RW).unwrap();
+    m.map(1, 0x4000, 0x4fff, 0, RW).unwrap();
+    assert_eq!(m.mappings(1).unwrap().len(), 3);
+}
+
+#[test]
+fn m4_map_unknown_domain_is_noent() {
+    let mut m = iommu();
+    assert_eq!(m.map(3, 0, 0xfff, 0, RW), Err(Error::UnknownDomain(3)));
+}
+
+#[test]
+fn m5_map_on_a_bypass_domain_is_inval() {
+    let mut m = iommu();
+    m.attach(3, 1, DomainKind::Identity).unwrap();
+    assert_eq!(m.map(3, 0, 0xfff, 0, RW), Err(Error::IdentityDomain(3)));
+}
+
+#[test]
+fn m6_no_write_through_a_mapping_without_write() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0x5000, PERM_READ).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x6000, PERM_WRITE).unwrap();
+    let t = m.translator();
+    let dma = |iova, access| t.translate(Requester::DmaApi, 1, iova, 8, access);
+    assert_eq!(dma(0x10, Access::Read).unwrap().gpa, 0x5010);
+    assert_eq!(dma(0x10, Access::Write), Err(Fault::Permission));
+    assert_eq!(dma(0x1010, Access::Write).unwrap().gpa, 0x6010);
+    assert_eq!(dma(0x1010, Access::Read), Err(Fault::Permission));
+}
+
+#[test]
+fn mmio_flag_is_reported_by_translate() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0xfe00_0000, RW | PERM_MMIO).unwrap();
+    assert!(read(&m.translator(), 1, 0).unwrap().mmio);
+}
+
+// ---- UNMAP -------------------------------------------------------------------------------
+
+#[test]
+fn u2_unmap_unknown_domain_is_noent() {
+    let mut m = iommu();
+    assert_eq!(m.unmap(3, 0, 0xfff), Err(Error::UnknownDomain(3)));
+}
+
+#[test]
+fn u3_unmap_on_a_bypass_domain_is_inval() {
+    let mut m = iommu();
+    m.attach(3, 1, DomainKind::Identity).unwrap();
+    assert_eq!(m.unmap(3, 0, 0xfff), Err(Error::IdentityDomain(3)));
+}
+
+/// The spec's seven UNMAP examples, in pages (each example starts from a blank domain).
+#[test]
+fn u4_u5_the_spec_unmap_examples() {
+    let p = |n: u64| n * PAGE;
+    let end = |n: u64| (n + 1) * PAGE - 1;
+    type Case = (&'static [(u64, u64)], (u64, u64), Result<u64, ()>, usize);
+    let cases: [Case; 7] = [
+        (&[], (0, 4), Ok(0), 0),
+        (&[(0, 9)], (0, 9), Ok(1), 0),
+        (&[(0, 4), (5, 9)], (0, 9), Ok(2), 0),
+        (&[(0, 9)], (0, 4), Err(()), 1),
+        (&[(0, 4), (5, 9)], (0, 4), Ok(1), 1),
+        (&[(0, 4)], (0, 9), Ok(1), 0),
+        (&[(0, 4), (10, 14)], (0, 14), Ok(2), 0),
+    ];
+    for (i, (maps, (us, ue), expect, left)) in cases.iter().enumerate() {
+        let mut m = iommu();
+        m.attach(1, 1, DomainKind::Paging).unwrap();
+        for (s, e) in maps.iter() {
+            m.map(1, p(*s), end(*e), p(*s), RW).unwrap();
+        }
+        let got = m.unmap(1, p(*us), end(*ue));
+        match expect {
+            Ok(n) => assert_eq!(got, Ok(*n), "example {}", i + 1),
+            Err(()) => assert_eq!(
+                got,
+                Err(Error::WouldSplit {
+                    start: p(*us),
+                    end: end(*ue)
+                }),
+                "example {}",
+                i + 1
+            ),
+        }
+        assert_eq!(m.mappings(1).unwrap().len(), *left, "example {}", i + 1);
+    }
+}
+
+#[test]
+fn u4_splitting_unmap_removes_nothing() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0, RW).unwrap();
+    m.map(1, 0x1000, 0x4fff, 0x1000, RW).unwrap();
+    m.map(1, 0x20_0000, 0x5f_ffff, 0x20_0000, RW).unwrap();
+    let before = m.mappings(1).unwrap();
+    // The first mapping is covered, the second is cut: nothing at all is removed (QEMU
+    // removes the first and then answers RANGE).
+    assert!(matches!(
+        m.unmap(1, 0, 0x2fff),
+        Err(Error::WouldSplit { .. })
+    ));
+    // Cutting a 2 MiB-leaf mapping on either side.
+    assert!(matches!(
+        m.unmap(1, 0x20_0000, 0x3f_ffff),
+        Err(Error::WouldSplit { .. })
+    ));
+    assert!(matches!(
+        m.unmap(1, 0x30_0000, 0x7f_ffff),
+        Err(Error::WouldSplit { .. })
+    ));
+    assert_eq!(m.mappings(1).unwrap(), before);
+    assert_eq!(m.unmap(1, 0, u64::MAX), Ok(3));
+}
+
+#[test]
+fn unmap_end_below_start_is_inval() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.unmap(1, 2, 1),
+        Err(Error::InvalidRange { start: 2, end: 1 })
+    );
+}
+
+// ---- PROBE and reserved regions ----------------------------------------------------------
+
+#[test]
+fn p2_probe_unknown_endpoint_is_noent() {
+    let m = iommu();
+    assert_eq!(m.probe(99), Err(Error::UnknownEndpoint(99)));
+    assert_eq!(m.probe(1), Ok(&[X86_MSI_REGION][..]));
+}
+
+#[test]
+fn r4_map_overlapping_a_reserved_region_is_inval() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    assert_eq!(
+        m.map(1, 0xfee0_0000, 0xfee0_0fff, 0, RW),
+        Err(Error::ReservedOverlap {
+            start: 0xfee0_0000,
+            end: 0xfee0_0fff
+        })
+    );
+    assert_eq!(
+        m.map(1, 0xfe00_0000, 0xffff_ffff, 0, RW),
+        Err(Error::ReservedOverlap {
+            start: 0xfe00_0000,
+            end: 0xffff_ffff
+        })
+    );
+    m.map(1, 0xfef0_0000, 0xfef0_0fff, 0, RW).unwrap();
+}
+
+#[test]
+fn r5_bypassed_accesses_to_reserved_regions_are_contained() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.set_bypass(true);
+    m.attach(2, 2, DomainKind::Identity).unwrap();
+    let t = m.translator();
+    for e in [1, 2] {
+        assert_eq!(read(&t, e, 0xfee0_0010), Err(Fault::Reserved));
+        let before = t
+            .translate(Requester::DmaApi, e, 0xfedf_f000, 0x10_0000, Access::Read)
+            .unwrap();
+        assert_eq!(before.len, 0x1000, "stops at the region");
+    }
+}
+
+// ---- host face ---------------------------------------------------------------------------
+
+#[test]
+fn dma_owner_claim_release_mirror_the_kernel() {
+    let mut m = iommu();
+    let g = m.group(3).unwrap();
+    assert_eq!(m.claim_dma_owner(g, 0), Err(Error::InvalidOwner));
+    assert_eq!(m.claim_dma_owner(g, u64::MAX), Err(Error::InvalidOwner));
+    m.use_dma_api(4).unwrap();
+    assert_eq!(m.claim_dma_owner(g, OWNER), Err(Error::InUse(g)));
+    m.unuse_dma_api(4).unwrap();
+    assert_eq!(m.unuse_dma_api(4), Err(Error::NotInUse(g)));
+    m.claim_dma_owner(g, OWNER).unwrap();
+    m.claim_dma_owner(g, OWNER).unwrap();
+    assert_eq!(m.claim_dma_owner(g, 7), Err(Error::Busy(g)));
+    assert_eq!(m.use_dma_api(3), Err(Error::Busy(g)));
+    assert_eq!(m.release_dma_owner(g, 7), Err(Error::NotOwner(g)));
+    m.release_dma_owner(g, OWNER).unwrap();
+    assert_eq!(m.dma_owner(g), Some(OWNER), "claimed twice, released once");
+    m.release_dma_owner(g, OWNER).unwrap();
+    assert_eq!(m.dma_owner(g), None);
+    assert_eq!(
+        m.claim_dma_owner(GroupId(99), OWNER),
+        Err(Error::UnknownGroup(GroupId(99)))
+    );
+}
+
+#[test]
+fn only_the_owner_may_translate() {
+    let mut m = iommu();
+    m.set_bypass(true);
+    let t = m.translator();
+    let g = m.group(1).unwrap();
+    let tr = |r| t.translate(r, 1, 0x1000, 1, Access::Read);
+    assert_eq!(
+        tr(Requester::DmaApi),
+        Err(Fault::NotOwner),
+        "no user declared"
+    );
+    m.claim_dma_owner(g, OWNER).unwrap();
+    assert_eq!(tr(Requester::Owner(OWNER)).unwrap().gpa, 0x1000);
+    assert_eq!(tr(Requester::Owner(7)), Err(Fault::NotOwner));
+    assert_eq!(tr(Requester::DmaApi), Err(Fault::NotOwner));
+    m.release_dma_owner(g, OWNER).unwrap();
+    assert_eq!(tr(Requester::Owner(OWNER)), Err(Fault::NotOwner));
+    m.use_dma_api(1).unwrap();
+    assert_eq!(tr(Requester::DmaApi).unwrap().gpa, 0x1000);
+    // Cookies that can never own a group never translate (no impersonation of DMA-API users
+    // or of "nobody").
+    assert_eq!(tr(Requester::Owner(u64::MAX)), Err(Fault::NotOwner));
+    m.unuse_dma_api(1).unwrap();
+    assert_eq!(tr(Requester::Owner(0)), Err(Fault::NotOwner));
+    assert_eq!(
+        t.translate(Requester::DmaApi, 99, 0, 1, Access::Read),
+        Err(Fault::UnknownEndpoint)
+    );
+}
+
+// ---- limits ------------------------------------------------------------------------------
+
+#[test]
+fn domain_cap_is_nomem_and_ids_are_reusable() {
+    let limits = Limits {
+        max_domains: 2,
+        ..Limits::default()
+    };
+    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(2, 2, DomainKind::Identity).unwrap();
+    assert_eq!(
+        m.attach(3, 5, DomainKind::Paging),
+        Err(Error::TooManyDomains)
+    );
+    m.attach(1, 5, DomainKind::Paging).unwrap();
+    m.detach(2, 2).unwrap();
+    m.attach(3, 2, DomainKind::Paging).unwrap();
+}
+
+#[test]
+fn mapping_caps_are_nomem() {
+    let limits = Limits {
+        max_mappings_per_domain: 2,
+        max_mappings: 3,
+        ..Limits::default()
+    };
+    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(2, 2, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0, RW).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0, RW).unwrap();
+    assert_eq!(m.map(1, 0x2000, 0x2fff, 0, RW), Err(Error::TooManyMappings));
+    m.map(2, 0, 0xfff, 0, RW).unwrap();
+    assert_eq!(m.map(2, 0x1000, 0x1fff, 0, RW), Err(Error::TooManyMappings));
+    m.unmap(1, 0, 0xfff).unwrap();
+    m.map(2, 0x1000, 0x1fff, 0, RW).unwrap();
+    assert_eq!(m.stats().mappings, 3);
+}
+
+#[test]
+fn table_memory_cap_is_nomem_and_bounded() {
+    // 7 nodes: a root and two far-apart 4 KiB mappings of three table nodes each.
+    let limits = Limits {
+        max_table_bytes: 7 * 4096,
+        ..Limits::default()
+    };
+    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    let mut refused = 0;
+    for i in 0..64u64 {
+        // One 4 KiB page per 512 GiB: every MAP needs three fresh nodes.
+        let iova = i << 39;
+        match m.map(1, iova, iova + 0xfff, 0, RW) {
+            Ok(()) => {}
+            Err(Error::OutOfTableMemory) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, 62);
+    assert_eq!(m.stats().table_bytes, 7 * 4096);
+    assert_eq!(m.mappings(1).unwrap().len() as u64, m.stats().mappings);
+    assert_eq!(
+        m.attach(2, 2, DomainKind::Paging),
+        Err(Error::OutOfTableMemory),
+        "no node left for a new root"
+    );
+    // Unmapping gives the memory back.
+    m.unmap(1, 0, u64::MAX).unwrap();
+    m.attach(2, 2, DomainKind::Paging).unwrap();
+}
+
+// ---- the IOTLB-sync rule -----------------------------------------------------------------
+
+/// An UNMAP returns only once no reader can still return the removed mapping: a reader that
+/// translated inside a critical section keeps the UNMAP waiting until it leaves.
+#[test]
+fn unmap_completes_only_after_readers_that_saw_the_mapping_leave() {
+    let model = Arc::new(Mutex::new(iommu()));
+    let translator = {
+        let mut m = model.lock().unwrap();
+        use_all(&mut m);
+        m.attach(1, 1, DomainKind::Paging).unwrap();
+        m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+        m.translator()
+    };
+    let guard = translator.read();
+    assert_eq!(
+        guard
+            .translate(Requester::DmaApi, 1, 0x1000, 1, Access::Read)
+            .unwrap()
+            .gpa,
+        0x9000
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let unmapper = {
+        let (model, done) = (model.clone(), done.clone());
+        std::thread::spawn(move || {
+            let result = model.lock().unwrap().unmap(1, 0x1000, 0x1fff);
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "UNMAP completed while a reader held the mapping"
+    );
+    drop(guard);
+    assert_eq!(unmapper.join().unwrap(), Ok(1));
+    assert_eq!(read(&translator, 1, 0x1000), Err(Fault::Unmapped));
+}
+
+/// Readers translating in a loop while the writer maps and unmaps never see a GPA the
+/// writer did not map at that IOVA, and after each UNMAP returns the next read faults.
+#[test]
+fn concurrent_readers_see_only_whole_current_mappings() {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let t = m.translator();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut hits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for page in 0..64u64 {
+                        if let Ok(tr) = read(&t, 1, page * PAGE + 8) {
+                            // Every mapping maps page p to GPA p * PAGE + 1 GiB.
+                            assert_eq!(tr.gpa, (1 << 30) + page * PAGE + 8);
+                            hits += 1;
+                        }
+                    }
+                }
+                hits
+            })
+        })
+        .collect();
+    let t = m.translator();
+    for round in 0..2000u64 {
+        let first = round % 60;
+        let len = 1 + round % 4;
+        let (s, e) = (first * PAGE, (first + len) * PAGE - 1);
+        m.map(1, s, e, (1 << 30) + s, RW).unwrap();
+        m.unmap(1, s, e).unwrap();
+        assert_eq!(read(&t, 1, s), Err(Fault::Unmapped));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert_eq!(m.stats().table_bytes, 4096, "emptied tables were recycled");
+}
+
+mod model;
