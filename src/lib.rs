@@ -2,3 +2,14 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library so that integration tests,
 //! examples and benchmarks drive exactly the code the daemon runs.
+pub mod backend;
+pub mod config;
+pub mod control;
+pub mod device;
+pub mod events;
+pub mod ratelimit;
+pub mod server;
+pub mod stats;
+pub mod testkit;
+pub mod translate;
+pub mod viot;

@@ -1,0 +1,622 @@
+//! vhost-user-backend glue: features, protocol features, config space, and the two queues.
+//!
+//! [`Device`] lives as long as the daemon (model, stats, fault backlog); an [`IommuBackend`]
+//! serves one frontend connection and is thrown away when it disconnects. One worker thread
+//! runs both queues, so the model's writer is never contended by the request path itself.
+
+use std::{
+    io,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use log::{debug, info, warn};
+use ownership::Iommu;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio::{Config, FaultRecord, RequestType, Status, FAULT_SIZE, NUM_QUEUES, TAIL_SIZE};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
+};
+
+use crate::{
+    config::DaemonConfig,
+    device::{self, Reply},
+    events::FaultQueue,
+    log_limited,
+    stats::Stats,
+    translate::TranslationService,
+};
+
+/// Guest memory as the backend sees it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
+/// The epoll id of the fault backlog's eventfd (ids up to `NUM_QUEUES` are reserved).
+pub const FAULT_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Device-readable bytes looked at: the longest request (PROBE) is 72.
+const MAX_READABLE: usize = 128;
+/// Writable descriptors accepted in one chain.
+const MAX_WRITABLE_SEGMENTS: usize = 64;
+/// Largest device-writable area the device fills (the tail sits at its end).
+pub const MAX_WRITABLE: usize = 64 * 1024;
+
+/// Device state that outlives connections.
+#[derive(Debug)]
+pub struct Device {
+    iommu: Mutex<Iommu>,
+    config: Mutex<Config>,
+    initial: Config,
+    offered: u64,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    faults: Arc<FaultQueue>,
+    stats: Arc<Stats>,
+    poll: Duration,
+    queue_size: u16,
+    probe_size: u32,
+}
+
+thread_local! {
+    /// PROBE properties are encoded here (probe_size bytes; untouched by other requests).
+    static PROBE_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Device {
+    pub fn new(config: &DaemonConfig) -> io::Result<Arc<Self>> {
+        let stats = Arc::new(Stats::default());
+        let faults = Arc::new(FaultQueue::new(config.fault_backlog, stats.clone())?);
+        let mut iommu = Iommu::new(config.topology.clone());
+        iommu.set_bypass(effective_bypass(&config.config, config.features));
+        Ok(Arc::new(Device {
+            iommu: Mutex::new(iommu),
+            config: Mutex::new(config.config),
+            initial: config.config,
+            offered: config.features,
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            faults,
+            stats,
+            poll: config.poll,
+            queue_size: config.queue_size,
+            probe_size: config.config.probe_size,
+        }))
+    }
+
+    /// The model (the writer). Held per request on the request path, so brief.
+    pub fn iommu(&self) -> MutexGuard<'_, Iommu> {
+        self.iommu.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn config(&self) -> MutexGuard<'_, Config> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn faults(&self) -> &Arc<FaultQueue> {
+        &self.faults
+    }
+
+    /// Device features offered to the frontend (without PROTOCOL_FEATURES).
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// A fast-path handle for one thread, reporting faults to this device's event queue.
+    pub fn translation_service(&self) -> TranslationService {
+        TranslationService::new(self.iommu().translator(), self.faults.clone())
+    }
+
+    /// Device reset: every attachment and domain dropped, waiting fault records dropped;
+    /// `bypass` survives (spec C2).
+    pub fn reset(&self) {
+        self.iommu().reset();
+        let dropped = self.faults.clear();
+        self.stats.resets.fetch_add(1, Relaxed);
+        info!("device reset ({dropped} fault records dropped)");
+    }
+
+    /// The frontend went away: the next one starts from a fresh device, config included.
+    pub fn disconnected(&self) {
+        *self.config() = self.initial;
+        let mut iommu = self.iommu();
+        iommu.reset();
+        iommu.set_bypass(effective_bypass(&self.initial, self.offered));
+        drop(iommu);
+        self.faults.clear();
+        self.acked.store(0, Relaxed);
+        self.event_idx.store(false, Relaxed);
+    }
+
+    /// Handles one request chain; returns the used length. Never panics on guest input.
+    pub fn process_chain<M>(&self, mem: &GuestMemory, chain: DescriptorChain<M>) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemory>,
+    {
+        let mut readable = [0u8; MAX_READABLE];
+        let mut readable_len = 0usize;
+        let mut segments = [(GuestAddress(0), 0usize); MAX_WRITABLE_SEGMENTS];
+        let mut n_segments = 0;
+        let mut writable_len = 0usize;
+        for desc in chain {
+            let (addr, len) = (desc.addr(), desc.len() as usize);
+            if !mem.check_range(addr, len) {
+                return self.malformed(format_args!(
+                    "buffer {:#x}+{len:#x} outside guest memory",
+                    addr.0
+                ));
+            }
+            if desc.is_write_only() {
+                if n_segments == MAX_WRITABLE_SEGMENTS {
+                    return self.malformed(format_args!(
+                        "more than {MAX_WRITABLE_SEGMENTS} writable buffers"
+                    ));
+                }
+                if len > 0 {
+                    segments[n_segments] = (addr, len);
+                    n_segments += 1;
+                }
+                writable_len = writable_len.saturating_add(len);
+            } else {
+                if writable_len > 0 {
+                    return self
+                        .malformed(format_args!("device-readable buffer after a writable one"));
+                }
+                let take = len.min(MAX_READABLE - readable_len);
+                if take > 0
+                    && mem
+                        .read_slice(&mut readable[readable_len..readable_len + take], addr)
+                        .is_err()
+                {
+                    return self.malformed(format_args!("unreadable buffer at {:#x}", addr.0));
+                }
+                readable_len += take;
+            }
+        }
+        if writable_len > MAX_WRITABLE {
+            return self.malformed(format_args!("writable area of {writable_len} bytes"));
+        }
+
+        let features = self.acked.load(Relaxed);
+        let probe_size = self.probe_size;
+        PROBE_SCRATCH.with_borrow_mut(|scratch| {
+            scratch.resize(probe_size as usize, 0);
+            let reply = device::handle(
+                &mut self.iommu(),
+                &readable[..readable_len],
+                writable_len,
+                features,
+                probe_size,
+                scratch,
+            );
+            self.reply(
+                mem,
+                &segments[..n_segments],
+                writable_len,
+                reply,
+                scratch,
+                &readable[..readable_len],
+            )
+        })
+    }
+
+    /// Writes a reply: PROBE properties (P8: zero-filled to probe_size), zeros, and the tail in
+    /// the last 4 bytes. The whole writable area is written and reported as used, since Linux
+    /// copies a request's status back only when the used length covers it.
+    fn reply(
+        &self,
+        mem: &GuestMemory,
+        segments: &[(GuestAddress, usize)],
+        writable_len: usize,
+        reply: Reply,
+        properties: &[u8],
+        readable: &[u8],
+    ) -> u32 {
+        match reply {
+            Reply::Nothing(err) => {
+                let kind = readable
+                    .first()
+                    .and_then(|&t| RequestType::try_from(t).ok());
+                self.stats.count_no_reply(kind);
+                log_limited!(log::Level::Warn, "request returned unanswered: {err}");
+                0
+            }
+            Reply::Status {
+                request,
+                status,
+                properties: used,
+                error,
+            } => {
+                self.stats.count_reply(request, status);
+                if let Some(error) = error {
+                    log_limited!(log::Level::Warn, "{request:?} -> {status}: {error}");
+                }
+                let body = writable_len - TAIL_SIZE;
+                let props = if used > 0 {
+                    properties.len().min(body)
+                } else {
+                    0
+                };
+                let mut w = SegmentWriter::new(mem, segments);
+                if w.write(&properties[..props])
+                    && w.zeros(body - props)
+                    && w.write(&Status::tail(status))
+                {
+                    writable_len as u32
+                } else {
+                    self.malformed(format_args!("writable buffer vanished"))
+                }
+            }
+        }
+    }
+
+    fn malformed(&self, what: std::fmt::Arguments<'_>) -> u32 {
+        self.stats.malformed_chains.fetch_add(1, Relaxed);
+        log_limited!(
+            log::Level::Warn,
+            "malformed request chain returned unanswered: {what}"
+        );
+        0
+    }
+
+    /// Processes the request queue until it is empty and, with polling on, stays empty for
+    /// the poll window. Returns the number of requests handled.
+    fn process_requests(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<usize> {
+        if !vring.get_ref().get_queue().ready() {
+            return Ok(0);
+        }
+        let mut handled = 0usize;
+        let mut polled = false;
+        loop {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            // Notifications off while there is work; the driver need not kick.
+            let _ = queue.disable_notification(mem);
+            let mut batch = 0usize;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let used = self.process_chain(mem, chain);
+                if queue.add_used(mem, head, used).is_err() {
+                    log_limited!(log::Level::Warn, "used ring write failed");
+                }
+                batch += 1;
+            }
+            if batch > 0 && needs_signal(queue, mem) {
+                drop(state);
+                vring.signal_used_queue()?;
+            } else {
+                drop(state);
+            }
+            handled += batch;
+            if polled {
+                self.stats.polled_requests.fetch_add(batch as u64, Relaxed);
+            }
+            if handled > 0 && self.poll > Duration::ZERO && self.poll_avail(vring, mem) {
+                polled = true;
+                continue;
+            }
+            let mut state = vring.get_mut();
+            match state.get_queue_mut().enable_notification(mem) {
+                // Buffers arrived while notifications were off: go again.
+                Ok(true) => {
+                    polled = false;
+                    continue;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    log_limited!(log::Level::Warn, "enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        if handled == 0 {
+            self.stats.spurious_wakeups.fetch_add(1, Relaxed);
+        }
+        Ok(handled)
+    }
+
+    /// Spins on the avail ring for the poll window; true when new requests arrived.
+    fn poll_avail(&self, vring: &Vring, mem: &GuestMemory) -> bool {
+        let deadline = Instant::now() + self.poll;
+        let mut spins = 0u32;
+        loop {
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                    Ok(idx) if idx.0 != queue.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            spins += 1;
+            if spins % 64 == 0 && Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Writes waiting fault records into the buffers the driver posted on the event queue.
+    fn deliver_faults(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
+        if self.faults.is_empty() || !vring.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        let mut delivered = 0;
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        while let Some(record) = self.faults.pop() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.faults.unpop(record);
+                break;
+            };
+            let head = chain.head_index();
+            let used = write_fault(mem, chain, &record);
+            if used == 0 {
+                // Spec E5: never split a record; keep it for a big enough buffer.
+                self.faults.unpop(record);
+                log_limited!(
+                    log::Level::Warn,
+                    "event buffer too small for a fault record"
+                );
+            } else {
+                delivered += 1;
+            }
+            let _ = queue.add_used(mem, head, used);
+        }
+        let notify = queue.needs_notification(mem).unwrap_or(true);
+        drop(state);
+        if delivered > 0 {
+            self.stats.faults_delivered.fetch_add(delivered, Relaxed);
+        }
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn set_features(&self, features: u64) {
+        self.acked.store(features, Relaxed);
+        let mut iommu = self.iommu();
+        iommu.set_bypass(effective_bypass(&self.config(), features | self.offered));
+    }
+}
+
+/// Whether the driver wants an interrupt for what was just used. virtio-queue honours
+/// `used_event` with EVENT_IDX but ignores `VRING_AVAIL_F_NO_INTERRUPT` without it; Linux sets
+/// that flag on the request queue (it polls), so honour it here.
+fn needs_signal(queue: &mut virtio_queue::Queue, mem: &GuestMemory) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
+}
+
+/// Spec: an unattached endpoint bypasses when BYPASS_CONFIG is offered and `bypass` is 1.
+fn effective_bypass(config: &Config, offered: u64) -> bool {
+    offered & virtio::F_BYPASS_CONFIG != 0 && config.bypass == 1
+}
+
+/// Writes sequentially across the device-writable buffers of a chain.
+struct SegmentWriter<'a> {
+    mem: &'a GuestMemory,
+    segments: &'a [(GuestAddress, usize)],
+    index: usize,
+    offset: usize,
+}
+
+impl<'a> SegmentWriter<'a> {
+    fn new(mem: &'a GuestMemory, segments: &'a [(GuestAddress, usize)]) -> Self {
+        SegmentWriter {
+            mem,
+            segments,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// Writes `bytes` at the cursor; false if the buffers are too short or unwritable.
+    fn write(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            let Some(&(addr, len)) = self.segments.get(self.index) else {
+                return false;
+            };
+            let take = (len - self.offset).min(bytes.len());
+            let at = GuestAddress(addr.0 + self.offset as u64);
+            if self.mem.write_slice(&bytes[..take], at).is_err() {
+                return false;
+            }
+            bytes = &bytes[take..];
+            self.offset += take;
+            if self.offset == len {
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+        true
+    }
+
+    fn zeros(&mut self, mut n: usize) -> bool {
+        static ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let take = n.min(ZEROS.len());
+            if !self.write(&ZEROS[..take]) {
+                return false;
+            }
+            n -= take;
+        }
+        true
+    }
+}
+
+/// Writes one fault record into an event buffer; 0 when the buffer cannot hold it whole.
+fn write_fault<M>(mem: &GuestMemory, chain: DescriptorChain<M>, record: &FaultRecord) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemory>,
+{
+    let mut segments = [(GuestAddress(0), 0usize); 8];
+    let mut n = 0;
+    let mut total = 0usize;
+    for desc in chain.writable() {
+        let (addr, len) = (desc.addr(), desc.len() as usize);
+        if n == segments.len() || !mem.check_range(addr, len) {
+            return 0;
+        }
+        segments[n] = (addr, len);
+        n += 1;
+        total += len;
+    }
+    if total < FAULT_SIZE {
+        return 0;
+    }
+    if SegmentWriter::new(mem, &segments[..n]).write(&record.to_bytes()) {
+        FAULT_SIZE as u32
+    } else {
+        0
+    }
+}
+
+/// One frontend connection's backend.
+#[derive(Clone)]
+pub struct IommuBackend {
+    device: Arc<Device>,
+    mem: Arc<Mutex<Option<GuestMemoryAtomic<GuestMemory>>>>,
+    exit: Arc<(EventConsumer, EventNotifier)>,
+}
+
+impl IommuBackend {
+    pub fn new(device: Arc<Device>) -> io::Result<Self> {
+        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        Ok(IommuBackend {
+            device,
+            mem: Arc::new(Mutex::new(None)),
+            exit: Arc::new(exit),
+        })
+    }
+
+    /// Stops the worker threads of this connection.
+    pub fn exit(&self) {
+        let _ = self.exit.1.notify();
+    }
+}
+
+impl VhostUserBackend for IommuBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.device.offered | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("features acked: {features:#x}");
+        self.device.set_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.device.reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.device.event_idx.store(enabled, Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut buf = vec![0u8; size as usize];
+        self.device.config().read(offset, &mut buf);
+        buf
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let features = self.device.acked.load(Relaxed);
+        let mut config = self.device.config();
+        config.write(offset, buf, features).map_err(|e| {
+            log_limited!(log::Level::Warn, "config write refused: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+        })?;
+        let bypass = effective_bypass(&config, self.device.offered);
+        drop(config);
+        self.device.iommu().set_bypass(bypass);
+        info!("config bypass set to {}", u8::from(bypass));
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE on the request queue: the frontend stopped the device (reset, or
+        // shutdown). Nothing of the guest's state may survive into its next life.
+        if queue_index == u32::from(virtio::REQUEST_QUEUE) {
+            self.device.reset();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("unexpected event set {evset:?} on {device_event}");
+        }
+        if device_event == FAULT_EVENT {
+            self.device.faults.acknowledge();
+        }
+        // No memory table yet: nothing can be processed (kicks before SET_MEM_TABLE).
+        let Some(atomic) = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let mem = atomic.memory();
+        match device_event {
+            e if e == virtio::REQUEST_QUEUE => {
+                self.device.process_requests(&vrings[0], &mem)?;
+            }
+            e if e == virtio::EVENT_QUEUE || e == FAULT_EVENT => {
+                self.device.deliver_faults(&vrings[1], &mem)?;
+            }
+            other => debug!("event on unknown id {other}"),
+        }
+        Ok(())
+    }
+}

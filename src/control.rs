@@ -1,0 +1,322 @@
+//! The control socket: one JSON object per line in, one per line out.
+//!
+//! For operators and tests. Commands (`"cmd"`):
+//! - `stats`: request counts by type and status, domains, mappings, faults, resets;
+//! - `domains`: every live domain; `mappings` `{domain, limit?}`: a paging domain's mappings;
+//! - `groups`: every group with its members, domain, attached endpoints and DMA owner;
+//! - `translate` `{endpoint, iova, len?, access?: "read"|"write", owner?}`: the fast path, as
+//!   a DMA master would call it (a guest-visible fault is also reported on the event queue);
+//! - `claim` / `release` `{group | endpoint, cookie}`: the exclusive DMA owner (host face);
+//! - `use_dma_api` / `unuse_dma_api` `{endpoint}`: shared DMA-API users.
+//!
+//! Numbers are JSON numbers or strings (`"0x1000"`). Replies carry `"ok": true|false`; an error
+//! reply has `"error"`, a refused translation `"fault"`. Clients and line lengths are bounded.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    os::unix::net::{UnixListener, UnixStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use log::{debug, warn};
+use ownership::{Access, DomainKind, Fault, GroupId, Requester};
+use serde_json::{json, Value};
+
+use crate::{backend::Device, log_limited, translate::TranslationService};
+
+/// Clients served at once; more are refused with an error line.
+pub const MAX_CLIENTS: usize = 16;
+/// Longest request line, in bytes.
+pub const MAX_LINE: usize = 4096;
+/// Most mappings one `mappings` reply lists.
+pub const MAX_LISTED: usize = 10_000;
+
+/// Serves the control socket on its own threads until the process ends.
+pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<thread::JoinHandle<()>> {
+    let clients = Arc::new(AtomicUsize::new(0));
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("control socket accept: {e}");
+                        continue;
+                    }
+                };
+                if clients.fetch_add(1, Relaxed) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Relaxed);
+                    device.stats().control_refused.fetch_add(1, Relaxed);
+                    let _ = writeln!(stream, "{}", error("too many control clients"));
+                    continue;
+                }
+                let (device, clients) = (device.clone(), clients.clone());
+                let spawned =
+                    thread::Builder::new()
+                        .name("control-client".into())
+                        .spawn(move || {
+                            serve_client(stream, &device);
+                            clients.fetch_sub(1, Relaxed);
+                        });
+                if let Err(e) = spawned {
+                    warn!("control client thread: {e}");
+                }
+            }
+        })
+}
+
+fn serve_client(stream: UnixStream, device: &Device) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut session = Session {
+        device,
+        service: None,
+    };
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        match reader
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            device.stats().control_errors.fetch_add(1, Relaxed);
+            let _ = writeln!(
+                writer,
+                "{}",
+                error(&format!("line longer than {MAX_LINE} bytes"))
+            );
+            return;
+        }
+        let reply = match serde_json::from_slice::<Value>(&line) {
+            Ok(request) => session.dispatch(&request),
+            Err(e) => error(&format!("bad JSON: {e}")),
+        };
+        if reply["ok"] == false {
+            device.stats().control_errors.fetch_add(1, Relaxed);
+        }
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn error(message: &str) -> Value {
+    json!({ "ok": false, "error": message })
+}
+
+/// A u64 from a JSON number or a decimal/hex string.
+fn number(request: &Value, key: &str) -> Result<Option<u64>, String> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{key}: not an unsigned 64-bit number")),
+        Some(Value::String(s)) => crate::config::parse_u64(s)
+            .map(Some)
+            .map_err(|e| format!("{key}: {e}")),
+        Some(_) => Err(format!("{key}: expected a number")),
+    }
+}
+
+fn required(request: &Value, key: &str) -> Result<u64, String> {
+    number(request, key)?.ok_or_else(|| format!("missing \"{key}\""))
+}
+
+fn u32_field(request: &Value, key: &str) -> Result<u32, String> {
+    u32::try_from(required(request, key)?).map_err(|_| format!("{key}: out of range"))
+}
+
+/// A fault's name on the control socket.
+pub fn fault_name(fault: Fault) -> &'static str {
+    match fault {
+        Fault::UnknownEndpoint => "unknown_endpoint",
+        Fault::NotOwner => "not_owner",
+        Fault::NoDomain => "no_domain",
+        Fault::Unmapped => "unmapped",
+        Fault::OutOfRange => "out_of_range",
+        Fault::Permission => "permission",
+        Fault::Reserved => "reserved",
+    }
+}
+
+struct Session<'a> {
+    device: &'a Device,
+    /// Created on the first translate: a reader slot for this client's thread.
+    service: Option<TranslationService>,
+}
+
+impl Session<'_> {
+    fn dispatch(&mut self, request: &Value) -> Value {
+        let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+        debug!("control: {request}");
+        let result = match cmd {
+            "stats" => Ok(self.stats()),
+            "domains" => Ok(self.domains()),
+            "groups" => Ok(self.groups()),
+            "mappings" => self.mappings(request),
+            "translate" => self.translate(request),
+            "claim" | "release" => self.owner(cmd, request),
+            "use_dma_api" | "unuse_dma_api" => self.dma_api(cmd, request),
+            other => Err(format!("unknown command {other:?}")),
+        };
+        result.unwrap_or_else(|e| {
+            log_limited!(log::Level::Info, "control {cmd}: {e}");
+            error(&e)
+        })
+    }
+
+    fn stats(&self) -> Value {
+        let model = self.device.iommu().stats();
+        let mut stats = self.device.stats().to_json();
+        stats["domains"] = model.domains.into();
+        stats["mappings"] = model.mappings.into();
+        stats["table_bytes"] = model.table_bytes.into();
+        stats["grace_periods"] = model.grace_periods.into();
+        stats["grace_wait_max_ns"] = model.grace_wait_max_ns.into();
+        stats["faults"]["backlog"] = self.device.faults().len().into();
+        json!({ "ok": true, "stats": stats })
+    }
+
+    fn domains(&self) -> Value {
+        let domains: Vec<Value> = self
+            .device
+            .iommu()
+            .domains()
+            .into_iter()
+            .map(|d| {
+                json!({
+                    "id": d.id,
+                    "kind": match d.kind { DomainKind::Paging => "paging", DomainKind::Identity => "identity" },
+                    "groups": d.groups.iter().map(|g| g.0).collect::<Vec<_>>(),
+                    "endpoints": d.endpoints,
+                    "mappings": d.mappings,
+                })
+            })
+            .collect();
+        json!({ "ok": true, "domains": domains })
+    }
+
+    fn groups(&self) -> Value {
+        let iommu = self.device.iommu();
+        let topo = iommu.topology();
+        let groups: Vec<Value> = (0..topo.group_count() as u32)
+            .map(GroupId)
+            .map(|g| {
+                let (domain, attached) = iommu.group_attachment(g).unwrap_or((None, vec![]));
+                json!({
+                    "group": g.0,
+                    "endpoints": topo.group_members(g),
+                    "domain": domain,
+                    "attached": attached,
+                    "owner": iommu.dma_owner(g),
+                })
+            })
+            .collect();
+        json!({ "ok": true, "groups": groups })
+    }
+
+    fn mappings(&self, request: &Value) -> Result<Value, String> {
+        let domain = u32_field(request, "domain")?;
+        let limit = number(request, "limit")?.map_or(MAX_LISTED, |l| (l as usize).min(MAX_LISTED));
+        let mappings = self
+            .device
+            .iommu()
+            .mappings(domain)
+            .map_err(|e| e.to_string())?;
+        let listed: Vec<Value> = mappings
+            .iter()
+            .take(limit)
+            .map(|m| {
+                json!({
+                    "virt_start": m.virt_start,
+                    "virt_end": m.virt_end,
+                    "phys_start": m.phys_start,
+                    "read": m.perms & ownership::PERM_READ != 0,
+                    "write": m.perms & ownership::PERM_WRITE != 0,
+                    "mmio": m.perms & ownership::PERM_MMIO != 0,
+                })
+            })
+            .collect();
+        Ok(json!({ "ok": true, "total": mappings.len(), "mappings": listed }))
+    }
+
+    fn translate(&mut self, request: &Value) -> Result<Value, String> {
+        let endpoint = u32_field(request, "endpoint")?;
+        let iova = required(request, "iova")?;
+        let len = number(request, "len")?.unwrap_or(1);
+        let access = match request.get("access").and_then(Value::as_str) {
+            None | Some("read") => Access::Read,
+            Some("write") => Access::Write,
+            Some(other) => return Err(format!("access: {other:?} is not read or write")),
+        };
+        let requester = match number(request, "owner")? {
+            Some(cookie) => Requester::Owner(cookie),
+            None => Requester::DmaApi,
+        };
+        let device = self.device;
+        let service = self
+            .service
+            .get_or_insert_with(|| device.translation_service());
+        Ok(
+            match service.translate(requester, endpoint, iova, len, access) {
+                Ok(t) => json!({
+                    "ok": true, "gpa": t.gpa, "len": t.len, "domain": t.domain, "mmio": t.mmio,
+                }),
+                Err(fault) => json!({ "ok": false, "fault": fault_name(fault) }),
+            },
+        )
+    }
+
+    fn group_of(&self, request: &Value) -> Result<GroupId, String> {
+        if let Some(g) = number(request, "group")? {
+            return u32::try_from(g)
+                .map(GroupId)
+                .map_err(|_| "group: out of range".to_string());
+        }
+        let endpoint = u32_field(request, "endpoint")?;
+        self.device
+            .iommu()
+            .group(endpoint)
+            .map_err(|e| e.to_string())
+    }
+
+    fn owner(&self, cmd: &str, request: &Value) -> Result<Value, String> {
+        let group = self.group_of(request)?;
+        let cookie = required(request, "cookie")?;
+        let mut iommu = self.device.iommu();
+        let result = if cmd == "claim" {
+            iommu.claim_dma_owner(group, cookie)
+        } else {
+            iommu.release_dma_owner(group, cookie)
+        };
+        result.map_err(|e| e.to_string())?;
+        Ok(json!({ "ok": true, "group": group.0 }))
+    }
+
+    fn dma_api(&self, cmd: &str, request: &Value) -> Result<Value, String> {
+        let endpoint = u32_field(request, "endpoint")?;
+        let mut iommu = self.device.iommu();
+        let result = if cmd == "use_dma_api" {
+            iommu.use_dma_api(endpoint)
+        } else {
+            iommu.unuse_dma_api(endpoint)
+        };
+        result.map_err(|e| e.to_string())?;
+        Ok(json!({ "ok": true }))
+    }
+}

@@ -1,0 +1,196 @@
+//! The daemon's life: create the sockets, serve one frontend after another, stop cleanly.
+
+use std::{
+    fs, io,
+    os::unix::{
+        fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+        io::AsRawFd,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+};
+
+use log::{info, warn};
+use signal_hook::{consts::TERM_SIGNALS, iterator::Signals};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::{
+    backend::{Device, IommuBackend, FAULT_EVENT},
+    config::DaemonConfig,
+    control,
+};
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("{path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("{0}: another process is listening on it")]
+    InUse(PathBuf),
+    #[error("device: {0}")]
+    Device(io::Error),
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    #[error("signal handler: {0}")]
+    Signals(io::Error),
+}
+
+/// Creates a listening socket at `path` with `mode`, atomically: it is bound inside a private
+/// directory, given its mode, then renamed into place, so it is never reachable with a wider
+/// mode. A stale socket nobody listens on is replaced; anything else is refused.
+pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    let fail = |source| ServerError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_owned()));
+            }
+            fs::remove_file(path).map_err(fail)?;
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let private = parent.join(format!(".vhost-device-iommu.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&private);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(fail)?;
+    let staged = private.join("sock");
+    let result = UnixListener::bind(&staged)
+        .and_then(|l| fs::set_permissions(&staged, fs::Permissions::from_mode(mode)).map(|_| l))
+        .and_then(|l| fs::rename(&staged, path).map(|_| l));
+    let _ = fs::remove_dir_all(&private);
+    result.map_err(fail)
+}
+
+/// Serves frontends until SIGINT/SIGTERM (which end the process after cleanup).
+pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
+    let device = Device::new(&config).map_err(ServerError::Device)?;
+    let listener = bind_socket(&config.socket_path, config.socket_mode)?;
+    let mut sockets = vec![config.socket_path.clone()];
+    if let Some(path) = &config.control_socket {
+        let control = bind_socket(path, config.socket_mode)?;
+        control::spawn(control, device.clone()).map_err(ServerError::Device)?;
+        sockets.push(path.clone());
+        info!("control socket on {}", path.display());
+    }
+    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+    spawn_signal_thread(sockets, current.clone(), device.clone())?;
+
+    let mut listener = Listener::from(listener);
+    loop {
+        let backend = IommuBackend::new(device.clone()).map_err(ServerError::Device)?;
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-device-iommu".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| ServerError::VhostUser(e.to_string()))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler
+                .register_listener(
+                    device.faults().wake_fd().as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(FAULT_EVENT),
+                )
+                .map_err(ServerError::Device)?;
+        }
+        info!("waiting for a frontend on {}", config.socket_path.display());
+        daemon
+            .start(&mut listener)
+            .map_err(|e| ServerError::VhostUser(e.to_string()))?;
+        device.stats().connections.fetch_add(1, Relaxed);
+        info!("frontend connected");
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        let result = daemon.wait();
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        backend.exit();
+        device.disconnected();
+        match result {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
+        }
+    }
+}
+
+/// On SIGINT/SIGTERM: stop serving, account for fault records still waiting, remove the
+/// sockets, exit 0.
+fn spawn_signal_thread(
+    sockets: Vec<PathBuf>,
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
+    device: Arc<Device>,
+) -> Result<(), ServerError> {
+    let mut signals = Signals::new(TERM_SIGNALS).map_err(ServerError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal}: shutting down");
+                if let Some(handle) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    handle.shutdown();
+                }
+                let dropped = device.faults().clear();
+                let stats = device.stats();
+                info!(
+                    "fault records: {} reported, {} delivered, {} dropped ({} waiting at exit)",
+                    stats.faults_reported.load(Relaxed),
+                    stats.faults_delivered.load(Relaxed),
+                    stats.faults_dropped.load(Relaxed),
+                    dropped
+                );
+                for path in &sockets {
+                    let _ = fs::remove_file(path);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map_err(ServerError::Signals)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_created_with_the_mode_and_never_replace_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = bind_socket(&path, 0o600).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            bind_socket(&path, 0o600),
+            Err(ServerError::InUse(_))
+        ));
+        drop(listener);
+        // Stale socket: replaced.
+        bind_socket(&path, 0o640).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let file = dir.path().join("file");
+        fs::write(&file, b"keep me").unwrap();
+        assert!(matches!(
+            bind_socket(&file, 0o600),
+            Err(ServerError::NotASocket(_))
+        ));
+        assert_eq!(fs::read(&file).unwrap(), b"keep me");
+    }
+}

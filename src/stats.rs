@@ -1,0 +1,98 @@
+//! Counters of the daemon, reported by the control socket's `stats` command.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::{json, Map, Value};
+use virtio::{RequestType, Status};
+
+const TYPES: usize = 6;
+const STATUSES: usize = 9;
+
+/// Request and fault counters. Lock-free; written on the request path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// `[request type][status]`, type 0 unused.
+    requests: [[AtomicU64; STATUSES]; TYPES],
+    /// Chains returned without a reply (used length 0): `[request type or 0 when unknown]`.
+    no_reply: [AtomicU64; TYPES],
+    /// Chains whose descriptors were unusable (direction, address, size).
+    pub malformed_chains: AtomicU64,
+    /// Kicks that found nothing to do.
+    pub spurious_wakeups: AtomicU64,
+    /// Requests found by polling the avail ring after work (no kick needed).
+    pub polled_requests: AtomicU64,
+    /// Fault records: produced by the fast path, written to the eventq, dropped (backlog full or
+    /// reset), refused for lack of a big enough buffer.
+    pub faults_reported: AtomicU64,
+    pub faults_delivered: AtomicU64,
+    pub faults_dropped: AtomicU64,
+    /// Control-socket clients refused (too many) and lines refused (too long, bad JSON).
+    pub control_refused: AtomicU64,
+    pub control_errors: AtomicU64,
+    /// Frontends served, and device resets.
+    pub connections: AtomicU64,
+    pub resets: AtomicU64,
+}
+
+impl Stats {
+    pub fn count_reply(&self, request: RequestType, status: Status) {
+        self.requests[request as usize][status as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn count_no_reply(&self, request: Option<RequestType>) {
+        self.no_reply[request.map_or(0, |t| t as usize)].fetch_add(1, Relaxed);
+    }
+
+    /// Replies of one type with one status.
+    pub fn replies(&self, request: RequestType, status: Status) -> u64 {
+        self.requests[request as usize][status as usize].load(Relaxed)
+    }
+
+    /// The counters as JSON (only non-zero request/status pairs).
+    pub fn to_json(&self) -> Value {
+        let mut requests = Map::new();
+        for t in RequestType::ALL {
+            let mut by_status = Map::new();
+            for s in Status::ALL {
+                let n = self.replies(t, s);
+                if n > 0 {
+                    by_status.insert(s.name().to_ascii_lowercase(), n.into());
+                }
+            }
+            let none = self.no_reply[t as usize].load(Relaxed);
+            if none > 0 {
+                by_status.insert("no_reply".into(), none.into());
+            }
+            requests.insert(type_name(t).into(), Value::Object(by_status));
+        }
+        json!({
+            "requests": requests,
+            "unknown_type": self.no_reply[0].load(Relaxed),
+            "malformed_chains": self.malformed_chains.load(Relaxed),
+            "spurious_wakeups": self.spurious_wakeups.load(Relaxed),
+            "polled_requests": self.polled_requests.load(Relaxed),
+            "faults": {
+                "reported": self.faults_reported.load(Relaxed),
+                "delivered": self.faults_delivered.load(Relaxed),
+                "dropped": self.faults_dropped.load(Relaxed),
+            },
+            "control": {
+                "refused_clients": self.control_refused.load(Relaxed),
+                "errors": self.control_errors.load(Relaxed),
+            },
+            "connections": self.connections.load(Relaxed),
+            "resets": self.resets.load(Relaxed),
+        })
+    }
+}
+
+/// The lower-case name of a request type, as the control socket prints it.
+pub fn type_name(t: RequestType) -> &'static str {
+    match t {
+        RequestType::Attach => "attach",
+        RequestType::Detach => "detach",
+        RequestType::Map => "map",
+        RequestType::Unmap => "unmap",
+        RequestType::Probe => "probe",
+    }
+}
