@@ -1,0 +1,757 @@
+//! The end-to-end rig: QEMU 10 + a stock Debian guest kernel + our initramfs, driven over the
+//! serial console.
+//!
+//! Include it from a test file with `#[path = "e2e/rig.rs"] mod rig;`.
+//!
+//! * [`Rig::get`] finds the rig built by `scripts/e2e-setup.sh` (paths in `rig.env` under the
+//!   cache, `${VHOST_IOMMU_CACHE:-$HOME/.cache/vhost-device-iommu}`) and decides whether e2e
+//!   tests run at all (see its doc: `VHOST_IOMMU_E2E`).
+//! * [`GuestConfig`] describes one guest: which IOMMU (QEMU's built-in `virtio-iommu-pci`, our
+//!   daemon through `vhost-user-device-pci`, or none), the accelerator, the guest steps and
+//!   loop counts; [`qemu_args`] turns it into QEMU's command line.
+//! * [`run_guest`] boots it, reads the console line by line with a deadline, hands every
+//!   `E2E ...` marker to a callback (which may read guest RAM through [`GuestMemory`]), answers
+//!   `wait=<n>` markers with `GO <n>` once the callback returned, and returns the whole run; any
+//!   failure comes back as an [`E2eError`] whose message carries the full console log.
+//!
+//! The guest side is `tests/e2e/guest/` (init + e2e-guest.c): its header documents the marker
+//! lines and the pattern the guest writes into buffers it shows the host.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost_device_iommu::viot::{PciBdf, ViotPciRange};
+
+/// Guest RAM size, and the size of the shared memory backend the host reads.
+pub const GUEST_MEM_MIB: u64 = 512;
+/// PCI address of the virtio-iommu (built-in or vhost-user): 00:04.0.
+pub const IOMMU_ADDR: &str = "04.0";
+/// The single-function endpoint: 00:05.0, endpoint ID 0x28.
+pub const EP_BDF: &str = "0000:00:05.0";
+/// The two functions of the multi-function endpoint: one IOMMU group.
+pub const GROUP_BDFS: [&str; 2] = ["0000:00:06.0", "0000:00:06.1"];
+
+/// The VIOT ranges for a VMM-external IOMMU: only our endpoints (00:05.0 and the functions of
+/// 00:06), with endpoint ID = BDF. Devices whose DMA QEMU performs itself stay out of the range:
+/// QEMU cannot see our page tables.
+pub fn endpoint_viot_ranges() -> Vec<ViotPciRange> {
+    let bdf = |d, f| PciBdf::new(0, d, f).expect("valid BDF");
+    vec![
+        ViotPciRange::identity(0, bdf(5, 0), bdf(5, 0)),
+        ViotPciRange::identity(0, bdf(6, 0), bdf(6, 7)),
+    ]
+}
+
+/// Waits until `path` exists (a daemon's socket), up to `timeout`.
+pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} did not appear within {timeout:?}",
+                path.display()
+            ));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Paths of a built rig.
+#[derive(Clone, Debug)]
+pub struct Rig {
+    pub qemu: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_release: String,
+    /// `-L` directories for firmware and option ROMs.
+    pub firmware: Vec<PathBuf>,
+}
+
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("VHOST_IOMMU_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/vhost-device-iommu"),
+    }
+}
+
+fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Rig {
+    /// The rig described by `rig.env` in the cache, if every file it names exists.
+    pub fn load() -> Option<Rig> {
+        let text = fs::read_to_string(cache_dir().join("rig.env")).ok()?;
+        let vars: BTreeMap<&str, &str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .collect();
+        let rig = Rig {
+            qemu: vars.get("QEMU")?.into(),
+            kernel: vars.get("KERNEL")?.into(),
+            initrd: vars.get("INITRD")?.into(),
+            kernel_release: vars.get("KERNEL_RELEASE")?.to_string(),
+            firmware: vars
+                .get("FIRMWARE")?
+                .split(':')
+                .map(PathBuf::from)
+                .collect(),
+        };
+        [&rig.qemu, &rig.kernel, &rig.initrd]
+            .iter()
+            .all(|p| p.is_file())
+            .then_some(rig)
+    }
+
+    /// The rig for an e2e test, or `None` (with a SKIP line on stderr) when e2e tests are off.
+    ///
+    /// `VHOST_IOMMU_E2E`:
+    /// * `0`: skip every e2e test;
+    /// * `1`: e2e tests are required: run `scripts/e2e-setup.sh` (a cold set-up takes a few
+    ///   minutes: Debian packages, QEMU build, guest kernel) and fail if it fails;
+    /// * unset: run if the rig is already set up (then `scripts/e2e-setup.sh` refreshes it,
+    ///   which takes seconds, e.g. to rebuild the initramfs after a change in
+    ///   tests/e2e/guest/), skip otherwise.
+    ///
+    /// The set-up runs at most once per test binary.
+    pub fn get(test: &str) -> Option<Rig> {
+        static SETUP: OnceLock<Result<Rig, String>> = OnceLock::new();
+        let mode = std::env::var("VHOST_IOMMU_E2E").unwrap_or_default();
+        if mode == "0" {
+            eprintln!("SKIP {test}: VHOST_IOMMU_E2E=0");
+            return None;
+        }
+        if mode != "1" && Rig::load().is_none() {
+            eprintln!(
+                "SKIP {test}: the e2e rig is not set up in {} (run scripts/e2e-setup.sh, or set \
+                 VHOST_IOMMU_E2E=1 to set it up from the test)",
+                cache_dir().display()
+            );
+            return None;
+        }
+        let rig = SETUP.get_or_init(|| {
+            let script = repo_dir().join("scripts/e2e-setup.sh");
+            let status = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .status()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if !status.success() {
+                return Err(format!("{} failed: {status}", script.display()));
+            }
+            Rig::load().ok_or_else(|| "rig.env missing after set-up".to_string())
+        });
+        match rig {
+            Ok(rig) => Some(rig.clone()),
+            Err(e) => panic!("{test}: e2e rig set-up failed: {e}"),
+        }
+    }
+}
+
+/// Which IOMMU the guest gets at 00:04.0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Iommu {
+    /// QEMU's built-in `virtio-iommu-pci` (QEMU writes the VIOT itself).
+    Builtin,
+    /// Our daemon listening on `socket`, through `vhost-user-device-pci`. Needs a VIOT
+    /// ([`GuestConfig::viot`]): QEMU writes none for it.
+    VhostUser { socket: PathBuf },
+    /// No IOMMU device at all (e.g. to look at what `-acpitable` does).
+    None,
+}
+
+/// The accelerator: `VHOST_IOMMU_ACCEL=tcg|kvm`, default tcg. The KVM on these machines is a
+/// nested software one that cannot boot a stock Debian kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    pub fn from_env() -> Accel {
+        match std::env::var("VHOST_IOMMU_ACCEL").as_deref() {
+            Ok("kvm") => Accel::Kvm,
+            Ok("tcg") | Ok("") | Err(_) => Accel::Tcg,
+            Ok(other) => panic!("VHOST_IOMMU_ACCEL={other}: expected tcg or kvm"),
+        }
+    }
+}
+
+/// One guest run.
+#[derive(Clone, Debug)]
+pub struct GuestConfig {
+    pub iommu: Iommu,
+    /// A full ACPI table for `-acpitable file=`.
+    pub viot: Option<PathBuf>,
+    pub accel: Accel,
+    /// Guest steps (`e2e.steps`): viot, iommu, groups, bench, host, group.
+    pub steps: Vec<&'static str>,
+    /// PCI devices init binds to vfio-pci (`e2e.vfio`).
+    pub vfio: Vec<&'static str>,
+    /// VFIO loop counts: 4 KiB one at a time, rounds of 32 x 4 KiB, 2 MiB.
+    pub n4k: u64,
+    pub rounds32: u64,
+    pub n2m: u64,
+    /// Seconds the guest waits for each `GO`.
+    pub guest_wait_secs: u64,
+    /// Kernel console log level (`loglevel=`): 4 keeps the console to errors and worse so
+    /// that kernel lines do not cut marker lines; 8 shows the whole boot.
+    pub loglevel: u32,
+    /// Deadline for the whole run.
+    pub timeout: Duration,
+    pub extra_append: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl GuestConfig {
+    /// Every guest step with the default loop counts (the baseline: 20000 x 4 KiB, 1000 rounds
+    /// of 32 x 4 KiB, 2000 x 2 MiB), overridable with VHOST_IOMMU_E2E_N4K, _ROUNDS32, _N2M;
+    /// VHOST_IOMMU_E2E_TIMEOUT (seconds, default 600) and VHOST_IOMMU_E2E_LOGLEVEL.
+    pub fn new(iommu: Iommu) -> GuestConfig {
+        GuestConfig {
+            iommu,
+            viot: None,
+            accel: Accel::from_env(),
+            steps: vec!["viot", "iommu", "groups", "bench", "host", "group"],
+            vfio: [EP_BDF].into_iter().chain(GROUP_BDFS).collect(),
+            n4k: env_u64("VHOST_IOMMU_E2E_N4K", 20000),
+            rounds32: env_u64("VHOST_IOMMU_E2E_ROUNDS32", 1000),
+            n2m: env_u64("VHOST_IOMMU_E2E_N2M", 2000),
+            guest_wait_secs: 120,
+            loglevel: env_u64("VHOST_IOMMU_E2E_LOGLEVEL", 4) as u32,
+            timeout: Duration::from_secs(env_u64("VHOST_IOMMU_E2E_TIMEOUT", 600)),
+            extra_append: Vec::new(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec![
+            "console=ttyS0".to_string(),
+            "panic=-1".to_string(),
+            format!("loglevel={}", self.loglevel),
+            "rdinit=/init".to_string(),
+            format!("e2e.steps={}", self.steps.join(",")),
+            format!("e2e.vfio={}", self.vfio.join(",")),
+            format!("e2e.ep={EP_BDF}"),
+            format!("e2e.group_ep={}", GROUP_BDFS[0]),
+            format!("e2e.n4k={}", self.n4k),
+            format!("e2e.rounds32={}", self.rounds32),
+            format!("e2e.n2m={}", self.n2m),
+            format!("e2e.wait={}", self.guest_wait_secs),
+        ];
+        words.extend(self.extra_append.iter().cloned());
+        words.join(" ")
+    }
+}
+
+/// QEMU's arguments (without the binary) for `config`, guest RAM in the file `mem_path`.
+pub fn qemu_args(rig: &Rig, config: &GuestConfig, mem_path: &Path) -> Vec<String> {
+    let accel = match config.accel {
+        Accel::Tcg => ["q35,accel=tcg,memory-backend=mem", "max"],
+        Accel::Kvm => ["q35,accel=kvm,memory-backend=mem", "host"],
+    };
+    let mut args: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-machine".into(),
+        accel[0].into(),
+        "-cpu".into(),
+        accel[1].into(),
+        "-smp".into(),
+        "1".into(),
+        "-m".into(),
+        format!("{GUEST_MEM_MIB}M"),
+        // Shared, file-backed RAM: a vhost-user backend maps it, and the host test reads it.
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={GUEST_MEM_MIB}M,mem-path={},share=on",
+            mem_path.display()
+        ),
+    ];
+    for dir in &rig.firmware {
+        args.push("-L".into());
+        args.push(dir.display().to_string());
+    }
+    args.extend([
+        "-kernel".into(),
+        rig.kernel.display().to_string(),
+        "-initrd".into(),
+        rig.initrd.display().to_string(),
+        "-append".into(),
+        config.kernel_cmdline(),
+        // The console is the control channel: markers out, GO lines in.
+        "-chardev".into(),
+        "stdio,id=con,signal=off".into(),
+        "-serial".into(),
+        "chardev:con".into(),
+    ]);
+    match &config.iommu {
+        Iommu::Builtin => {
+            args.push("-device".into());
+            args.push(format!("virtio-iommu-pci,addr={IOMMU_ADDR}"));
+        }
+        Iommu::VhostUser { socket } => {
+            args.push("-chardev".into());
+            args.push(format!("socket,id=viommu,path={}", socket.display()));
+            args.push("-device".into());
+            args.push(format!(
+                "vhost-user-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,\
+                 addr={IOMMU_ADDR}"
+            ));
+        }
+        Iommu::None => {}
+    }
+    if let Some(viot) = &config.viot {
+        args.push("-acpitable".into());
+        args.push(format!("file={}", viot.display()));
+    }
+    args.extend(
+        [
+            "pci-testdev,addr=05.0",
+            "pci-testdev,addr=06.0,multifunction=on",
+            "pci-testdev,addr=06.1",
+        ]
+        .iter()
+        .flat_map(|d| ["-device".to_string(), d.to_string()]),
+    );
+    args.extend(config.extra_args.iter().cloned());
+    args
+}
+
+/// One `E2E <EVENT> key=value ...` line from the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    pub event: String,
+    pub fields: BTreeMap<String, String>,
+    pub line: String,
+}
+
+impl Marker {
+    /// Parses a console line; the marker may follow other text (a kernel line that lost its
+    /// newline).
+    pub fn parse(line: &str) -> Option<Marker> {
+        let start = line.find("E2E ")?;
+        let text = &line[start..];
+        let mut words = text.split_whitespace().skip(1);
+        let event = words.next()?;
+        if event.is_empty() || !event.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+            return None;
+        }
+        let fields = words
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Some(Marker {
+            event: event.to_string(),
+            fields,
+            line: text.to_string(),
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Result<&str, String> {
+        self.fields
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| format!("marker without {key}=: {}", self.line))
+    }
+
+    /// A numeric field, decimal or 0x-hex.
+    pub fn u64(&self, key: &str) -> Result<u64, String> {
+        let v = self.get(key)?;
+        let parsed = match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => v.parse(),
+        };
+        parsed.map_err(|e| format!("{key}={v}: {e}"))
+    }
+
+    pub fn f64(&self, key: &str) -> Result<f64, String> {
+        let v = self.get(key)?;
+        v.parse().map_err(|e| format!("{key}={v}: {e}"))
+    }
+
+    /// A comma-separated list field.
+    pub fn list(&self, key: &str) -> Result<Vec<String>, String> {
+        Ok(self
+            .get(key)?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// The sequence number the guest waits on, if any.
+    pub fn wait(&self) -> Option<u64> {
+        self.fields.get("wait").and_then(|w| w.parse().ok())
+    }
+}
+
+/// Guest RAM as the host sees it: the memory-backend-file. Below 4 GiB (all of our 512 MiB)
+/// a guest-physical address is the offset in the file.
+pub struct GuestMemory {
+    file: File,
+    size: u64,
+}
+
+impl GuestMemory {
+    pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, String> {
+        if gpa
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(format!(
+                "GPA {gpa:#x}+{len:#x} outside guest RAM ({:#x})",
+                self.size
+            ));
+        }
+        let mut buf = vec![0; len];
+        self.file
+            .read_exact_at(&mut buf, gpa)
+            .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))?;
+        Ok(buf)
+    }
+}
+
+/// The bytes the guest writes into a buffer it shows the host: the little-endian u64 at byte
+/// offset `o` (from the start of the buffer) is `seed << 32 | o`.
+pub fn pattern(seed: u32, offset: u64, len: usize) -> Vec<u8> {
+    assert!(offset % 8 == 0 && len % 8 == 0);
+    (0..len as u64)
+        .step_by(8)
+        .flat_map(|o| ((u64::from(seed) << 32) | (offset + o)).to_le_bytes())
+        .collect()
+}
+
+/// Checks every page of a marker's buffer (`gpas`, `pattern`, `len`) in guest RAM.
+pub fn check_pattern(marker: &Marker, memory: &GuestMemory) -> Result<(), String> {
+    const PAGE: u64 = 4096;
+    let seed = u32::try_from(marker.u64("pattern")?).map_err(|e| e.to_string())?;
+    let len = marker.u64("len")?;
+    let gpas = marker.list("gpas")?;
+    if gpas.len() as u64 != len.div_ceil(PAGE) {
+        return Err(format!(
+            "{} GPAs for {len} bytes: {}",
+            gpas.len(),
+            marker.line
+        ));
+    }
+    for (i, gpa) in gpas.iter().enumerate() {
+        let gpa = u64::from_str_radix(gpa.trim_start_matches("0x"), 16)
+            .map_err(|e| format!("gpa {gpa}: {e}"))?;
+        if gpa == 0 {
+            return Err(format!("page {i} has no GPA: {}", marker.line));
+        }
+        let offset = i as u64 * PAGE;
+        let n = (len - offset).min(PAGE) as usize;
+        let got = memory.read(gpa, n)?;
+        if got != pattern(seed, offset, n) {
+            return Err(format!(
+                "page {i} at GPA {gpa:#x}: pattern {seed:#x} not found (first bytes {:02x?})",
+                &got[..16.min(n)]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Everything a finished run printed.
+#[derive(Debug, Default)]
+pub struct GuestRun {
+    /// Every console line (kernel and ours), in order.
+    pub console: Vec<String>,
+    pub markers: Vec<Marker>,
+    /// Lines between DMESG_BEGIN and DMESG_END.
+    pub dmesg: Vec<String>,
+    pub qemu_stderr: String,
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    pub fn find(&self, event: &str) -> Option<&Marker> {
+        self.markers.iter().find(|m| m.event == event)
+    }
+
+    pub fn all<'a>(&'a self, event: &'a str) -> impl Iterator<Item = &'a Marker> + 'a {
+        self.markers.iter().filter(move |m| m.event == event)
+    }
+
+    /// pairs/s of the BENCH marker `name`.
+    pub fn bench(&self, name: &str) -> Option<f64> {
+        self.all("BENCH")
+            .find(|m| m.fields.get("name").map(String::as_str) == Some(name))
+            .and_then(|m| m.f64("pairs_per_sec").ok())
+    }
+}
+
+/// A failed run: why, and everything the console and QEMU printed.
+pub struct E2eError {
+    pub reason: String,
+    pub run: Box<GuestRun>,
+    pub args: Vec<String>,
+}
+
+impl fmt::Debug for E2eError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for E2eError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "e2e guest run failed: {}", self.reason)?;
+        let quoted: Vec<String> = self
+            .args
+            .iter()
+            .map(|a| match a.contains(char::is_whitespace) {
+                true => format!("'{a}'"),
+                false => a.clone(),
+            })
+            .collect();
+        writeln!(f, "--- qemu {}", quoted.join(" "))?;
+        writeln!(
+            f,
+            "--- console ({} lines, {:.1?}):",
+            self.run.console.len(),
+            self.run.elapsed
+        )?;
+        for line in &self.run.console {
+            writeln!(f, "  | {line}")?;
+        }
+        writeln!(f, "--- qemu stderr:\n{}", self.run.qemu_stderr)?;
+        write!(
+            f,
+            "--- end of e2e log; reason: {} (VHOST_IOMMU_E2E_LOGLEVEL=8 shows the kernel's own \
+             console output)",
+            self.reason
+        )
+    }
+}
+
+/// One guest at a time per test binary: TCG guests on 2 cores disturb each other's timings.
+fn guest_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kills QEMU if the run ends early (error, panic in a callback).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots a guest and runs it to its end.
+///
+/// `on_marker` sees every marker as it arrives, with guest RAM; for a marker with `wait=<n>`
+/// the guest is stopped until the callback returns, then gets `GO <n>`. An `Err` from the
+/// callback ends the run (QEMU is killed). The run succeeds when the guest printed
+/// `E2E DONE status=ok`, reported no `FAIL`, and QEMU exited cleanly before `config.timeout`.
+pub fn run_guest<F>(rig: &Rig, config: &GuestConfig, on_marker: F) -> Result<GuestRun, E2eError>
+where
+    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+{
+    let _one_at_a_time = guest_lock();
+    let start = Instant::now();
+    let mut run = GuestRun::default();
+    let mut args = Vec::new();
+    let result = tempfile::Builder::new()
+        .prefix("vhost-iommu-e2e-")
+        .suffix(".mem")
+        .tempfile_in("/dev/shm")
+        .map_err(|e| format!("cannot create guest RAM file in /dev/shm: {e}"))
+        .and_then(|mem| {
+            args = qemu_args(rig, config, mem.path());
+            boot_and_follow(rig, config, &args, &mem, &mut run, on_marker)
+        });
+    run.elapsed = start.elapsed();
+    match result {
+        Ok(()) => Ok(run),
+        Err(reason) => Err(E2eError {
+            reason,
+            run: Box::new(run),
+            args,
+        }),
+    }
+}
+
+fn boot_and_follow<F>(
+    rig: &Rig,
+    config: &GuestConfig,
+    args: &[String],
+    mem: &tempfile::NamedTempFile,
+    run: &mut GuestRun,
+    mut on_marker: F,
+) -> Result<(), String>
+where
+    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+{
+    let deadline = Instant::now() + config.timeout;
+    let mut child = Command::new(&rig.qemu)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(KillOnDrop)
+        .map_err(|e| format!("cannot start {}: {e}", rig.qemu.display()))?;
+    let mut stdin = child.0.stdin.take().expect("piped stdin");
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let mut stderr = child.0.stderr.take().expect("piped stderr");
+    let stderr_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    if tx.send(Some(line)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // The RAM file is ours; QEMU sizes it at start-up and keeps it open.
+    let outcome = mem
+        .reopen()
+        .map_err(|e| format!("cannot open guest RAM file: {e}"))
+        .and_then(|file| {
+            let memory = GuestMemory {
+                file,
+                size: GUEST_MEM_MIB << 20,
+            };
+            follow_console(
+                &rx,
+                &mut stdin,
+                &memory,
+                run,
+                deadline,
+                config,
+                &mut on_marker,
+            )
+        });
+
+    // Once the console closed, QEMU exits by itself; otherwise (or past the deadline) kill it,
+    // so that its stderr closes too.
+    if outcome.is_err() {
+        let _ = child.0.kill();
+    }
+    let status = loop {
+        match child.0.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.0.kill();
+                let _ = child.0.wait();
+                break None;
+            }
+        }
+    };
+    run.qemu_stderr = stderr_reader.join().unwrap_or_default();
+    let done = outcome?;
+
+    let status = status.ok_or("QEMU did not exit after closing the console")?;
+    if !status.success() {
+        return Err(format!("QEMU exited with {status}"));
+    }
+    let done = done.ok_or("the guest ended without E2E DONE")?;
+    if done.fields.get("status").map(String::as_str) != Some("ok") {
+        return Err(format!("the guest reported failure: {}", done.line));
+    }
+    if let Some(failure) = run.find("FAIL") {
+        return Err(format!("the guest reported: {}", failure.line));
+    }
+    Ok(())
+}
+
+/// Reads the console until it closes; returns the DONE marker if there was one.
+fn follow_console<F>(
+    rx: &mpsc::Receiver<Option<String>>,
+    stdin: &mut impl Write,
+    memory: &GuestMemory,
+    run: &mut GuestRun,
+    deadline: Instant,
+    config: &GuestConfig,
+    on_marker: &mut F,
+) -> Result<Option<Marker>, String>
+where
+    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+{
+    let mut in_dmesg = false;
+    let mut done = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(Some(line)) => line,
+            Ok(None) => return Ok(done),
+            Err(_) => {
+                return Err(format!(
+                    "timeout after {:?} waiting for the guest",
+                    config.timeout
+                ))
+            }
+        };
+        eprintln!("[guest] {line}");
+        run.console.push(line.clone());
+        let Some(marker) = Marker::parse(&line) else {
+            if in_dmesg {
+                run.dmesg.push(line);
+            }
+            continue;
+        };
+        match marker.event.as_str() {
+            "DMESG_BEGIN" => in_dmesg = true,
+            "DMESG_END" => in_dmesg = false,
+            "DONE" => done = Some(marker.clone()),
+            _ => {}
+        }
+        run.markers.push(marker.clone());
+        on_marker(&marker, memory).map_err(|e| format!("check at {}: {e}", marker.line))?;
+        if let Some(seq) = marker.wait() {
+            writeln!(stdin, "GO {seq}")
+                .and_then(|_| stdin.flush())
+                .map_err(|e| format!("cannot answer GO {seq}: {e}"))?;
+        }
+    }
+}
