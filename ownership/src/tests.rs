@@ -779,4 +779,5 @@ fn concurrent_readers_see_only_whole_current_mappings() {
     assert_eq!(m.stats().table_bytes, 4096, "emptied tables were recycled");
 }
 
+mod isolation;
 mod model;

@@ -31,10 +31,21 @@ impl Daemon {
     /// Starts the daemon with `--socket-path`, `--control-socket` and `args`, and waits until
     /// both sockets exist.
     pub fn start(args: &[&str]) -> Daemon {
+        Self::spawn(args, None)
+    }
+
+    /// As [`Daemon::start`], with `RUST_LOG=rust_log` and stderr captured in a file (read it with
+    /// [`Daemon::log`]).
+    pub fn start_logged(args: &[&str], rust_log: &str) -> Daemon {
+        Self::spawn(args, Some(rust_log))
+    }
+
+    fn spawn(args: &[&str], logged: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("viommu.sock");
         let control = dir.path().join("viommu.ctl");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("--socket-path")
             .arg(&socket)
             .arg("--control-socket")
@@ -44,9 +55,12 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn the daemon");
+            .stdin(Stdio::null());
+        if let Some(level) = logged {
+            let log = std::fs::File::create(dir.path().join(LOG_FILE)).unwrap();
+            command.env("RUST_LOG", level).stderr(log);
+        }
+        let child = command.spawn().expect("spawn the daemon");
         let daemon = Daemon {
             child: Some(child),
             dir,
@@ -114,21 +128,7 @@ impl Daemon {
 
     /// Sends a signal with kill(1) and waits for the exit status.
     pub fn signal(mut self, signal: &str) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "daemon ignored SIG{signal}");
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.terminate(signal)
     }
 
     /// Whether the daemon process is still running.
@@ -213,4 +213,163 @@ pub fn unmap(domain: u32, virt_start: u64, virt_end: u64) -> Request {
 
 pub fn probe(endpoint: u32) -> Request {
     Request::Probe { endpoint }
+}
+
+// ---- process inspection, captured logs, persistent control clients (tests/hostile.rs) ------
+
+/// File in the daemon's temp dir that [`Daemon::start_logged`] sends stderr to.
+pub const LOG_FILE: &str = "daemon.log";
+
+impl Daemon {
+    /// The captured stderr of a daemon started with [`Daemon::start_logged`].
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default()
+    }
+
+    /// The exit status, if the daemon has exited.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// Sends a signal with kill(1) and waits for the exit status, keeping the temp dir (and the
+    /// captured log) for inspection.
+    pub fn terminate(&mut self, signal: &str) -> ExitStatus {
+        let pid = self.pid();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.exit_status() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIG{signal}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A field of /proc/<pid>/status, as its number (kB for the Vm* fields).
+    pub fn proc_status(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in /proc/<pid>/status"))
+    }
+
+    /// Resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status("VmRSS")
+    }
+
+    /// Open file descriptors.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Threads of the daemon named `name` (their `comm`).
+    pub fn threads_named(&self, name: &str) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
+    /// Waits until `f()` holds (10 s at most).
+    pub fn wait_for(&self, what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A control client that keeps its connection.
+    pub fn control_client(&self) -> ControlClient {
+        ControlClient::connect(&self.control)
+    }
+}
+
+/// A persistent control-socket connection: one request line, one reply line.
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    pub fn connect(path: &std::path::Path) -> ControlClient {
+        let stream = UnixStream::connect(path).expect("control socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        ControlClient {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Sends raw bytes (a newline is not added).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// Reads one reply line; None once the daemon closed the connection (end of file, or a
+    /// reset: Linux resets a unix stream closed with unread data).
+    pub fn read_reply(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}")),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("control read: {e}"),
+        }
+    }
+
+    /// Sends a request and reads the reply; None if either fails (the daemon went away).
+    pub fn try_request(&mut self, request: &Value) -> Option<Value> {
+        self.send_raw(format!("{request}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(n) if n > 0 => serde_json::from_str(&line).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn request(&mut self, request: Value) -> Value {
+        self.send_raw(format!("{request}\n").as_bytes()).unwrap();
+        self.read_reply().expect("a reply")
+    }
+}
+
+impl Daemon {
+    /// Lowers the daemon's open-file limit (soft and hard) while it runs.
+    pub fn limit_open_files(&self, n: u64) {
+        let limit = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: prlimit only reads `limit` (valid for the call) and writes nothing (the old
+        // limit pointer is null); the pid is our child's.
+        let r = unsafe {
+            libc::prlimit(
+                self.pid() as libc::pid_t,
+                libc::RLIMIT_NOFILE,
+                &limit,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
 }
