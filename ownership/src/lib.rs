@@ -521,7 +521,14 @@ impl Iommu {
                 None
             }
             None => {
-                if self.domains.len() >= self.topo.limits().max_domains as usize {
+                // The group's current domain dies with the move if no other group uses it: it
+                // does not count against the cap (a guest at the cap can still switch).
+                let dying = self.groups[gi]
+                    .domain
+                    .is_some_and(|old| self.domains[&old].groups.len() == 1);
+                if self.domains.len() - usize::from(dying)
+                    >= self.topo.limits().max_domains as usize
+                {
                     return Err(Error::TooManyDomains);
                 }
                 match kind {

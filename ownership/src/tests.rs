@@ -638,6 +638,10 @@ fn domain_cap_is_nomem_and_ids_are_reusable() {
         m.attach(3, 5, DomainKind::Paging),
         Err(Error::TooManyDomains)
     );
+    // At the cap, a group whose domain dies with the move may still switch.
+    m.attach(3, 2, DomainKind::Paging).unwrap();
+    assert_eq!(m.domains().iter().map(|d| d.id).collect::<Vec<_>>(), [1, 3]);
+    m.attach(2, 2, DomainKind::Identity).unwrap();
     m.attach(1, 5, DomainKind::Paging).unwrap();
     m.detach(2, 2).unwrap();
     m.attach(3, 2, DomainKind::Paging).unwrap();

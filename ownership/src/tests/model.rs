@@ -137,10 +137,14 @@ impl Reference {
                     }
                 }
             }
-            None if self.domains.len() >= MAX_DOMAINS as usize => {
-                return Err(Error::TooManyDomains)
+            None => {
+                let dying = self.groups[gi]
+                    .domain
+                    .is_some_and(|old| self.domains[&old].groups.len() == 1);
+                if self.domains.len() - usize::from(dying) >= MAX_DOMAINS as usize {
+                    return Err(Error::TooManyDomains);
+                }
             }
-            None => {}
         }
         self.domains
             .entry(d)
