@@ -18,7 +18,7 @@ use ownership::Iommu;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio::{Config, FaultRecord, RequestType, Status, FAULT_SIZE, NUM_QUEUES, TAIL_SIZE};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -272,15 +272,23 @@ impl Device {
 
     /// Processes the request queue until it is empty and, with polling on, stays empty for
     /// the poll window. Returns the number of requests handled.
+    ///
+    /// A ring the device cannot use (not ready, outside guest memory, an avail index running
+    /// more than the queue size ahead) is left alone until the next kick: the loop goes round
+    /// again only after a pass that made progress, so no guest can make it spin.
     fn process_requests(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<usize> {
-        if !vring.get_ref().get_queue().ready() {
-            return Ok(0);
-        }
         let mut handled = 0usize;
         let mut polled = false;
         loop {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
+            if let Some(problem) = ring_problem(queue, mem) {
+                if queue.ready() {
+                    self.stats.broken_rings.fetch_add(1, Relaxed);
+                    log_limited!(log::Level::Warn, "request queue unusable: {problem}");
+                }
+                break;
+            }
             // Notifications off while there is work; the driver need not kick.
             let _ = queue.disable_notification(mem);
             let mut batch = 0usize;
@@ -292,27 +300,29 @@ impl Device {
                 }
                 batch += 1;
             }
-            if batch > 0 && needs_signal(queue, mem) {
-                drop(state);
+            let signal = batch > 0 && needs_signal(queue, mem);
+            if batch == 0 {
+                // Nothing could be popped: sleep until the next kick.
+                let _ = queue.enable_notification(mem);
+                break;
+            }
+            drop(state);
+            if signal {
                 vring.signal_used_queue()?;
-            } else {
-                drop(state);
             }
             handled += batch;
             if polled {
                 self.stats.polled_requests.fetch_add(batch as u64, Relaxed);
             }
-            if handled > 0 && self.poll > Duration::ZERO && self.poll_avail(vring, mem) {
+            if self.poll > Duration::ZERO && self.poll_avail(vring, mem) {
                 polled = true;
                 continue;
             }
+            polled = false;
             let mut state = vring.get_mut();
             match state.get_queue_mut().enable_notification(mem) {
                 // Buffers arrived while notifications were off: go again.
-                Ok(true) => {
-                    polled = false;
-                    continue;
-                }
+                Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
                     log_limited!(log::Level::Warn, "enable_notification: {e}");
@@ -326,7 +336,8 @@ impl Device {
         Ok(handled)
     }
 
-    /// Spins on the avail ring for the poll window; true when new requests arrived.
+    /// Spins on the avail ring for the poll window; true when the avail index moved (the next
+    /// pass checks the ring before using it).
     fn poll_avail(&self, vring: &Vring, mem: &GuestMemory) -> bool {
         let deadline = Instant::now() + self.poll;
         let mut spins = 0u32;
@@ -334,6 +345,9 @@ impl Device {
             {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
+                if !queue.ready() {
+                    return false;
+                }
                 match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
                     Ok(idx) if idx.0 != queue.next_avail() => return true,
                     Ok(_) => {}
@@ -349,19 +363,24 @@ impl Device {
     }
 
     /// Writes waiting fault records into the buffers the driver posted on the event queue.
+    /// A buffer is taken before a record, so a record leaves the backlog only to be written.
     fn deliver_faults(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
-        if self.faults.is_empty() || !vring.get_ref().get_queue().ready() {
-            return Ok(());
-        }
-        let mut delivered = 0;
+        let mut delivered = 0u64;
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        while let Some(record) = self.faults.pop() {
+        if self.faults.is_empty() || ring_problem(queue, mem).is_some() {
+            return Ok(());
+        }
+        while !self.faults.is_empty() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                self.faults.unpop(record);
                 break;
             };
             let head = chain.head_index();
+            let Some(record) = self.faults.pop() else {
+                // Cleared meanwhile (reset): give the buffer back untouched.
+                queue.go_to_previous_position();
+                break;
+            };
             let used = write_fault(mem, chain, &record);
             if used == 0 {
                 // Spec E5: never split a record; keep it for a big enough buffer.
@@ -371,15 +390,13 @@ impl Device {
                     "event buffer too small for a fault record"
                 );
             } else {
+                self.faults.delivered();
                 delivered += 1;
             }
             let _ = queue.add_used(mem, head, used);
         }
-        let notify = queue.needs_notification(mem).unwrap_or(true);
+        let notify = delivered > 0 && queue.needs_notification(mem).unwrap_or(true);
         drop(state);
-        if delivered > 0 {
-            self.stats.faults_delivered.fetch_add(delivered, Relaxed);
-        }
         if notify {
             vring.signal_used_queue()?;
         }
@@ -390,6 +407,40 @@ impl Device {
         self.acked.store(features, Relaxed);
         let mut iommu = self.iommu();
         iommu.set_bypass(effective_bypass(&self.config(), features | self.offered));
+    }
+}
+
+/// Why a queue cannot be used now, if it cannot: checked before touching it, so that a broken
+/// ring costs one look per kick and never a loop (virtio-queue's own checks log errors without
+/// a rate limit).
+fn ring_problem(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Option<String> {
+    if !queue.ready() {
+        return Some("not ready".into());
+    }
+    let size = u64::from(queue.size());
+    let rings = [
+        ("descriptor table", queue.desc_table(), 16 * size),
+        ("available ring", queue.avail_ring(), 6 + 2 * size),
+        ("used ring", queue.used_ring(), 6 + 8 * size),
+    ];
+    for (what, addr, len) in rings {
+        if addr == 0 && what == "available ring" {
+            return Some("no available ring address".into());
+        }
+        if !mem.check_range(GuestAddress(addr), len as usize) {
+            return Some(format!("{what} {addr:#x}+{len:#x} outside guest memory"));
+        }
+    }
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) if (idx - std::num::Wrapping(queue.next_avail())).0 > queue.size() => {
+            Some(format!(
+                "available index {} is more than the queue size ahead of {}",
+                idx.0,
+                queue.next_avail()
+            ))
+        }
+        Ok(_) => None,
+        Err(e) => Some(format!("available index unreadable: {e}")),
     }
 }
 
@@ -406,6 +457,31 @@ fn needs_signal(queue: &mut virtio_queue::Queue, mem: &GuestMemory) -> bool {
         Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
         Err(_) => true,
     }
+}
+
+/// Every region must lie inside its file: mapping past a file's end faults (SIGBUS) on access.
+/// (A frontend that shrinks the file afterwards is out of reach of this check.)
+fn check_regions_backed(mem: &GuestMemory) -> io::Result<()> {
+    use vm_memory::GuestMemoryRegion;
+    for region in mem.iter() {
+        let Some(backing) = region.file_offset() else {
+            continue;
+        };
+        let size = backing.file().metadata()?.len();
+        let end = backing.start().checked_add(region.len());
+        if end.is_none_or(|end| end > size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at GPA {:#x} maps {:#x} bytes at file offset {:#x}, the file has {size:#x}",
+                    region.start_addr().0,
+                    region.len(),
+                    backing.start()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Spec: an unattached endpoint bypasses when BYPASS_CONFIG is offered and `bypass` is 1.
@@ -498,6 +574,10 @@ pub struct IommuBackend {
     device: Arc<Device>,
     mem: Arc<Mutex<Option<GuestMemoryAtomic<GuestMemory>>>>,
     exit: Arc<(EventConsumer, EventNotifier)>,
+    /// Exit-event descriptors handed to vhost-user-backend, which turns them into raw fds and
+    /// never closes them (0.24: `VringEpollHandler::new` registers `into_raw_fd()`); closed by
+    /// [`IommuBackend::close_exit_fds`] once the daemon of this connection is dropped.
+    exit_fds: Arc<Mutex<Vec<std::os::fd::RawFd>>>,
 }
 
 impl IommuBackend {
@@ -507,12 +587,24 @@ impl IommuBackend {
             device,
             mem: Arc::new(Mutex::new(None)),
             exit: Arc::new(exit),
+            exit_fds: Arc::default(),
         })
     }
 
     /// Stops the worker threads of this connection.
     pub fn exit(&self) {
         let _ = self.exit.1.notify();
+    }
+
+    /// Closes the exit-event descriptors vhost-user-backend leaked. Call only after the
+    /// `VhostUserDaemon` of this connection was dropped (its worker threads joined).
+    pub fn close_exit_fds(&self) {
+        for fd in std::mem::take(&mut *self.exit_fds.lock().unwrap_or_else(|e| e.into_inner())) {
+            // SAFETY: `fd` is a dup of our exit eventfd that `exit_event` handed out and
+            // vhost-user-backend kept as a bare number; its epoll set and worker threads are
+            // gone with the dropped daemon, so nothing else uses or closes this descriptor.
+            unsafe { libc::close(fd) };
+        }
     }
 }
 
@@ -573,12 +665,27 @@ impl VhostUserBackend for IommuBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        let mut slot = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        // A region mapped past the end of its file would kill the daemon with SIGBUS on first
+        // access: refuse the table (and stop processing: the handler already swapped it in).
+        if let Err(e) = check_regions_backed(&mem.memory()) {
+            *slot = None;
+            warn!("memory table refused: {e}");
+            return Err(e);
+        }
+        *slot = Some(mem);
         Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        use std::os::fd::AsRawFd;
+        let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -105,7 +105,7 @@ fn serve_client(stream: UnixStream, device: &Device) {
             Ok(request) => session.dispatch(&request),
             Err(e) => error(&format!("bad JSON: {e}")),
         };
-        if reply["ok"] == false {
+        if reply.get("error").is_some() {
             device.stats().control_errors.fetch_add(1, Relaxed);
         }
         if writeln!(writer, "{reply}").is_err() {

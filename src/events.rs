@@ -16,39 +16,71 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::stats::Stats;
 
 /// The bounded backlog of fault records.
+///
+/// Every record is accounted for, under one lock: `reported = delivered + dropped + waiting +
+/// in flight` (in flight: popped by the worker, not yet written or put back).
 #[derive(Debug)]
 pub struct FaultQueue {
-    backlog: Mutex<VecDeque<FaultRecord>>,
+    inner: Mutex<Inner>,
     capacity: usize,
     wake: EventFd,
     stats: Arc<Stats>,
 }
 
+#[derive(Debug, Default)]
+struct Inner {
+    backlog: VecDeque<FaultRecord>,
+    in_flight: usize,
+    /// Shutting down: new records are dropped (and counted).
+    closed: bool,
+}
+
+/// The fault counters at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultAccounts {
+    pub reported: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub waiting: u64,
+    pub in_flight: u64,
+}
+
 impl FaultQueue {
     pub fn new(capacity: usize, stats: Arc<Stats>) -> std::io::Result<Self> {
         Ok(FaultQueue {
-            backlog: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            inner: Mutex::new(Inner {
+                backlog: VecDeque::with_capacity(capacity.min(4096)),
+                ..Inner::default()
+            }),
             capacity: capacity.max(1),
             wake: EventFd::new(EFD_NONBLOCK)?,
             stats,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<FaultRecord>> {
-        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dropped(&self, n: usize) {
+        self.stats.faults_dropped.fetch_add(n as u64, Relaxed);
     }
 
     /// Queues a record for the guest and wakes the worker. Never blocks on the guest.
     pub fn push(&self, record: FaultRecord) {
         {
-            let mut backlog = self.lock();
-            if backlog.len() >= self.capacity {
-                backlog.pop_front();
-                self.stats.faults_dropped.fetch_add(1, Relaxed);
+            let mut inner = self.lock();
+            self.stats.faults_reported.fetch_add(1, Relaxed);
+            if inner.closed {
+                self.dropped(1);
+                return;
             }
-            backlog.push_back(record);
+            if inner.backlog.len() >= self.capacity {
+                inner.backlog.pop_front();
+                self.dropped(1);
+            }
+            inner.backlog.push_back(record);
         }
-        self.stats.faults_reported.fetch_add(1, Relaxed);
         // A full eventfd counter only means a wake-up is already pending.
         let _ = self.wake.write(1);
     }
@@ -63,18 +95,37 @@ impl FaultQueue {
         let _ = self.wake.read();
     }
 
-    /// Takes the oldest record, if any.
+    /// Takes the oldest record for delivery; the caller then calls [`Self::delivered`] or
+    /// [`Self::unpop`].
     pub fn pop(&self) -> Option<FaultRecord> {
-        self.lock().pop_front()
+        let mut inner = self.lock();
+        let record = inner.backlog.pop_front()?;
+        inner.in_flight += 1;
+        Some(record)
     }
 
-    /// Puts a record back at the head (no buffer could take it).
+    /// The record taken by [`Self::pop`] reached the guest.
+    pub fn delivered(&self) {
+        let mut inner = self.lock();
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+        self.stats.faults_delivered.fetch_add(1, Relaxed);
+    }
+
+    /// Puts a record taken by [`Self::pop`] back at the head (no buffer could take it). It is
+    /// the oldest record: when the backlog filled up meanwhile, or the queue is closed, it is
+    /// the one dropped.
     pub fn unpop(&self, record: FaultRecord) {
-        self.lock().push_front(record);
+        let mut inner = self.lock();
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+        if inner.closed || inner.backlog.len() >= self.capacity {
+            self.dropped(1);
+        } else {
+            inner.backlog.push_front(record);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().backlog.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -83,11 +134,34 @@ impl FaultQueue {
 
     /// Drops every waiting record (device reset, disconnect), counting them.
     pub fn clear(&self) -> usize {
-        let mut backlog = self.lock();
-        let n = backlog.len();
-        backlog.clear();
-        self.stats.faults_dropped.fetch_add(n as u64, Relaxed);
+        let mut inner = self.lock();
+        let n = inner.backlog.len();
+        inner.backlog.clear();
+        self.dropped(n);
         n
+    }
+
+    /// Shutdown: drops the waiting records and every record reported from now on (counted).
+    /// Returns how many were waiting.
+    pub fn close(&self) -> usize {
+        let mut inner = self.lock();
+        inner.closed = true;
+        let n = inner.backlog.len();
+        inner.backlog.clear();
+        self.dropped(n);
+        n
+    }
+
+    /// The counters, consistent with each other.
+    pub fn accounts(&self) -> FaultAccounts {
+        let inner = self.lock();
+        FaultAccounts {
+            reported: self.stats.faults_reported.load(Relaxed),
+            delivered: self.stats.faults_delivered.load(Relaxed),
+            dropped: self.stats.faults_dropped.load(Relaxed),
+            waiting: inner.backlog.len() as u64,
+            in_flight: inner.in_flight as u64,
+        }
     }
 }
 
@@ -119,8 +193,23 @@ mod tests {
         assert_eq!(q.pop().unwrap().address, 3);
         q.unpop(record(3));
         assert_eq!(q.pop().unwrap().address, 3);
-        assert_eq!(q.wake_fd().read().unwrap(), 5);
-        assert_eq!(q.clear(), 1);
+        // The backlog filled up while a record was out: putting it back drops it.
+        q.push(record(5));
+        q.push(record(6));
+        q.unpop(record(3));
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.pop().unwrap().address, 5);
+        q.delivered();
+        assert_eq!(q.wake_fd().read().unwrap(), 7);
+        assert_eq!(q.close(), 1);
+        q.push(record(7));
+        let a = q.accounts();
+        assert_eq!(
+            a.reported,
+            a.delivered + a.dropped + a.waiting + a.in_flight,
+            "{a:?}"
+        );
+        assert_eq!((a.reported, a.delivered, a.dropped), (8, 1, 7));
         assert!(q.is_empty());
     }
 }

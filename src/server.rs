@@ -119,7 +119,11 @@ pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
         *current.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         let result = daemon.wait();
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Stop and join the worker before the device forgets the guest: a worker still
+        // processing would leak this guest's state into the next frontend's device.
         backend.exit();
+        drop(daemon);
+        backend.close_exit_fds();
         device.disconnected();
         match result {
             Ok(()) => info!("frontend disconnected"),
@@ -144,14 +148,21 @@ fn spawn_signal_thread(
                 if let Some(handle) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     handle.shutdown();
                 }
-                let dropped = device.faults().clear();
-                let stats = device.stats();
+                // No record may go unaccounted: refuse new ones (counted as dropped), drop
+                // the waiting ones, let the worker finish the one it is writing.
+                let waiting = device.faults().close();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+                let mut a = device.faults().accounts();
+                while a.in_flight > 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    a = device.faults().accounts();
+                }
                 info!(
                     "fault records: {} reported, {} delivered, {} dropped ({} waiting at exit)",
-                    stats.faults_reported.load(Relaxed),
-                    stats.faults_delivered.load(Relaxed),
-                    stats.faults_dropped.load(Relaxed),
-                    dropped
+                    a.reported,
+                    a.delivered,
+                    a.dropped + a.in_flight,
+                    waiting
                 );
                 for path in &sockets {
                     let _ = fs::remove_file(path);

@@ -17,6 +17,8 @@ pub struct Stats {
     no_reply: [AtomicU64; TYPES],
     /// Chains whose descriptors were unusable (direction, address, size).
     pub malformed_chains: AtomicU64,
+    /// Passes over a request queue the device could not use (ring outside memory, ...).
+    pub broken_rings: AtomicU64,
     /// Kicks that found nothing to do.
     pub spurious_wakeups: AtomicU64,
     /// Requests found by polling the avail ring after work (no kick needed).
@@ -69,6 +71,7 @@ impl Stats {
             "requests": requests,
             "unknown_type": self.no_reply[0].load(Relaxed),
             "malformed_chains": self.malformed_chains.load(Relaxed),
+            "broken_rings": self.broken_rings.load(Relaxed),
             "spurious_wakeups": self.spurious_wakeups.load(Relaxed),
             "polled_requests": self.polled_requests.load(Relaxed),
             "faults": {
