@@ -44,8 +44,8 @@ type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 pub const FAULT_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Device-readable bytes looked at: the longest request (PROBE) is 72.
 const MAX_READABLE: usize = 128;
-/// Writable descriptors accepted in one chain.
-const MAX_WRITABLE_SEGMENTS: usize = 64;
+/// Writable descriptors accepted in one chain (Linux uses one).
+const MAX_WRITABLE_SEGMENTS: usize = 16;
 /// Largest device-writable area the device fills (the tail sits at its end).
 pub const MAX_WRITABLE: usize = 64 * 1024;
 
@@ -68,6 +68,8 @@ pub struct Device {
 thread_local! {
     /// PROBE properties are encoded here (probe_size bytes; untouched by other requests).
     static PROBE_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Used elements of a pass, published after its grace period (grows to the queue size once).
+    static USED_SCRATCH: std::cell::RefCell<Vec<(u16, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Device {
@@ -291,15 +293,23 @@ impl Device {
             }
             // Notifications off while there is work; the driver need not kick.
             let _ = queue.disable_notification(mem);
-            let mut batch = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let used = self.process_chain(mem, chain);
-                if queue.add_used(mem, head, used).is_err() {
-                    log_limited!(log::Level::Warn, "used ring write failed");
+            // The pass's requests share one grace period (the IOTLB-sync rule): none is
+            // reported complete before every translation they took away is gone.
+            let batch = USED_SCRATCH.with_borrow_mut(|done| {
+                self.iommu().begin_batch();
+                while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                    let head = chain.head_index();
+                    done.push((head, self.process_chain(mem, chain)));
                 }
-                batch += 1;
-            }
+                self.iommu().end_batch();
+                let n = done.len();
+                for (head, used) in done.drain(..) {
+                    if queue.add_used(mem, head, used).is_err() {
+                        log_limited!(log::Level::Warn, "used ring write failed");
+                    }
+                }
+                n
+            });
             let signal = batch > 0 && needs_signal(queue, mem);
             if batch == 0 {
                 // Nothing could be popped: sleep until the next kick.
@@ -357,6 +367,10 @@ impl Device {
             spins += 1;
             if spins % 64 == 0 && Instant::now() >= deadline {
                 return false;
+            }
+            if spins % 1024 == 0 {
+                // Give the CPU away if someone else (a vCPU) waits for it.
+                std::thread::yield_now();
             }
             std::hint::spin_loop();
         }

@@ -6,21 +6,26 @@
 //! old state has left its critical section. Only then may the device write an UNMAP's status,
 //! reuse a retired node, or report that an endpoint is detached.
 //!
-//! Correctness rests on one Dekker-style pairing: the writer's unlinking stores, then a SeqCst
-//! fence, then its loads of the slots; the reader's SeqCst swap of its slot, then its loads of
-//! the tables. Either the writer sees the reader busy (and waits), or the reader sees the
-//! unlinked state.
+//! Correctness rests on an asymmetric pairing: a reader's store to its slot, a light barrier
+//! (a compiler fence) and its loads of the tables; the writer's unlinking stores, a heavy
+//! barrier (`membarrier(2)`, through the swmr-barrier crate: every thread of the process passes
+//! a full fence; where membarrier is missing both barriers are full fences) and its loads of
+//! the slots. Either the writer sees the reader busy (and waits), or the reader's loads come
+//! after the heavy barrier and see the unlinked state. Readers pay no locked instruction, so
+//! the cache misses of consecutive translations overlap.
 
 use std::{
     sync::{
-        atomic::{fence, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, PoisonError,
     },
     time::{Duration, Instant},
 };
 
 /// A reader's published state: 0 when quiescent, else the epoch it entered in (always odd).
+/// One cache line each, so readers never share a line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Slot {
     state: AtomicU64,
 }
@@ -53,8 +58,9 @@ impl Readers {
     #[inline]
     pub fn enter(&self, slot: &Slot) {
         let epoch = self.epoch.load(Ordering::Relaxed) | 1;
-        // SeqCst: the slot store must be ordered before this reader's table loads.
-        slot.state.swap(epoch, Ordering::SeqCst);
+        slot.state.store(epoch, Ordering::Relaxed);
+        // Ordered before this reader's table loads by the writer's heavy barrier.
+        swmr_barrier::light_barrier();
     }
 
     /// Leaves the critical section: nothing read inside may be used afterwards.
@@ -63,30 +69,40 @@ impl Readers {
         slot.state.store(0, Ordering::Release);
     }
 
-    /// Waits until every reader that entered before this call has left. Returns how long it
-    /// waited (for statistics; usually nanoseconds).
+    /// Waits until every reader that entered before this call has left, and returns how long
+    /// it waited (for statistics). Free when no reader is registered.
     pub fn synchronize(&self) -> Duration {
-        fence(Ordering::SeqCst);
-        let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
-        let started = Instant::now();
         let slots = self.lock();
+        if slots.is_empty() {
+            // A reader registering later enters after this lock is released, hence after the
+            // caller's unlinking stores: it cannot see the old state.
+            return Duration::ZERO;
+        }
+        swmr_barrier::heavy_barrier();
+        let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
+        let mut started: Option<Instant> = None;
         for slot in slots.iter() {
             let mut spins = 0u32;
             loop {
-                let state = slot.state.load(Ordering::SeqCst);
+                let state = slot.state.load(Ordering::Acquire);
                 // Quiescent, or entered after our epoch bump: it sees the new state.
                 if state == 0 || state > target {
                     break;
                 }
+                let since = *started.get_or_insert_with(Instant::now);
                 spins += 1;
-                if spins < 1000 {
+                if spins < 256 {
                     std::hint::spin_loop();
                 } else {
-                    std::thread::yield_now();
+                    // A reader still inside after a few microseconds is busy with a DMA or
+                    // was preempted: sleep (with backoff) instead of stealing its CPU.
+                    let nap = (since.elapsed() / 8)
+                        .clamp(Duration::from_micros(20), Duration::from_millis(1));
+                    std::thread::sleep(nap);
                 }
             }
         }
-        started.elapsed()
+        started.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 

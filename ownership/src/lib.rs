@@ -302,6 +302,9 @@ struct Domain {
     root: Option<u32>,
     groups: BTreeSet<GroupId>,
     mappings: u64,
+    /// Reserved regions of every endpoint of the groups on the domain (spec R4), kept up to
+    /// date as groups come and go so that MAP checks a short list.
+    reserved: Vec<(u64, u64)>,
 }
 
 /// A domain as [`Iommu::domains`] reports it.
@@ -336,6 +339,9 @@ pub struct Iommu {
     mappings: u64,
     grace_periods: u64,
     grace_wait_max_ns: u64,
+    /// Inside [`Iommu::begin_batch`]: guest-face updates defer their grace period.
+    batch: bool,
+    sync_pending: bool,
 }
 
 impl Iommu {
@@ -396,6 +402,8 @@ impl Iommu {
             mappings: 0,
             grace_periods: 0,
             grace_wait_max_ns: 0,
+            batch: false,
+            sync_pending: false,
         }
     }
 
@@ -433,6 +441,31 @@ impl Iommu {
         self.grace_periods += 1;
         self.grace_wait_max_ns = self.grace_wait_max_ns.max(waited.as_nanos() as u64);
         self.table.reclaim(&self.shared.arena);
+        self.sync_pending = false;
+    }
+
+    /// The grace period of a guest-face update: now, or at the end of the current batch.
+    fn guest_sync(&mut self) {
+        if self.batch {
+            self.sync_pending = true;
+        } else {
+            self.synchronize();
+        }
+    }
+
+    /// Starts a batch of guest requests: their updates share one grace period, taken by
+    /// [`Iommu::end_batch`]. Until then a translation they took away may still be returned, so
+    /// the device must not report any of them complete before `end_batch` returns.
+    pub fn begin_batch(&mut self) {
+        self.batch = true;
+    }
+
+    /// Ends a batch: returns once no reader can return what the batch's requests removed.
+    pub fn end_batch(&mut self) {
+        self.batch = false;
+        if self.sync_pending {
+            self.synchronize();
+        }
     }
 
     fn publish_group(&self, group: GroupId) {
@@ -549,6 +582,7 @@ impl Iommu {
                     root: Some(root),
                     groups: BTreeSet::new(),
                     mappings: 0,
+                    reserved: Vec::new(),
                 },
             );
         } else {
@@ -557,10 +591,13 @@ impl Iommu {
                 root: None,
                 groups: BTreeSet::new(),
                 mappings: 0,
+                reserved: Vec::new(),
             });
         }
+        let reserved = self.group_reserved(group);
         if let Some(d) = self.domains.get_mut(&domain) {
             d.groups.insert(group);
+            d.reserved.extend(reserved);
         }
         let old = self.groups[gi].domain.replace(domain);
         self.groups[gi].attached.insert(endpoint);
@@ -568,8 +605,18 @@ impl Iommu {
         if let Some(old) = old {
             self.leave_domain(old, group);
         }
-        self.synchronize();
+        self.guest_sync();
         Ok(())
+    }
+
+    /// Reserved regions of every endpoint of a group.
+    fn group_reserved(&self, group: GroupId) -> Vec<(u64, u64)> {
+        self.topo
+            .group_members(group)
+            .iter()
+            .filter_map(|e| self.topo.endpoint(*e))
+            .flat_map(|info| info.regions.iter().map(|r| (r.start, r.end)))
+            .collect()
     }
 
     /// Spec A7: a domain that maps addresses reserved for an endpoint of the group cannot take
@@ -597,6 +644,15 @@ impl Iommu {
             return;
         };
         d.groups.remove(&group);
+        let remaining: Vec<GroupId> = d.groups.iter().copied().collect();
+        let reserved = remaining
+            .into_iter()
+            .flat_map(|g| self.group_reserved(g))
+            .collect();
+        let Some(d) = self.domains.get_mut(&domain) else {
+            return;
+        };
+        d.reserved = reserved;
         if d.groups.is_empty() {
             if let Some(d) = self.domains.remove(&domain) {
                 self.mappings -= d.mappings;
@@ -622,7 +678,7 @@ impl Iommu {
             g.domain = None;
             self.publish_group(group);
             self.leave_domain(domain, group);
-            self.synchronize();
+            self.guest_sync();
         }
         Ok(())
     }
@@ -664,13 +720,8 @@ impl Iommu {
         if start < first || end > last || phys_start.checked_add(end - start).is_none() {
             return Err(Error::OutOfRange { start, end });
         }
-        for group in &d.groups {
-            for &endpoint in self.topo.group_members(*group) {
-                let regions = self.topo.endpoint(endpoint).map_or(&[][..], |e| &e.regions);
-                if regions.iter().any(|r| r.overlaps(start, end)) {
-                    return Err(Error::ReservedOverlap { start, end });
-                }
-            }
+        if d.reserved.iter().any(|&(s, e)| s <= end && start <= e) {
+            return Err(Error::ReservedOverlap { start, end });
         }
         let arena = &self.shared.arena;
         if self.table.any_mapped(arena, root, start, end) {
@@ -686,9 +737,16 @@ impl Iommu {
             phys_start,
             perms: perms & pagetable::PERM_MASK,
         };
-        self.table
-            .map(arena, root, mapping)
-            .map_err(|_| Error::OutOfTableMemory)?;
+        if self.table.map(arena, root, mapping).is_err() {
+            // Nodes retired earlier in a batch come back with a grace period.
+            if !self.table.has_retired() {
+                return Err(Error::OutOfTableMemory);
+            }
+            self.synchronize();
+            self.table
+                .map(&self.shared.arena, root, mapping)
+                .map_err(|_| Error::OutOfTableMemory)?;
+        }
         self.mappings += 1;
         if let Some(d) = self.domains.get_mut(&domain) {
             d.mappings += 1;
@@ -722,9 +780,9 @@ impl Iommu {
             if let Some(d) = self.domains.get_mut(&domain) {
                 d.mappings -= removed;
             }
-            self.synchronize();
+            self.guest_sync();
         } else if self.table.has_retired() {
-            self.synchronize();
+            self.guest_sync();
         }
         Ok(removed)
     }

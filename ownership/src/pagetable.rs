@@ -88,9 +88,12 @@ impl Node {
     }
 }
 
+/// A chunk of nodes behind a thin pointer: indexing it needs no length and no bounds check.
+type Chunk = Box<[Node; CHUNK_NODES]>;
+
 /// Fixed-capacity node storage shared by the writer and all readers.
 pub struct Arena {
-    chunks: Box<[OnceLock<Box<[Node]>>]>,
+    chunks: Box<[OnceLock<Chunk>]>,
     capacity: u32,
 }
 
@@ -112,27 +115,35 @@ impl Arena {
     #[inline]
     fn node(&self, index: u32) -> Option<&Node> {
         let chunk = self.chunks.get((index >> CHUNK_SHIFT) as usize)?.get()?;
-        chunk.get(index as usize & (CHUNK_NODES - 1))
+        Some(&chunk[index as usize & (CHUNK_NODES - 1)])
     }
 
     fn node_or_init(&self, index: u32) -> Option<&Node> {
         let chunk = self
             .chunks
             .get((index >> CHUNK_SHIFT) as usize)?
-            .get_or_init(|| (0..CHUNK_NODES).map(|_| Node::new()).collect());
-        chunk.get(index as usize & (CHUNK_NODES - 1))
+            .get_or_init(|| {
+                // Built on the heap node by node: a chunk is too big for a stack temporary.
+                let nodes: Box<[Node]> = (0..CHUNK_NODES).map(|_| Node::new()).collect();
+                match nodes.try_into() {
+                    Ok(chunk) => chunk,
+                    Err(_) => unreachable!("CHUNK_NODES nodes were collected"),
+                }
+            });
+        Some(&chunk[index as usize & (CHUNK_NODES - 1)])
     }
 
     #[inline]
     fn load(&self, node: u32, index: usize) -> u64 {
-        self.node(node)
-            .map_or(0, |n| n.entries[index].load(Ordering::Acquire))
+        self.node(node).map_or(0, |n| {
+            n.entries[index & (FANOUT - 1)].load(Ordering::Acquire)
+        })
     }
 
     #[inline]
     fn store(&self, node: u32, index: usize, value: u64) {
         if let Some(n) = self.node(node) {
-            n.entries[index].store(value, Ordering::Release);
+            n.entries[index & (FANOUT - 1)].store(value, Ordering::Release);
         }
     }
 }

@@ -740,6 +740,58 @@ fn unmap_completes_only_after_readers_that_saw_the_mapping_leave() {
     assert_eq!(read(&translator, 1, 0x1000), Err(Fault::Unmapped));
 }
 
+/// In a batch the UNMAP itself does not wait; `end_batch` does, and only once for the batch.
+#[test]
+fn a_batch_defers_its_grace_period_to_end_batch() {
+    let model = Arc::new(Mutex::new(iommu()));
+    let translator = {
+        let mut m = model.lock().unwrap();
+        use_all(&mut m);
+        m.attach(1, 1, DomainKind::Paging).unwrap();
+        for page in 0..4 {
+            m.map(1, page * PAGE, page * PAGE + PAGE - 1, 0x9000, RW)
+                .unwrap();
+        }
+        m.translator()
+    };
+    let before = model.lock().unwrap().stats().grace_periods;
+    let guard = translator.read();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (model, done) = (model.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut m = model.lock().unwrap();
+            m.begin_batch();
+            for page in 0..4 {
+                assert_eq!(m.unmap(1, page * PAGE, page * PAGE + PAGE - 1), Ok(1));
+            }
+            done.store(true, Ordering::SeqCst);
+            m.end_batch();
+            m.stats().grace_periods
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "UNMAPs in a batch waited for the reader"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !writer.is_finished(),
+        "end_batch returned while a reader held a mapping"
+    );
+    drop(guard);
+    assert_eq!(
+        writer.join().unwrap(),
+        before + 1,
+        "one grace period for the batch"
+    );
+    assert_eq!(read(&translator, 1, 0), Err(Fault::Unmapped));
+}
+
 /// Readers translating in a loop while the writer maps and unmaps never see a GPA the
 /// writer did not map at that IOVA, and after each UNMAP returns the next read faults.
 #[test]
