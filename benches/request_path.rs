@@ -1,1 +1,260 @@
-fn main() {}
+//! The request path over a real vhost-user socket, side by side in one run:
+//!
+//! - the daemon (release build, `CARGO_BIN_EXE_vhost-device-iommu`) with its default adaptive
+//!   polling (`--poll-us 50`), with polling off (`--poll-us 0`), and with polling on while
+//!   every 2 MiB region of the IOVA window keeps one live mapping ("anchored": page-table
+//!   nodes are never freed and re-allocated);
+//! - a minimal backend on the same rust-vmm crates that answers OK without a model and
+//!   allocates per request (`benches/common/minimal.rs`), sleeping between kicks or spinning
+//!   50 us on the avail ring after work: the "minimal backend" of issue 6, rebuilt here so
+//!   it runs on the same machine at the same time.
+//!
+//! The guest side is `examples/loadgen.rs` (compiled in here): MAP/UNMAP pairs, K requests
+//! per kick, busy-polling the used ring. Every backend is a separate process; rounds rotate
+//! over the backends so that all of them see the same machine load, and each keeps its median
+//! round. At the end: daemon CPU use while idle (connected, nothing sent, 2 s).
+//!
+//! Environment: `BENCH_SCALE` multiplies the time per run (default 1: 0.4 s x 3 rounds).
+//! Under `cargo test --benches` (no `--bench`) it runs once, briefly.
+
+#[path = "../examples/loadgen.rs"]
+mod loadgen;
+
+#[path = "common/minimal.rs"]
+mod minimal;
+
+use std::{path::Path, time::Duration};
+
+use loadgen::{BatchResult, Guest, LoadOptions, SpawnedDaemon};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+
+struct Backend {
+    label: &'static str,
+    daemon: SpawnedDaemon,
+    guest: Guest,
+    /// Per K: the runs.
+    results: Vec<(usize, Vec<BatchResult>)>,
+}
+
+fn scale() -> f64 {
+    std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn spawn(
+    label: &'static str,
+    minimal_poll_us: Option<u64>,
+    args: &[&str],
+    anchored: bool,
+    cpu: Option<usize>,
+) -> Backend {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let daemon = match minimal_poll_us {
+        None => SpawnedDaemon::spawn(Path::new(DAEMON), &args, cpu),
+        Some(us) => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let us = us.to_string();
+            SpawnedDaemon::spawn_with(
+                &exe,
+                "--minimal-socket",
+                &[],
+                &[("MINIMAL_POLL_US", &us)],
+                cpu,
+            )
+        }
+    }
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let opts = LoadOptions {
+        anchored,
+        ..LoadOptions::default()
+    };
+    let guest = Guest::connect(&daemon.socket, opts).unwrap_or_else(|e| panic!("{label}: {e}"));
+    Backend {
+        label,
+        daemon,
+        guest,
+        results: Vec::new(),
+    }
+}
+
+fn spawn_all(cpu: Option<usize>) -> Vec<Backend> {
+    vec![
+        spawn("daemon, poll 50 us (default)", None, &[], false, cpu),
+        spawn("daemon, --poll-us 0", None, &["--poll-us", "0"], false, cpu),
+        spawn("daemon, poll 50 us, anchored", None, &[], true, cpu),
+        spawn("minimal, sleeps between kicks", Some(0), &[], false, cpu),
+        spawn("minimal, spins 50 us", Some(50), &[], false, cpu),
+    ]
+}
+
+/// A placement's name, its backends, and per backend the median run of each K.
+type Placement<'a> = (&'a str, Vec<Backend>, Vec<Vec<BatchResult>>);
+
+fn median_run(mut v: Vec<BatchResult>) -> BatchResult {
+    v.sort_by(|a, b| a.requests_per_sec().total_cmp(&b.requests_per_sec()));
+    v.remove(v.len() / 2)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--minimal-socket") {
+        let poll = std::env::var("MINIMAL_POLL_US")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        minimal::serve(Path::new(&args[i + 1]), Duration::from_micros(poll));
+    }
+    let bench = args.iter().any(|a| a == "--bench");
+    let test = !bench || args.iter().any(|a| a == "--test");
+    let (duration, warmup, rounds, ks, idle): (f64, f64, usize, &[usize], f64) = if test {
+        (0.05, 0.01, 1, &[1, 16], 0.2)
+    } else {
+        (0.4 * scale(), 0.1, 3, &[1, 2, 16, 64], 2.0)
+    };
+    let started = std::time::Instant::now();
+    println!("request path: load average before: {}", load_average());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Placements: client and backend on CPUs of their own, then wherever the scheduler puts
+    // them (two spinners on one CPU starve each other: see BENCHMARKS.md).
+    let mut placements: Vec<(&str, Option<(usize, usize)>)> = Vec::new();
+    if cpus >= 2 {
+        placements.push(("pinned: client CPU 0, backend CPU 1", Some((0, 1))));
+    }
+    placements.push(("unpinned", None));
+    let mut all: Vec<Placement> = Vec::new();
+    for (name, pin) in placements {
+        let mut backends = spawn_all(pin.map(|p| p.1));
+        loadgen::pin_current_thread(pin.map(|p| p.0));
+        for &k in ks {
+            for b in backends.iter_mut() {
+                b.results.push((k, Vec::new()));
+            }
+            for _ in 0..rounds {
+                for b in backends.iter_mut() {
+                    let pid = b.daemon.pid();
+                    let r = b
+                        .guest
+                        .run(
+                            k,
+                            Duration::from_secs_f64(duration),
+                            Duration::from_secs_f64(warmup),
+                            Some(pid),
+                        )
+                        .unwrap_or_else(|e| panic!("{} K={k}: {e}", b.label));
+                    assert_eq!(r.errors, 0, "{} K={k}: requests failed", b.label);
+                    b.results.last_mut().unwrap().1.push(r);
+                }
+            }
+        }
+        loadgen::pin_current_thread(None);
+        let medians: Vec<Vec<BatchResult>> = backends
+            .iter_mut()
+            .map(|b| {
+                std::mem::take(&mut b.results)
+                    .into_iter()
+                    .map(|(_, runs)| median_run(runs))
+                    .collect()
+            })
+            .collect();
+        all.push((name, backends, medians));
+    }
+    // Idle: everyone connected, nothing sent, measured over the same window.
+    let pids: Vec<u32> = all
+        .iter()
+        .flat_map(|(_, bs, _)| bs.iter().map(|b| b.daemon.pid()))
+        .collect();
+    let before: Vec<_> = pids.iter().map(|&p| loadgen::process_cpu(p)).collect();
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(idle));
+    let window = t0.elapsed().as_secs_f64();
+    let idle_pct: Vec<Option<f64>> = pids
+        .iter()
+        .zip(&before)
+        .map(|(&p, b)| {
+            let a = loadgen::process_cpu(p)?;
+            Some((a.saturating_sub((*b)?)).as_secs_f64() / window * 100.0)
+        })
+        .collect();
+    println!("request path: load average after: {}", load_average());
+
+    for (name, backends, medians) in &all {
+        println!();
+        println!(
+            "== request path, {name}: MAP/UNMAP pairs over vhost-user, K per kick, median of {rounds} rounds of {duration:.1} s =="
+        );
+        println!("{}", loadgen::TABLE_HEADER);
+        for ki in 0..ks.len() {
+            for (b, m) in backends.iter().zip(medians) {
+                println!("{}", loadgen::format_row(b.label, &m[ki]));
+            }
+        }
+        println!();
+        println!("ratios (requests/s), {name}:");
+        println!();
+        println!("| K | daemon poll / minimal spin | daemon no-poll / minimal sleep | daemon poll / daemon no-poll | anchored / not |");
+        println!("|---:|---:|---:|---:|---:|");
+        for (ki, &k) in ks.iter().enumerate() {
+            let r = |i: usize| medians[i][ki].requests_per_sec();
+            println!(
+                "| {k} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r(0) / r(4),
+                r(1) / r(3),
+                r(0) / r(1),
+                r(2) / r(0)
+            );
+        }
+    }
+    println!();
+    println!("== CPU while idle (connected, nothing sent, {window:.1} s) ==");
+    let mut i = 0;
+    for (name, backends, _) in &all {
+        for b in backends {
+            println!(
+                "- {} ({name}): {}",
+                b.label,
+                idle_pct[i].map_or("unreadable".to_string(), |p| format!("{p:.3}% of one CPU"))
+            );
+            i += 1;
+        }
+    }
+    println!();
+    println!("== targets (issue 6; one daemon thread, polling on) ==");
+    let find = |k: usize| ks.iter().position(|&x| x == k);
+    for (name, _, medians) in &all {
+        for (k, target) in [(64, 6e6), (2, 3e6)] {
+            if let Some(i) = find(k) {
+                let r = medians[0][i].requests_per_sec();
+                println!(
+                    "- >= {:.0}M requests/s at {k} per kick ({name}): {:.2}M: {}",
+                    target / 1e6,
+                    r / 1e6,
+                    if r >= target { "MET" } else { "NOT MET" }
+                );
+            }
+        }
+    }
+    let worst_idle = idle_pct
+        .iter()
+        .step_by(5)
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b));
+    println!(
+        "- 0% CPU when idle (daemon, polling on): {worst_idle:.3}%: {}",
+        if worst_idle < 0.05 { "MET" } else { "NOT MET" }
+    );
+    println!();
+    println!(
+        "(request_path bench: {:.0} s, BENCH_SCALE={})",
+        started.elapsed().as_secs_f64(),
+        scale()
+    );
+}

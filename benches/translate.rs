@@ -1,1 +1,1253 @@
-fn main() {}
+//! The fast path, side by side with the structure QEMU and cloud-hypervisor use.
+//!
+//! Ours: `ownership::Translator::translate` (lock-free radix walk, one read-side critical
+//! section per call). Baseline: a `RwLock<BTreeMap<u64, Mapping>>` per domain, looked up with
+//! `range(..=iova).next_back()` plus a bounds check under the read lock (QEMU's GTree,
+//! cloud-hypervisor's BTreeMap).
+//!
+//! Sections, all in one run so that both sides see the same machine:
+//! 1. single-thread translate, 1 / 1K / 64K / 1M mappings, 4 KiB or mixed 4K/64K/2M mappings,
+//!    IOVAs walked in a random permutation or in order. Not criterion: criterion measures A
+//!    for a while, then B, and on a shared 2-CPU machine a burst of load in between skews the
+//!    ratio; here samples alternate A, B, A, B, ... (each after an untimed warm-up run);
+//! 2. the writer alone: MAP+UNMAP pairs, ours vs the baseline;
+//! 3. readers translating while one writer thread does MAP/UNMAP pairs (none, paced, flat out);
+//! 4. memory per 4 KiB mapping at 1M mappings (each side built in a fresh child process:
+//!    heap bytes from a counting allocator, RSS from /proc/self/statm).
+//!
+//! At the end a table with ratios and the targets of issue 6 is printed.
+//!
+//! Environment: `BENCH_SCALE` (default 1) multiplies every measurement time;
+//! `TRANSLATE_SECTIONS=single,writer,conc,mem` picks sections; `TRANSLATE_ONLY=1M/4K,...` (or a
+//! plain argument: `cargo bench --bench translate -- 1M/4K`) restricts the single-thread
+//! workloads. Under `cargo test --benches` (no `--bench` argument) everything runs once on small
+//! sizes.
+
+use std::{
+    alloc::{GlobalAlloc, Layout as AllocLayout, System},
+    cell::RefCell,
+    collections::BTreeMap,
+    hint::black_box,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        Arc, Barrier, RwLock,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use ownership::{
+    Access, DomainKind, Iommu, Limits, Mapping, Requester, Topology, Translator, PERM_READ,
+    PERM_WRITE,
+};
+
+// ---- a counting allocator (on only in the memory child processes) ------------------------
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static HEAP: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            HEAP.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            HEAP.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        if COUNTING.load(Ordering::Relaxed) {
+            HEAP.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            HEAP.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---- workload ---------------------------------------------------------------------------
+
+const EP: u32 = 0x28;
+const DOMAIN: u32 = 1;
+const RW: u64 = PERM_READ | PERM_WRITE;
+const K4: u64 = 4 << 10;
+const K64: u64 = 64 << 10;
+const M2: u64 = 2 << 20;
+/// Pages kept free inside the window for the writer thread's MAP/UNMAP pairs.
+const WRITER_SLOTS: usize = 16;
+
+/// xorshift64*: deterministic, good enough for shuffles.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sizes {
+    Small,
+    Mixed,
+}
+
+/// Mappings laid out as Linux's IOVA allocator would: size-aligned, top-down from 4 GiB (or
+/// from the next power of two when that does not fit), densely packed.
+struct Workload {
+    maps: Vec<Mapping>,
+    /// Free 4 KiB IOVAs inside the window, spread evenly (for the writer thread).
+    writer_slots: Vec<u64>,
+}
+
+fn workload(n: usize, sizes: Sizes, seed: u64) -> Workload {
+    let mut rng = Rng(seed | 1);
+    let size_of = |rng: &mut Rng| match sizes {
+        Sizes::Small => K4,
+        Sizes::Mixed => [K4, K64, M2][rng.below(3) as usize],
+    };
+    let list: Vec<u64> = (0..n).map(|_| size_of(&mut rng)).collect();
+    let total: u64 = list.iter().sum::<u64>() + WRITER_SLOTS as u64 * K4;
+    let mut top = 1u64 << 32;
+    if total * 2 > top {
+        top = (total * 2).next_power_of_two();
+    }
+    let every = (n / WRITER_SLOTS).max(1);
+    let mut cursor = top;
+    let mut phys = 1u64 << 40;
+    let mut maps = Vec::with_capacity(n);
+    let mut writer_slots = Vec::with_capacity(WRITER_SLOTS);
+    for (i, &size) in list.iter().enumerate() {
+        if i % every == every / 2 && writer_slots.len() < WRITER_SLOTS {
+            cursor -= K4;
+            writer_slots.push(cursor);
+        }
+        cursor = (cursor - size) & !(size - 1);
+        phys = (phys + size - 1) & !(size - 1);
+        maps.push(Mapping {
+            virt_start: cursor,
+            virt_end: cursor + size - 1,
+            phys_start: phys,
+            perms: RW,
+        });
+        phys += size;
+    }
+    while writer_slots.len() < WRITER_SLOTS {
+        cursor -= K4;
+        writer_slots.push(cursor);
+    }
+    Workload { maps, writer_slots }
+}
+
+/// One IOVA per mapping (a random page of it, random 8-byte-aligned offset): in IOVA order or
+/// in a random permutation.
+fn queries(w: &Workload, random: bool, seed: u64) -> Vec<u64> {
+    let mut rng = Rng(seed | 1);
+    let mut q: Vec<u64> = w
+        .maps
+        .iter()
+        .map(|m| {
+            let pages = (m.virt_end - m.virt_start + 1) / K4;
+            m.virt_start + rng.below(pages) * K4 + (rng.below(512) * 8)
+        })
+        .collect();
+    q.sort_unstable();
+    if random {
+        for i in (1..q.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            q.swap(i, j);
+        }
+    }
+    q
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_domains: 16,
+        max_mappings_per_domain: 1 << 22,
+        max_mappings: 1 << 22,
+        max_table_bytes: 4 << 30,
+    }
+}
+
+fn build_ours(w: &Workload) -> Iommu {
+    let topo = Topology::builder()
+        .endpoints([EP])
+        .limits(limits())
+        .build()
+        .expect("topology");
+    let mut iommu = Iommu::new(topo);
+    iommu
+        .attach(DOMAIN, EP, DomainKind::Paging)
+        .expect("attach");
+    iommu.use_dma_api(EP).expect("use_dma_api");
+    for m in &w.maps {
+        iommu
+            .map(DOMAIN, m.virt_start, m.virt_end, m.phys_start, m.perms)
+            .expect("map");
+    }
+    iommu
+}
+
+#[inline]
+fn ours_translate(t: &Translator, iova: u64) -> u64 {
+    match t.translate(Requester::DmaApi, EP, iova, 8, Access::Read) {
+        Ok(tr) => tr.gpa,
+        Err(_) => u64::MAX,
+    }
+}
+
+// ---- the baseline: RwLock<BTreeMap> per domain --------------------------------------------
+
+/// What QEMU (GTree under a lock) and cloud-hypervisor (BTreeMap under RwLock) do. The endpoint
+/// to domain step is a plain vector here (lock-free, cheaper than either VMM does it).
+struct Baseline {
+    endpoint_domain: Vec<u32>,
+    domains: Vec<RwLock<BTreeMap<u64, Mapping>>>,
+}
+
+impl Baseline {
+    fn new() -> Self {
+        let mut endpoint_domain = vec![u32::MAX; EP as usize + 1];
+        endpoint_domain[EP as usize] = 0;
+        Baseline {
+            endpoint_domain,
+            domains: vec![RwLock::new(BTreeMap::new())],
+        }
+    }
+
+    fn build(w: &Workload) -> Self {
+        let b = Baseline::new();
+        for m in &w.maps {
+            b.map(EP, *m).expect("map");
+        }
+        b
+    }
+
+    fn domain(&self, endpoint: u32) -> Option<&RwLock<BTreeMap<u64, Mapping>>> {
+        let d = *self.endpoint_domain.get(endpoint as usize)?;
+        self.domains.get(d as usize)
+    }
+
+    /// MAP: refuses overlaps, as the spec requires.
+    fn map(&self, endpoint: u32, m: Mapping) -> Result<(), ()> {
+        let mut map = self.domain(endpoint).ok_or(())?.write().unwrap();
+        if let Some((_, prev)) = map.range(..=m.virt_end).next_back() {
+            if prev.virt_end >= m.virt_start {
+                return Err(());
+            }
+        }
+        map.insert(m.virt_start, m);
+        Ok(())
+    }
+
+    /// UNMAP of whole mappings inside `[start, end]`.
+    fn unmap(&self, endpoint: u32, start: u64, end: u64) -> u64 {
+        let mut map = self.domain(endpoint).unwrap().write().unwrap();
+        let keys: Vec<u64> = map
+            .range(start..=end)
+            .filter(|(_, m)| m.virt_end <= end)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in &keys {
+            map.remove(k);
+        }
+        keys.len() as u64
+    }
+
+    #[inline]
+    fn translate(&self, endpoint: u32, iova: u64, len: u64, access: Access) -> Option<(u64, u64)> {
+        let map = self.domain(endpoint)?.read().unwrap();
+        let (_, m) = map.range(..=iova).next_back()?;
+        if iova > m.virt_end {
+            return None;
+        }
+        let needed = match access {
+            Access::Read => PERM_READ,
+            Access::Write => PERM_WRITE,
+        };
+        if m.perms & needed == 0 {
+            return None;
+        }
+        Some((
+            m.phys_start + (iova - m.virt_start),
+            len.min(m.virt_end - iova + 1),
+        ))
+    }
+}
+
+#[inline]
+fn base_translate(b: &Baseline, iova: u64) -> u64 {
+    match b.translate(EP, iova, 8, Access::Read) {
+        Some((gpa, _)) => gpa,
+        None => u64::MAX,
+    }
+}
+
+// ---- harness helpers -----------------------------------------------------------------------
+
+fn scale() -> f64 {
+    std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+/// `TRANSLATE_SECTIONS=single,conc,mem` (default all) picks the sections to run.
+fn section(name: &str) -> bool {
+    std::env::var("TRANSLATE_SECTIONS").map_or(true, |s| s.split(',').any(|x| x == name))
+}
+
+/// `TRANSLATE_ONLY=1M/4K/random,1K/` (prefixes of the single-thread tags) restricts which
+/// workloads are built and measured.
+fn only() -> Vec<String> {
+    std::env::var("TRANSLATE_ONLY")
+        .map(|s| {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn fmt_n(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1}K", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+// ---- 1. single-thread translate ----------------------------------------------------------
+
+/// A measured variant: runs `iters` translations, returns a checksum.
+type Variant<'a> = Box<dyn FnMut(u64) -> u64 + 'a>;
+
+/// Interleaved sampling: every round runs one sample of each variant in turn (A, B, C, A, B,
+/// C, ...), so a burst of load from the machine's other tenants hits all of them alike. Each
+/// sample is sized to about `sample_ms` and preceded by an untimed run of the same size
+/// (warm caches: steady state). Returns the per-variant samples, ns per call.
+fn interleaved(variants: &mut [Variant<'_>], samples: usize, sample_ms: f64) -> Vec<Vec<f64>> {
+    // Calibrate: iterations per sample.
+    let iters: Vec<u64> = variants
+        .iter_mut()
+        .map(|f| {
+            let mut n = 1000u64;
+            loop {
+                let t = Instant::now();
+                black_box(f(n));
+                let e = t.elapsed().as_secs_f64() * 1e3;
+                if e > sample_ms / 4.0 || n > 1 << 30 {
+                    return ((n as f64 * sample_ms / e.max(1e-6)) as u64).max(1000);
+                }
+                n *= 4;
+            }
+        })
+        .collect();
+    let mut out = vec![Vec::with_capacity(samples); variants.len()];
+    for round in 0..=samples {
+        for (k, f) in variants.iter_mut().enumerate() {
+            // Untimed warm-up of the same variant first: the previous variant (the baseline's
+            // 80 MB tree at 1M mappings) evicted this one's working set from the caches.
+            black_box(f(iters[k]));
+            let t = Instant::now();
+            black_box(f(iters[k]));
+            let ns = t.elapsed().as_nanos() as f64 / iters[k] as f64;
+            if round > 0 {
+                out[k].push(ns);
+            }
+        }
+    }
+    out
+}
+
+struct SingleRow {
+    n: usize,
+    sizes: Sizes,
+    random: bool,
+    /// Median ns per call, and the interquartile range.
+    ours: (f64, f64, f64),
+    base: (f64, f64, f64),
+    ours_guard64: Option<f64>,
+    /// Latency: each IOVA depends on the previous result (no overlap between calls).
+    ours_dep: Option<f64>,
+    base_dep: Option<f64>,
+    /// `ModelStats::table_bytes` per mapping for this workload.
+    table_per_mapping: f64,
+}
+
+fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.25), at(0.75))
+}
+
+/// Walks `q` from a moving position; with `dependent`, the next position depends on the
+/// previous translation (latency instead of throughput).
+fn walker<'a>(q: &'a [u64], dependent: bool, f: impl Fn(u64) -> u64 + 'a) -> Variant<'a> {
+    let mut i = 0usize;
+    Box::new(move |iters| {
+        let mut sum = 0u64;
+        for _ in 0..iters {
+            let r = f(q[i]);
+            sum = sum.wrapping_add(r);
+            // `r` is a GPA (page aligned plus offset, never MAX here): bit 63 is clear, so
+            // the step is 1 either way, but the CPU cannot know that before `r` arrives.
+            i += if dependent { 1 + (r >> 63) as usize } else { 1 };
+            if i >= q.len() {
+                i = 0;
+            }
+        }
+        sum
+    })
+}
+
+fn single_thread(test: bool) -> Vec<SingleRow> {
+    let (samples, sample_ms) = if test {
+        (1, 1.0)
+    } else {
+        ((11.0 * scale()) as usize, 15.0)
+    };
+    let mut rows = Vec::new();
+    let sizes_n: &[usize] = if test {
+        &[1, 1 << 10]
+    } else {
+        &[1, 1 << 10, 1 << 16, 1 << 20]
+    };
+    for &n in sizes_n {
+        for sizes in [Sizes::Small, Sizes::Mixed] {
+            if n == 1 && sizes == Sizes::Mixed {
+                continue;
+            }
+            let size_tag = format!(
+                "{}/{}/",
+                fmt_n(n),
+                if sizes == Sizes::Small { "4K" } else { "mixed" }
+            );
+            if !only().is_empty()
+                && !only()
+                    .iter()
+                    .any(|f| f.starts_with(&size_tag) || size_tag.starts_with(f.as_str()))
+            {
+                continue;
+            }
+            let w = workload(n, sizes, 0x5eed ^ n as u64);
+            let iommu = build_ours(&w);
+            let table_bytes = iommu.stats().table_bytes;
+            let t = iommu.translator();
+            let base = Baseline::build(&w);
+            for random in [true, false] {
+                if n == 1 && !random {
+                    continue;
+                }
+                let tag = format!(
+                    "{}/{}/{}",
+                    fmt_n(n),
+                    if sizes == Sizes::Small { "4K" } else { "mixed" },
+                    if random { "random" } else { "seq" }
+                );
+                if !only().is_empty() && !only().iter().any(|f| tag.starts_with(f.as_str())) {
+                    continue;
+                }
+                let q = queries(&w, random, 0xfeed ^ n as u64);
+                // Sanity: both sides agree on every query.
+                for &iova in q.iter().take(10_000) {
+                    assert_eq!(ours_translate(&t, iova), base_translate(&base, iova));
+                    assert_ne!(ours_translate(&t, iova), u64::MAX);
+                }
+                let extra = sizes == Sizes::Small && random;
+                let mut variants: Vec<Variant<'_>> = vec![
+                    walker(&q, false, |iova| ours_translate(&t, iova)),
+                    walker(&q, false, |iova| base_translate(&base, iova)),
+                ];
+                if extra {
+                    // One read-side critical section per 64 translations: what the per-call
+                    // enter/leave (a SeqCst swap) costs.
+                    let (qr, tr) = (&q, &t);
+                    let mut i = 0usize;
+                    variants.push(Box::new(move |iters| {
+                        let mut sum = 0u64;
+                        let mut left = iters;
+                        while left > 0 {
+                            let guard = tr.read();
+                            let chunk = left.min(64);
+                            for _ in 0..chunk {
+                                let r =
+                                    guard.translate(Requester::DmaApi, EP, qr[i], 8, Access::Read);
+                                sum = sum.wrapping_add(r.map(|x| x.gpa).unwrap_or(u64::MAX));
+                                i += 1;
+                                if i == qr.len() {
+                                    i = 0;
+                                }
+                            }
+                            left -= chunk;
+                        }
+                        sum
+                    }));
+                    variants.push(walker(&q, true, |iova| ours_translate(&t, iova)));
+                    variants.push(walker(&q, true, |iova| base_translate(&base, iova)));
+                }
+                let res = interleaved(&mut variants, samples, sample_ms);
+                let row = SingleRow {
+                    n,
+                    sizes,
+                    random,
+                    ours: quartiles(&res[0]),
+                    base: quartiles(&res[1]),
+                    ours_guard64: extra.then(|| quartiles(&res[2]).0),
+                    ours_dep: extra.then(|| quartiles(&res[3]).0),
+                    base_dep: extra.then(|| quartiles(&res[4]).0),
+                    table_per_mapping: table_bytes as f64 / n as f64,
+                };
+                eprintln!(
+                    "translate {tag}: ours {:.2} ns [{:.2}-{:.2}], baseline {:.2} ns [{:.2}-{:.2}]",
+                    row.ours.0, row.ours.1, row.ours.2, row.base.0, row.base.1, row.base.2
+                );
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
+// ---- 1b. the writer alone: MAP+UNMAP pairs ------------------------------------------------
+
+struct WriterRow {
+    n: usize,
+    /// ns per MAP+UNMAP pair: ours in a populated region, ours where every pair frees and
+    /// re-allocates page-table nodes, the baseline.
+    ours: f64,
+    ours_churn: f64,
+    base: f64,
+}
+
+fn writer_alone(test: bool) -> Vec<WriterRow> {
+    let (samples, sample_ms) = if test {
+        (1, 1.0)
+    } else {
+        ((10.0 * scale()) as usize, 20.0)
+    };
+    let ns: &[usize] = if test {
+        &[1 << 10]
+    } else {
+        &[1 << 10, 1 << 20]
+    };
+    let mut rows = Vec::new();
+    for &n in ns {
+        let w = workload(n, Sizes::Small, 0x5eed ^ n as u64);
+        let iommu = RefCell::new(build_ours(&w));
+        let base = Baseline::build(&w);
+        let slots = &w.writer_slots;
+        // A page in a 1 GiB region of its own: each MAP allocates its L2, L1 and L0 nodes,
+        // each UNMAP retires them (a grace period, then zeroing).
+        let lone = 1u64 << 45;
+        let mut variants: Vec<Variant<'_>> = vec![
+            Box::new(|iters| {
+                let mut iommu = iommu.borrow_mut();
+                for k in 0..iters as usize {
+                    let iova = slots[k % slots.len()];
+                    iommu
+                        .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000, RW)
+                        .unwrap();
+                    iommu.unmap(DOMAIN, iova, iova + K4 - 1).unwrap();
+                }
+                0
+            }),
+            Box::new(|iters| {
+                let mut iommu = iommu.borrow_mut();
+                for _ in 0..iters {
+                    iommu
+                        .map(DOMAIN, lone, lone + K4 - 1, 0x1000_0000, RW)
+                        .unwrap();
+                    iommu.unmap(DOMAIN, lone, lone + K4 - 1).unwrap();
+                }
+                0
+            }),
+            Box::new(|iters| {
+                for k in 0..iters as usize {
+                    let iova = slots[k % slots.len()];
+                    base.map(
+                        EP,
+                        Mapping {
+                            virt_start: iova,
+                            virt_end: iova + K4 - 1,
+                            phys_start: 0x1000_0000,
+                            perms: RW,
+                        },
+                    )
+                    .unwrap();
+                    base.unmap(EP, iova, iova + K4 - 1);
+                }
+                0
+            }),
+        ];
+        let res = interleaved(&mut variants, samples, sample_ms);
+        rows.push(WriterRow {
+            n,
+            ours: quartiles(&res[0]).0,
+            ours_churn: quartiles(&res[1]).0,
+            base: quartiles(&res[2]).0,
+        });
+    }
+    rows
+}
+
+// ---- 2. readers while a writer maps and unmaps ---------------------------------------------
+
+/// A bench thread's body: runs until `stop`, returns how many operations it did.
+type Job = Box<dyn FnMut(&AtomicBool) -> u64 + Send>;
+
+struct ConcResult {
+    /// Translations per second, per reader.
+    per_reader: Vec<f64>,
+    /// MAP+UNMAP pairs per second by the writer (0 without a writer).
+    writer_pairs: f64,
+    /// Longest UNMAP (ours: includes the grace period; baseline: the write lock wait).
+    unmap_max_ns: u64,
+}
+
+fn run_threads(readers: Vec<Job>, writer: Option<Job>, duration: Duration) -> ConcResult {
+    let stop = Arc::new(AtomicBool::new(false));
+    let n = readers.len() + usize::from(writer.is_some());
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let mut handles = Vec::new();
+    for mut r in readers {
+        let (stop, barrier) = (stop.clone(), barrier.clone());
+        handles.push(thread::spawn(move || {
+            barrier.wait();
+            let start = Instant::now();
+            let count = r(&stop);
+            (count, start.elapsed(), false)
+        }));
+    }
+    if let Some(mut w) = writer {
+        let (stop, barrier) = (stop.clone(), barrier.clone());
+        handles.push(thread::spawn(move || {
+            barrier.wait();
+            let start = Instant::now();
+            let count = w(&stop);
+            (count, start.elapsed(), true)
+        }));
+    }
+    barrier.wait();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut per_reader = Vec::new();
+    let mut writer_pairs = 0.0;
+    for h in handles {
+        let (count, elapsed, is_writer) = h.join().expect("bench thread");
+        let rate = count as f64 / elapsed.as_secs_f64();
+        if is_writer {
+            writer_pairs = rate;
+        } else {
+            per_reader.push(rate);
+        }
+    }
+    ConcResult {
+        per_reader,
+        writer_pairs,
+        unmap_max_ns: 0,
+    }
+}
+
+/// Reader loop: translates the queries in order, checking `stop` every 256.
+fn reader_loop(q: &[u64], stop: &AtomicBool, mut f: impl FnMut(u64) -> u64) -> u64 {
+    let mut count = 0u64;
+    let mut i = 0usize;
+    let mut sum = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..256 {
+            sum = sum.wrapping_add(f(q[i]));
+            i += 1;
+            if i == q.len() {
+                i = 0;
+            }
+        }
+        count += 256;
+    }
+    black_box(sum);
+    count
+}
+
+fn run_ours(
+    iommu: Iommu,
+    q: &Arc<Vec<u64>>,
+    slots: &[u64],
+    readers: usize,
+    writer: Option<u64>,
+    duration: Duration,
+) -> (ConcResult, Iommu) {
+    let rs: Vec<Job> = (0..readers)
+        .map(|k| {
+            let t = iommu.translator();
+            let q = q.clone();
+            let offset = k * q.len() / readers.max(1);
+            Box::new(move |stop: &AtomicBool| {
+                let mut rotated = q[offset..].to_vec();
+                rotated.extend_from_slice(&q[..offset]);
+                reader_loop(&rotated, stop, |iova| ours_translate(&t, iova))
+            }) as Job
+        })
+        .collect();
+    let shared = Arc::new(std::sync::Mutex::new(Some(iommu)));
+    let slots = slots.to_vec();
+    let unmap_max = Arc::new(AtomicU64::new(0));
+    let w: Option<Job> = writer.map(|rate| {
+        let (shared, unmap_max) = (shared.clone(), unmap_max.clone());
+        Box::new(move |stop: &AtomicBool| {
+            let mut iommu = shared.lock().unwrap().take().unwrap();
+            let mut pairs = 0u64;
+            let mut k = 0usize;
+            let mut pacer = Pacer::new(rate);
+            let mut worst = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if !pacer.wait(stop) {
+                    break;
+                }
+                let iova = slots[k];
+                iommu
+                    .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000 + iova, RW)
+                    .expect("writer map");
+                let t = Instant::now();
+                iommu
+                    .unmap(DOMAIN, iova, iova + K4 - 1)
+                    .expect("writer unmap");
+                worst = worst.max(t.elapsed().as_nanos() as u64);
+                pairs += 1;
+                k = (k + 1) % slots.len();
+            }
+            unmap_max.store(worst, Ordering::Relaxed);
+            *shared.lock().unwrap() = Some(iommu);
+            pairs
+        }) as Job
+    });
+    let mut r = run_threads(rs, w, duration);
+    r.unmap_max_ns = unmap_max.load(Ordering::Relaxed);
+    let iommu = shared.lock().unwrap().take().unwrap();
+    (r, iommu)
+}
+
+/// Spreads a writer's pairs evenly over time (`rate` pairs/s; 0: as fast as possible).
+struct Pacer {
+    rate: u64,
+    start: Instant,
+    done: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer {
+            rate,
+            start: Instant::now(),
+            done: 0,
+        }
+    }
+
+    /// Waits for the next slot; false once `stop` is set.
+    fn wait(&mut self, stop: &AtomicBool) -> bool {
+        if self.rate > 0 {
+            while self.done as f64 >= self.start.elapsed().as_secs_f64() * self.rate as f64 {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
+        self.done += 1;
+        true
+    }
+}
+
+fn run_base(
+    base: &Arc<Baseline>,
+    q: &Arc<Vec<u64>>,
+    slots: &[u64],
+    readers: usize,
+    writer: Option<u64>,
+    duration: Duration,
+) -> ConcResult {
+    let rs: Vec<Job> = (0..readers)
+        .map(|k| {
+            let b = base.clone();
+            let q = q.clone();
+            let offset = k * q.len() / readers.max(1);
+            Box::new(move |stop: &AtomicBool| {
+                let mut rotated = q[offset..].to_vec();
+                rotated.extend_from_slice(&q[..offset]);
+                reader_loop(&rotated, stop, |iova| base_translate(&b, iova))
+            }) as Job
+        })
+        .collect();
+    let slots = slots.to_vec();
+    let unmap_max = Arc::new(AtomicU64::new(0));
+    let w: Option<Job> = writer.map(|rate| {
+        let (b, unmap_max) = (base.clone(), unmap_max.clone());
+        Box::new(move |stop: &AtomicBool| {
+            let mut pairs = 0u64;
+            let mut k = 0usize;
+            let mut pacer = Pacer::new(rate);
+            let mut worst = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if !pacer.wait(stop) {
+                    break;
+                }
+                let iova = slots[k];
+                b.map(
+                    EP,
+                    Mapping {
+                        virt_start: iova,
+                        virt_end: iova + K4 - 1,
+                        phys_start: 0x1000_0000 + iova,
+                        perms: RW,
+                    },
+                )
+                .expect("writer map");
+                let t = Instant::now();
+                assert_eq!(b.unmap(EP, iova, iova + K4 - 1), 1);
+                worst = worst.max(t.elapsed().as_nanos() as u64);
+                pairs += 1;
+                k = (k + 1) % slots.len();
+            }
+            unmap_max.store(worst, Ordering::Relaxed);
+            pairs
+        }) as Job
+    });
+    let mut r = run_threads(rs, w, duration);
+    r.unmap_max_ns = unmap_max.load(Ordering::Relaxed);
+    r
+}
+
+/// The writer's pace in pairs/s for the paced rows (about what a guest's MAP/UNMAP stream
+/// reaches: QEMU's built-in device did 56K pairs/s in the e2e rig).
+const PACED_RATE: u64 = 100_000;
+
+struct ConcRow {
+    n: usize,
+    readers: usize,
+    /// None: no writer; Some(0): as fast as it can; Some(r): r pairs/s.
+    writer: Option<u64>,
+    ours: ConcResult,
+    base: ConcResult,
+}
+
+fn concurrency(test: bool) -> Vec<ConcRow> {
+    let duration = if test {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_secs_f64(0.4 * scale())
+    };
+    let rounds = if test { 1 } else { 3 };
+    let ns: &[usize] = if test {
+        &[1 << 10]
+    } else {
+        &[1 << 10, 1 << 20]
+    };
+    let mut rows = Vec::new();
+    for &n in ns {
+        let w = workload(n, Sizes::Small, 0x5eed ^ n as u64);
+        let q = Arc::new(queries(&w, true, 0xfeed ^ n as u64));
+        let mut iommu = build_ours(&w);
+        let base = Arc::new(Baseline::build(&w));
+        for readers in [1, 2] {
+            for writer in [None, Some(PACED_RATE), Some(0)] {
+                // Rounds alternate ours / baseline; each side keeps its median round (by total).
+                let mut ours_runs = Vec::new();
+                let mut base_runs = Vec::new();
+                for _ in 0..rounds {
+                    let (r, back) = run_ours(iommu, &q, &w.writer_slots, readers, writer, duration);
+                    iommu = back;
+                    ours_runs.push(r);
+                    base_runs.push(run_base(
+                        &base,
+                        &q,
+                        &w.writer_slots,
+                        readers,
+                        writer,
+                        duration,
+                    ));
+                }
+                let pick = |mut v: Vec<ConcResult>| {
+                    let worst = v.iter().map(|r| r.unmap_max_ns).max().unwrap_or(0);
+                    v.sort_by(|a, b| {
+                        let (x, y): (f64, f64) =
+                            (a.per_reader.iter().sum(), b.per_reader.iter().sum());
+                        x.total_cmp(&y)
+                    });
+                    let mut r = v.remove(v.len() / 2);
+                    r.unmap_max_ns = worst;
+                    r
+                };
+                rows.push(ConcRow {
+                    n,
+                    readers,
+                    writer,
+                    ours: pick(ours_runs),
+                    base: pick(base_runs),
+                });
+            }
+        }
+    }
+    rows
+}
+
+// ---- 3. memory ---------------------------------------------------------------------------
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Child process: builds one side at `n` 4 KiB mappings and prints what it cost.
+fn memory_child(which: &str, n: usize) {
+    let w = workload(n, Sizes::Small, 0x5eed ^ n as u64);
+    COUNTING.store(true, Ordering::SeqCst);
+    let (heap0, rss0) = (HEAP.load(Ordering::SeqCst), rss_bytes());
+    let (table, keep): (u64, Box<dyn std::any::Any>) = match which {
+        "ours" => {
+            let iommu = build_ours(&w);
+            let table = iommu.stats().table_bytes;
+            (table, Box::new(iommu))
+        }
+        _ => (0, Box::new(Baseline::build(&w))),
+    };
+    let (heap1, rss1) = (HEAP.load(Ordering::SeqCst), rss_bytes());
+    black_box(&keep);
+    println!(
+        "MEM {which} n={n} heap={} rss={} table={table}",
+        heap1 - heap0,
+        rss1 as i64 - rss0 as i64
+    );
+}
+
+struct MemRow {
+    which: &'static str,
+    n: usize,
+    heap: f64,
+    rss: f64,
+    table: f64,
+}
+
+fn memory(test: bool) -> Vec<MemRow> {
+    let n = if test { 1 << 12 } else { 1 << 20 };
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut rows = Vec::new();
+    for which in ["ours", "rwlock-btreemap"] {
+        let out = Command::new(&exe)
+            .env("TRANSLATE_BENCH_CHILD", format!("memory:{which}:{n}"))
+            .output()
+            .expect("memory child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("MEM "))
+            .unwrap_or_else(|| panic!("memory child printed {text:?}"));
+        let field = |k: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        rows.push(MemRow {
+            which,
+            n,
+            heap: field("heap"),
+            rss: field("rss"),
+            table: field("table"),
+        });
+    }
+    rows
+}
+
+// ---- report ------------------------------------------------------------------------------
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[MemRow]) {
+    println!();
+    println!("== translate(), one thread: ns per call, median of interleaved samples [IQR] ==");
+    println!(
+        "| mappings | sizes | IOVAs | ours ns | RwLock<BTreeMap> ns | baseline / ours | ours, guard per 64 | ours latency (dependent) | baseline latency (dependent) | ours table bytes/mapping |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
+    for r in single {
+        println!(
+            "| {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {} | {} | {} | {:.1} |",
+            fmt_n(r.n),
+            if r.sizes == Sizes::Small { "4K" } else { "4K/64K/2M" },
+            if r.random { "random" } else { "sequential" },
+            r.ours.0,
+            r.ours.1,
+            r.ours.2,
+            r.base.0,
+            r.base.1,
+            r.base.2,
+            r.base.0 / r.ours.0,
+            opt(r.ours_guard64),
+            opt(r.ours_dep),
+            opt(r.base_dep),
+            r.table_per_mapping
+        );
+    }
+    println!();
+    println!("== the writer alone: one MAP+UNMAP pair, ns (4K pages, no readers) ==");
+    println!("| mappings | ours, populated region | ours, pair frees + re-allocates nodes | RwLock<BTreeMap> | ours / baseline |");
+    println!("|---:|---:|---:|---:|---:|");
+    for r in writer {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            fmt_n(r.n),
+            r.ours,
+            r.ours_churn,
+            r.base,
+            r.ours / r.base
+        );
+    }
+    println!();
+    println!(
+        "== translate() throughput on reader threads while one writer thread does MAP+UNMAP pairs (4K mappings, random IOVAs; median of 3 interleaved rounds) =="
+    );
+    println!(
+        "| mappings | readers | writer | ours /s per reader | ours total /s | baseline /s per reader | baseline total /s | ours / baseline | writer pairs/s ours / baseline | longest UNMAP ours / baseline |"
+    );
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in conc {
+        let (ot, bt): (f64, f64) = (
+            r.ours.per_reader.iter().sum(),
+            r.base.per_reader.iter().sum(),
+        );
+        let per = |v: &[f64]| {
+            v.iter()
+                .map(|x| fmt_rate(*x))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let us = |ns: u64| {
+            if ns >= 1_000_000 {
+                format!("{:.1} ms", ns as f64 / 1e6)
+            } else {
+                format!("{:.1} us", ns as f64 / 1e3)
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1}x | {} | {} |",
+            fmt_n(r.n),
+            r.readers,
+            match r.writer {
+                None => "none".to_string(),
+                Some(0) => "flat out".to_string(),
+                Some(rate) => format!("paced {}/s", fmt_rate(rate as f64)),
+            },
+            per(&r.ours.per_reader),
+            fmt_rate(ot),
+            per(&r.base.per_reader),
+            fmt_rate(bt),
+            ot / bt,
+            if r.writer.is_some() {
+                format!(
+                    "{} / {}",
+                    fmt_rate(r.ours.writer_pairs),
+                    fmt_rate(r.base.writer_pairs)
+                )
+            } else {
+                "-".into()
+            },
+            if r.writer.is_some() {
+                format!("{} / {}", us(r.ours.unmap_max_ns), us(r.base.unmap_max_ns))
+            } else {
+                "-".into()
+            },
+        );
+    }
+    println!();
+    println!("== memory per 4 KiB mapping ==");
+    println!("| structure | mappings | heap bytes/mapping | RSS growth bytes/mapping | table_bytes/mapping |");
+    println!("|---|---:|---:|---:|---:|");
+    for m in mem {
+        let n = m.n as f64;
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {} |",
+            m.which,
+            fmt_n(m.n),
+            m.heap / n,
+            m.rss / n,
+            if m.which == "ours" {
+                format!("{:.2}", m.table / n)
+            } else {
+                "-".into()
+            }
+        );
+    }
+
+    println!();
+    println!("== targets (issue 6) ==");
+    if let Some(r) = single
+        .iter()
+        .find(|r| r.n == 1 << 20 && r.sizes == Sizes::Small && r.random)
+    {
+        let worst = single
+            .iter()
+            .filter(|r| r.n == 1 << 20)
+            .map(|r| r.ours.0)
+            .fold(0.0, f64::max);
+        println!(
+            "- <= 20 ns median single-thread translate at 1M mappings: 4K random {:.2} ns, worst 1M case {:.2} ns: {}",
+            r.ours.0,
+            worst,
+            verdict(worst <= 20.0)
+        );
+    }
+    for (label, pick) in [("paced", true), ("flat out", false)] {
+        let rows: Vec<&ConcRow> = conc
+            .iter()
+            .filter(|r| match r.writer {
+                Some(0) => !pick,
+                Some(_) => pick,
+                None => false,
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let ratios: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}r {:.1}x",
+                    fmt_n(r.n),
+                    r.readers,
+                    r.ours.per_reader.iter().sum::<f64>() / r.base.per_reader.iter().sum::<f64>()
+                )
+            })
+            .collect();
+        let min = rows
+            .iter()
+            .map(|r| r.ours.per_reader.iter().sum::<f64>() / r.base.per_reader.iter().sum::<f64>())
+            .fold(f64::INFINITY, f64::min);
+        println!(
+            "- >= 10x the baseline's translate throughput while a writer maps/unmaps ({label}): {}: {}",
+            ratios.join(", "),
+            verdict(min >= 10.0)
+        );
+    }
+    if let Some(m) = mem.iter().find(|m| m.which == "ours") {
+        let worst = (m.heap.max(m.rss)) / m.n as f64;
+        println!(
+            "- <= 32 bytes per 4 KiB mapping at {} mappings: heap {:.2}, RSS {:.2}: {}",
+            fmt_n(m.n),
+            m.heap / m.n as f64,
+            m.rss / m.n as f64,
+            verdict(worst <= 32.0)
+        );
+    }
+}
+
+fn main() {
+    if let Ok(child) = std::env::var("TRANSLATE_BENCH_CHILD") {
+        let parts: Vec<&str> = child.split(':').collect();
+        if let ["memory", which, n] = parts[..] {
+            memory_child(which, n.parse().expect("n"));
+        }
+        return;
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.iter().any(|a| a == "--bench");
+    let test = !bench || args.iter().any(|a| a == "--test");
+    // `cargo bench --bench translate -- 1M/4K` works like TRANSLATE_ONLY.
+    if let Some(filter) = args.iter().find(|a| !a.starts_with('-')) {
+        std::env::set_var("TRANSLATE_ONLY", filter);
+    }
+    let started = Instant::now();
+    println!("translate: load average before: {}", load_average());
+    // Memory first, in child processes (a fresh heap each).
+    let mem = if section("mem") {
+        memory(test)
+    } else {
+        Vec::new()
+    };
+    let single = if section("single") {
+        single_thread(test)
+    } else {
+        Vec::new()
+    };
+    let writer = if section("writer") {
+        writer_alone(test)
+    } else {
+        Vec::new()
+    };
+    let conc = if section("conc") {
+        concurrency(test)
+    } else {
+        Vec::new()
+    };
+    println!("translate: load average after: {}", load_average());
+    report(&single, &writer, &conc, &mem);
+    println!();
+    println!(
+        "(translate bench: {:.0} s, BENCH_SCALE={}{})",
+        started.elapsed().as_secs_f64(),
+        scale(),
+        if test {
+            ", test mode: numbers meaningless"
+        } else {
+            ""
+        }
+    );
+}

@@ -1,0 +1,703 @@
+//! Load generator: plays VMM + guest driver over a real vhost-user socket and hammers the
+//! request queue with MAP/UNMAP pairs, K requests per kick, busy-polling the used ring.
+//!
+//! ```text
+//! # against a daemon that is already running
+//! vhost-device-iommu --socket-path /tmp/viommu.sock &
+//! cargo run --release --example loadgen -- --socket /tmp/viommu.sock --pid $!
+//!
+//! # or let it spawn the daemon built next to it (target/release/vhost-device-iommu);
+//! # daemon arguments after `--`
+//! cargo build --release --bin vhost-device-iommu
+//! cargo run --release --example loadgen -- --spawn --batch 1,2,16,64 --duration 2 -- --poll-us 0
+//!
+//! # client on CPU 0, daemon on CPU 1 (two spinners sharing a CPU starve each other)
+//! cargo run --release --example loadgen -- --spawn --pin 0,1
+//! ```
+//!
+//! Each batch size K runs for `--duration` seconds: K MAPs of distinct 4 KiB pages posted, one
+//! kick (or none, if the device suppressed notifications), wait for K completions by spinning
+//! on the used ring, then K UNMAPs of the same pages the same way. IOVAs are laid out top-down
+//! from 4 GiB (as Linux's IOVA allocator) and rotate through a window of pages. Reported:
+//! requests/s, p50/p99 of the batch round-trip time (first post to last completion), and, when
+//! the daemon's pid is known, the daemon's CPU time per request and its CPU use while idle.
+//!
+//! This file is also compiled into `benches/request_path.rs` (`#[path]`), so it has a small
+//! public API besides `main`.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use vhost_device_iommu::testkit::{Chain, Completion, Device, Options, WaitMode};
+use virtio::{MapFlags, Request};
+
+/// Endpoint 00:05.0 (BDF 0x28): inside the daemon's default endpoint range.
+pub const DEFAULT_ENDPOINT: u32 = 0x28;
+const PAGE: u64 = 4096;
+/// IOVAs are allocated top-down from here.
+const IOVA_TOP: u64 = 1 << 32;
+/// Pages the MAP/UNMAP pairs rotate through (rounded up to a multiple of K).
+const WINDOW_PAGES: usize = 1024;
+/// GPAs the mappings point at (the daemon does not check them against guest memory).
+const GPA_BASE: u64 = 0x10_0000;
+
+/// How one load run is set up.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub queue_size: u16,
+    pub event_idx: bool,
+    /// Post every request as an indirect table (what Linux does with INDIRECT_DESC).
+    pub indirect: bool,
+    pub endpoint: u32,
+    pub domain: u32,
+    /// Keep one page mapped in every 2 MiB region the window touches, so page-table nodes
+    /// stay allocated (as in a domain with other live mappings).
+    pub anchored: bool,
+    pub wait: WaitMode,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            queue_size: 256,
+            event_idx: true,
+            indirect: false,
+            endpoint: DEFAULT_ENDPOINT,
+            domain: 1,
+            anchored: false,
+            wait: WaitMode::Spin,
+        }
+    }
+}
+
+/// The result of one batch size.
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    pub k: usize,
+    pub requests: u64,
+    pub elapsed: Duration,
+    /// Batch round trips, nanoseconds, sorted.
+    pub latencies_ns: Vec<u64>,
+    /// Completions whose status was not OK, or whose used length was wrong.
+    pub errors: u64,
+    /// Daemon CPU time (all threads) during the run, if its pid is known.
+    pub daemon_cpu: Option<Duration>,
+    /// Load generator thread's CPU time during the run.
+    pub client_cpu: Option<Duration>,
+    pub kicks: u64,
+}
+
+impl BatchResult {
+    pub fn requests_per_sec(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile_ns(&self, p: f64) -> u64 {
+        if self.latencies_ns.is_empty() {
+            return 0;
+        }
+        let i = ((self.latencies_ns.len() - 1) as f64 * p).round() as usize;
+        self.latencies_ns[i]
+    }
+
+    /// Daemon CPU nanoseconds per request.
+    pub fn daemon_ns_per_request(&self) -> Option<f64> {
+        self.daemon_cpu
+            .map(|c| c.as_nanos() as f64 / self.requests.max(1) as f64)
+    }
+
+    pub fn client_ns_per_request(&self) -> Option<f64> {
+        self.client_cpu
+            .map(|c| c.as_nanos() as f64 / self.requests.max(1) as f64)
+    }
+}
+
+/// A daemon child process on a socket in a private temporary directory; killed when dropped.
+pub struct SpawnedDaemon {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub socket: PathBuf,
+}
+
+impl SpawnedDaemon {
+    /// Runs `program args... <socket_flag> <socket>` and waits for the socket to appear.
+    /// With `cpu`, the process (all its threads) is bound to that CPU (through taskset).
+    pub fn spawn_with(
+        program: &Path,
+        socket_flag: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+        cpu: Option<usize>,
+    ) -> std::io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("viommu.sock");
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .arg(socket_flag)
+            .arg(&socket)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "{} exited with {status} before creating its socket",
+                    program.display()
+                )));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(std::io::Error::other("daemon did not create its socket"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(SpawnedDaemon {
+            child,
+            _dir: dir,
+            socket,
+        })
+    }
+
+    /// The vhost-device-iommu daemon with extra arguments.
+    pub fn spawn(daemon: &Path, args: &[String], cpu: Option<usize>) -> std::io::Result<Self> {
+        Self::spawn_with(daemon, "--socket-path", args, &[], cpu)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for SpawnedDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon binary built next to this executable: `target/<profile>/vhost-device-iommu`
+/// for `target/<profile>/examples/loadgen`.
+pub fn default_daemon_path() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let mut dir = exe.parent()?;
+    for _ in 0..3 {
+        let candidate = dir.join("vhost-device-iommu");
+        if candidate.is_file() {
+            return Some(candidate);
+        }
+        dir = dir.parent()?;
+    }
+    None
+}
+
+/// Binds the calling thread to `cpu`, or lets it run anywhere (None). Returns whether it took.
+pub fn pin_current_thread(cpu: Option<usize>) -> bool {
+    const MAX: usize = 1024; // CPU_SETSIZE
+    let cpus: Vec<usize> = match cpu {
+        Some(c) if c < MAX => vec![c],
+        Some(_) => return false,
+        None => (0..MAX).collect(),
+    };
+    // SAFETY: cpu_set_t is a plain bit array (all-zero is the empty set); CPU_SET is given
+    // indices below CPU_SETSIZE; pid 0 is the calling thread and the set's size is passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// CPU time of every thread of `pid` (from /proc/PID/task/*/schedstat, nanoseconds), or None.
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut any = false;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = entry.ok()?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if let Some(ns) = s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                total += ns;
+                any = true;
+            }
+        }
+    }
+    if any {
+        return Some(Duration::from_nanos(total));
+    }
+    // Fall back to utime + stime (clock ticks, usually 100 Hz).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+        .map(Duration::from_nanos)
+}
+
+/// The daemon's CPU use over `window` while nobody sends it anything, in percent of one CPU.
+pub fn idle_cpu_percent(pid: u32, window: Duration) -> Option<f64> {
+    let before = process_cpu(pid)?;
+    let start = Instant::now();
+    std::thread::sleep(window);
+    let after = process_cpu(pid)?;
+    Some((after - before).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0)
+}
+
+fn status_ok(c: &Completion) -> bool {
+    c.used_len == 4 && c.data.len() == 4 && c.data[3] == 0 && c.data[0] == 0
+}
+
+/// A connected guest with the endpoint attached to the domain.
+pub struct Guest {
+    pub dev: Device,
+    pub opts: LoadOptions,
+    /// Pages mapped for good (anchors), as IOVAs.
+    anchors: Vec<u64>,
+}
+
+impl Guest {
+    pub fn connect(socket: &Path, opts: LoadOptions) -> Result<Self, String> {
+        let options = Options {
+            queue_size: opts.queue_size,
+            event_idx: opts.event_idx,
+            wait: opts.wait,
+            ..Options::default()
+        };
+        let mut dev = Device::connect(socket, options).map_err(|e| format!("connect: {e}"))?;
+        let attach = Request::Attach {
+            domain: opts.domain,
+            endpoint: opts.endpoint,
+            bypass: false,
+        };
+        let c = dev
+            .request(&attach.encode(), 4)
+            .map_err(|e| format!("ATTACH: {e}"))?;
+        if !status_ok(&c) {
+            return Err(format!("ATTACH refused: {:?}", c.data));
+        }
+        Ok(Guest {
+            dev,
+            opts,
+            anchors: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, r: &Request) -> Result<(), String> {
+        let c = self
+            .dev
+            .request(&r.encode(), 4)
+            .map_err(|e| format!("{r:?}: {e}"))?;
+        if status_ok(&c) {
+            Ok(())
+        } else {
+            Err(format!("{r:?} refused: {:?}", c.data))
+        }
+    }
+
+    /// Pages of the window for batch size `k`, as IOVAs (top-down from 4 GiB), skipping the
+    /// first page of each 2 MiB region when anchored (those are mapped for good).
+    fn window(&self, k: usize) -> Vec<u64> {
+        let want = WINDOW_PAGES.div_ceil(k) * k;
+        let mut pages = Vec::with_capacity(want);
+        let mut iova = IOVA_TOP;
+        while pages.len() < want {
+            iova -= PAGE;
+            if self.opts.anchored && iova % (2 << 20) == 0 {
+                continue;
+            }
+            pages.push(iova);
+        }
+        pages
+    }
+
+    fn ensure_anchors(&mut self, pages: &[u64]) -> Result<(), String> {
+        if !self.opts.anchored {
+            return Ok(());
+        }
+        let lowest = pages.iter().copied().min().unwrap_or(IOVA_TOP);
+        let mut region = lowest & !((2 << 20) - 1);
+        while region < IOVA_TOP {
+            if !self.anchors.contains(&region) {
+                let r = Request::Map {
+                    domain: self.opts.domain,
+                    virt_start: region,
+                    virt_end: region + PAGE - 1,
+                    phys_start: GPA_BASE,
+                    flags: RW,
+                };
+                self.send(&r)?;
+                self.anchors.push(region);
+            }
+            region += 2 << 20;
+        }
+        Ok(())
+    }
+
+    /// Runs MAP/UNMAP batches of `k` requests for `duration` (after `warmup`), with the
+    /// daemon's CPU time measured when `pid` is given.
+    pub fn run(
+        &mut self,
+        k: usize,
+        duration: Duration,
+        warmup: Duration,
+        pid: Option<u32>,
+    ) -> Result<BatchResult, String> {
+        if k == 0 || 2 * k > usize::from(self.opts.queue_size) && !self.opts.indirect {
+            return Err(format!(
+                "K={k} needs {} descriptors; the queue has {}",
+                2 * k,
+                self.opts.queue_size
+            ));
+        }
+        let pages = self.window(k);
+        self.ensure_anchors(&pages)?;
+        let domain = self.opts.domain;
+        let maps: Vec<Vec<u8>> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, &iova)| {
+                Request::Map {
+                    domain,
+                    virt_start: iova,
+                    virt_end: iova + PAGE - 1,
+                    phys_start: GPA_BASE + i as u64 * PAGE,
+                    flags: RW,
+                }
+                .encode()
+            })
+            .collect();
+        let unmaps: Vec<Vec<u8>> = pages
+            .iter()
+            .map(|&iova| {
+                Request::Unmap {
+                    domain,
+                    virt_start: iova,
+                    virt_end: iova + PAGE - 1,
+                }
+                .encode()
+            })
+            .collect();
+        let indirect = self.opts.indirect;
+        // Alternating MAP and UNMAP batches over the window.
+        let mut batches: Vec<Vec<Chain<'_>>> = Vec::new();
+        for g in 0..pages.len() / k {
+            batches.push(
+                maps[g * k..(g + 1) * k]
+                    .iter()
+                    .map(|b| make_chain(b, indirect))
+                    .collect(),
+            );
+            batches.push(
+                unmaps[g * k..(g + 1) * k]
+                    .iter()
+                    .map(|b| make_chain(b, indirect))
+                    .collect(),
+            );
+        }
+        let wait = self.opts.wait;
+        let q = self.dev.requestq();
+        let mut errors = 0u64;
+        let mut b = 0usize;
+        // One batch: post K chains, notify once (the device may have suppressed kicks), then
+        // busy-poll the used ring. Like `Virtqueue::round_trip` with `WaitMode::Spin`, but it
+        // reads the clock only once per 4096 empty polls instead of twice per completion
+        // (a clock read costs ~50 ns on this kind of VM).
+        let batch = |q: &mut vhost_device_iommu::testkit::Virtqueue,
+                     chains: &[Chain<'_>],
+                     errors: &mut u64|
+         -> Result<Duration, String> {
+            let start = Instant::now();
+            for c in chains {
+                q.post_chain(c).map_err(|e| format!("post: {e}"))?;
+            }
+            q.notify().map_err(|e| format!("kick: {e}"))?;
+            let mut got = 0;
+            let mut spins = 0u32;
+            while got < chains.len() {
+                match q.poll_used().map_err(|e| format!("used ring: {e}"))? {
+                    Some(c) => {
+                        if !status_ok(&c) {
+                            *errors += 1;
+                        }
+                        got += 1;
+                    }
+                    None => {
+                        spins = spins.wrapping_add(1);
+                        if spins % 4096 == 0 {
+                            if start.elapsed() > Duration::from_secs(10) {
+                                return Err(format!(
+                                    "no completion in 10 s ({got} of {} done)",
+                                    chains.len()
+                                ));
+                            }
+                            if wait == WaitMode::Poll {
+                                std::thread::yield_now();
+                            }
+                        }
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            Ok(start.elapsed())
+        };
+        // Warm-up (also ends on an UNMAP batch so nothing stays mapped).
+        let start = Instant::now();
+        while start.elapsed() < warmup || b % 2 == 1 {
+            batch(q, &batches[b], &mut errors)?;
+            b = (b + 1) % batches.len();
+        }
+        let kicks0 = q.stats().kicks;
+        let mut latencies = Vec::with_capacity(1 << 20);
+        let cpu0 = pid.and_then(process_cpu);
+        let client0 = thread_cpu();
+        let start = Instant::now();
+        let mut requests = 0u64;
+        loop {
+            // Check the clock only after a MAP+UNMAP pair of batches.
+            for _ in 0..2 {
+                let rt = batch(q, &batches[b], &mut errors)?;
+                latencies.push(rt.as_nanos() as u64);
+                requests += k as u64;
+                b = (b + 1) % batches.len();
+            }
+            if start.elapsed() >= duration {
+                break;
+            }
+        }
+        let elapsed = start.elapsed();
+        let daemon_cpu = match (cpu0, pid.and_then(process_cpu)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let client_cpu = match (client0, thread_cpu()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let kicks = q.stats().kicks - kicks0;
+        latencies.sort_unstable();
+        Ok(BatchResult {
+            k,
+            requests,
+            elapsed,
+            latencies_ns: latencies,
+            errors,
+            daemon_cpu,
+            client_cpu,
+            kicks,
+        })
+    }
+}
+
+fn make_chain(bytes: &[u8], indirect: bool) -> Chain<'_> {
+    let c = Chain::request(bytes, 4);
+    if indirect {
+        c.indirect()
+    } else {
+        c
+    }
+}
+
+const RW: MapFlags = MapFlags {
+    read: true,
+    write: true,
+    mmio: false,
+};
+
+/// One table row.
+pub fn format_row(label: &str, r: &BatchResult) -> String {
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
+    format!(
+        "| {label} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {:.2} | {} |",
+        r.k,
+        r.requests_per_sec(),
+        r.percentile_ns(0.50) as f64 / 1e3,
+        r.percentile_ns(0.99) as f64 / 1e3,
+        opt(r.daemon_ns_per_request()),
+        opt(r.client_ns_per_request()),
+        r.kicks as f64 / r.requests.max(1) as f64 * r.k as f64,
+        r.errors
+    )
+}
+
+pub const TABLE_HEADER: &str = "| backend | K per kick | requests/s | p50 batch us | p99 batch us | daemon CPU ns/req | client CPU ns/req | kicks per batch | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|";
+
+// ---- command line ------------------------------------------------------------------------
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "loadgen", about = "MAP/UNMAP load over a vhost-user socket")]
+struct Cli {
+    /// Socket of a daemon that is already running.
+    #[arg(long, value_name = "PATH", conflicts_with = "spawn")]
+    socket: Option<PathBuf>,
+    /// Spawn the daemon (killed at exit).
+    #[arg(long)]
+    spawn: bool,
+    /// Daemon binary for --spawn (default: vhost-device-iommu next to this executable).
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
+    /// Pid of the daemon behind --socket, to measure its CPU time.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Requests per kick, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,16,64")]
+    batch: Vec<usize>,
+    /// Seconds per batch size.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Warm-up seconds per batch size.
+    #[arg(long, default_value_t = 0.2)]
+    warmup: f64,
+    /// Request queue size.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    event_idx: String,
+    /// Post each request as an indirect descriptor table (as Linux does).
+    #[arg(long)]
+    indirect: bool,
+    /// Keep a page mapped in every 2 MiB region of the window (page-table nodes stay).
+    #[arg(long)]
+    anchored: bool,
+    /// Pin: CLIENT_CPU,DAEMON_CPU (e.g. 0,1), so the two spinners never share a CPU. The
+    /// daemon is pinned only when spawned.
+    #[arg(long, value_name = "CPU,CPU", value_delimiter = ',')]
+    pin: Vec<usize>,
+    /// Wait mode for completions.
+    #[arg(long, default_value = "spin", value_parser = ["spin", "poll"])]
+    wait: String,
+    /// Endpoint to attach.
+    #[arg(long, default_value_t = DEFAULT_ENDPOINT, value_parser = parse_u32)]
+    endpoint: u32,
+    /// Domain to attach it to.
+    #[arg(long, default_value_t = 1)]
+    domain: u32,
+    /// Seconds of idleness over which the daemon's CPU use is measured at the end (0: skip).
+    #[arg(long, default_value_t = 2.0)]
+    idle: f64,
+    /// Extra daemon arguments as one string (e.g. "--poll-us 0"); also accepted after `--`.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    daemon_args: Option<String>,
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn main() {
+    use clap::Parser;
+    let cli = Cli::parse();
+    let mut daemon_args: Vec<String> = cli
+        .daemon_args
+        .as_deref()
+        .map(|s| s.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    daemon_args.extend(cli.rest.iter().cloned());
+    let spawned;
+    let (socket, pid) = if let Some(socket) = &cli.socket {
+        (socket.clone(), cli.pid)
+    } else if cli.spawn {
+        let bin = cli
+            .daemon
+            .clone()
+            .or_else(default_daemon_path)
+            .unwrap_or_else(|| {
+                eprintln!("loadgen: no daemon binary next to this executable; pass --daemon PATH");
+                std::process::exit(2)
+            });
+        spawned =
+            SpawnedDaemon::spawn(&bin, &daemon_args, cli.pin.get(1).copied()).unwrap_or_else(|e| {
+                eprintln!("loadgen: spawning {}: {e}", bin.display());
+                std::process::exit(1)
+            });
+        println!("daemon: {} {}", bin.display(), daemon_args.join(" "));
+        (spawned.socket.clone(), Some(spawned.pid()))
+    } else {
+        eprintln!("loadgen: give --socket PATH or --spawn");
+        std::process::exit(2)
+    };
+    let opts = LoadOptions {
+        queue_size: cli.queue_size,
+        event_idx: cli.event_idx == "on",
+        indirect: cli.indirect,
+        endpoint: cli.endpoint,
+        domain: cli.domain,
+        anchored: cli.anchored,
+        wait: if cli.wait == "spin" {
+            WaitMode::Spin
+        } else {
+            WaitMode::Poll
+        },
+    };
+    if let Some(&cpu) = cli.pin.first() {
+        if !pin_current_thread(Some(cpu)) {
+            eprintln!("loadgen: could not pin to CPU {cpu}");
+        }
+    }
+    println!("options: {opts:?}, pin: {:?}", cli.pin);
+    let mut guest = Guest::connect(&socket, opts).unwrap_or_else(|e| {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1)
+    });
+    println!("{TABLE_HEADER}");
+    for &k in &cli.batch {
+        match guest.run(
+            k,
+            Duration::from_secs_f64(cli.duration),
+            Duration::from_secs_f64(cli.warmup),
+            pid,
+        ) {
+            Ok(r) => println!("{}", format_row("daemon", &r)),
+            Err(e) => {
+                eprintln!("loadgen: K={k}: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
+    if let (Some(pid), true) = (pid, cli.idle > 0.0) {
+        match idle_cpu_percent(pid, Duration::from_secs_f64(cli.idle)) {
+            Some(p) => println!(
+                "daemon CPU while idle (connected, {:.1} s): {p:.2}%",
+                cli.idle
+            ),
+            None => println!("daemon CPU while idle: /proc/{pid} unreadable"),
+        }
+    }
+}
