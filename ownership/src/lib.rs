@@ -1070,21 +1070,21 @@ impl ReadGuard<'_> {
                     return Err(Fault::OutOfRange);
                 }
                 let root = ((state >> 2) & 0x3fff_ffff) as u32;
-                let leaf = pagetable::lookup(&shared.arena, root, shared.levels, iova)
+                let (entry, level) = pagetable::walk(&shared.arena, root, shared.levels, iova)
                     .ok_or(Fault::Unmapped)?;
                 let needed = match access {
                     Access::Read => PERM_READ,
                     Access::Write => PERM_WRITE,
                 };
-                if leaf.perms & needed == 0 {
+                if entry & needed == 0 {
                     return Err(Fault::Permission);
                 }
-                let offset = iova - leaf.base;
+                let (gpa, left) = pagetable::leaf_target(entry, level, iova);
                 Ok(Translation {
-                    gpa: leaf.gpa + offset,
-                    len: len.min(leaf.end - iova + 1),
+                    gpa,
+                    len: len.min(left),
                     domain: Some(domain),
-                    mmio: leaf.perms & PERM_MMIO != 0,
+                    mmio: entry & PERM_MMIO != 0,
                 })
             }
             STATE_IDENTITY => identity(ep, iova, len, Some(domain)),

@@ -7,15 +7,14 @@
 //! one MAP created, so a mapping is never split (spec U4) without a side index: the bits at the
 //! two ends of an UNMAP range tell whether it would cut a mapping.
 //!
-//! Nodes live in an [`Arena`] addressed by `u32` index: chunks are allocated once and never
-//! move, so a reader that loaded an index can always dereference it (safe Rust, no pointers).
+//! Nodes live in an [`Arena`] addressed by `u32` index: one array allocated once that never
+//! moves, so a reader that loaded an index can always dereference it (safe Rust, no pointers).
 //! A node that is unlinked from a tree is only reused after a grace period
 //! ([`crate::epoch`]), so a reader never walks a recycled node.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    OnceLock,
-};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use zerocopy::FromZeros;
 
 /// Base page shift: the leaf size at level 0.
 pub const PAGE_SHIFT: u32 = 12;
@@ -27,9 +26,6 @@ pub const FANOUT: usize = 1 << LEVEL_BITS;
 pub const NODE_BYTES: u64 = (FANOUT * 8) as u64;
 /// Leaves exist up to this level (level 2 = 1 GiB).
 const MAX_LEAF_LEVEL: u32 = 2;
-/// Nodes per arena chunk (128 KiB).
-const CHUNK_SHIFT: u32 = 5;
-const CHUNK_NODES: usize = 1 << CHUNK_SHIFT;
 
 const KIND_MASK: u64 = 0b11;
 const KIND_LEAF: u64 = 0b01;
@@ -76,36 +72,24 @@ pub fn levels_for(input_end: u64) -> u32 {
     bits.saturating_sub(PAGE_SHIFT).div_ceil(LEVEL_BITS).max(1)
 }
 
-struct Node {
-    entries: [AtomicU64; FANOUT],
-}
-
-impl Node {
-    fn new() -> Self {
-        Node {
-            entries: [const { AtomicU64::new(0) }; FANOUT],
-        }
-    }
-}
-
-/// A chunk of nodes behind a thin pointer: indexing it needs no length and no bounds check.
-type Chunk = Box<[Node; CHUNK_NODES]>;
-
-/// Fixed-capacity node storage shared by the writer and all readers.
+/// Fixed-capacity node storage shared by the writer and all readers: one flat array of
+/// entries, node `i` at `[i * FANOUT, (i + 1) * FANOUT)`. It is allocated zeroed and the OS
+/// commits its pages only when a node is first written, so the capacity is address space, not
+/// memory. A reader reaches an entry with one load.
 pub struct Arena {
-    chunks: Box<[OnceLock<Chunk>]>,
+    entries: Box<[AtomicU64]>,
     capacity: u32,
 }
 
 impl Arena {
-    /// An arena that will never hold more than `max_nodes` nodes. Chunks are allocated lazily.
+    /// An arena that will never hold more than `max_nodes` nodes.
     pub fn new(max_nodes: u64) -> Self {
         let capacity = max_nodes.clamp(1, 1 << 30) as u32;
-        let chunks = (capacity as usize).div_ceil(CHUNK_NODES);
-        Arena {
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            capacity,
-        }
+        let entries = <[AtomicU64]>::new_box_zeroed_with_elems(capacity as usize * FANOUT)
+            .unwrap_or_else(|_| {
+                std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u64; FANOUT]>())
+            });
+        Arena { entries, capacity }
     }
 
     pub fn capacity(&self) -> u32 {
@@ -113,37 +97,31 @@ impl Arena {
     }
 
     #[inline]
-    fn node(&self, index: u32) -> Option<&Node> {
-        let chunk = self.chunks.get((index >> CHUNK_SHIFT) as usize)?.get()?;
-        Some(&chunk[index as usize & (CHUNK_NODES - 1)])
-    }
-
-    fn node_or_init(&self, index: u32) -> Option<&Node> {
-        let chunk = self
-            .chunks
-            .get((index >> CHUNK_SHIFT) as usize)?
-            .get_or_init(|| {
-                // Built on the heap node by node: a chunk is too big for a stack temporary.
-                let nodes: Box<[Node]> = (0..CHUNK_NODES).map(|_| Node::new()).collect();
-                match nodes.try_into() {
-                    Ok(chunk) => chunk,
-                    Err(_) => unreachable!("CHUNK_NODES nodes were collected"),
-                }
-            });
-        Some(&chunk[index as usize & (CHUNK_NODES - 1)])
+    fn entry(&self, node: u32, index: usize) -> Option<&AtomicU64> {
+        self.entries
+            .get(node as usize * FANOUT + (index & (FANOUT - 1)))
     }
 
     #[inline]
     fn load(&self, node: u32, index: usize) -> u64 {
-        self.node(node).map_or(0, |n| {
-            n.entries[index & (FANOUT - 1)].load(Ordering::Acquire)
-        })
+        self.entry(node, index)
+            .map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     #[inline]
     fn store(&self, node: u32, index: usize, value: u64) {
-        if let Some(n) = self.node(node) {
-            n.entries[index & (FANOUT - 1)].store(value, Ordering::Release);
+        if let Some(e) = self.entry(node, index) {
+            e.store(value, Ordering::Release);
+        }
+    }
+
+    /// Zeroes a node nobody can reach any more.
+    fn clear_node(&self, node: u32) {
+        let start = node as usize * FANOUT;
+        if let Some(entries) = self.entries.get(start..start + FANOUT) {
+            for e in entries {
+                e.store(0, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -179,19 +157,18 @@ impl Leaf {
     }
 }
 
-/// Walks the tree rooted at `root` to the leaf covering `iova`. Lock-free; the caller must be
-/// inside a read-side critical section (see [`crate::epoch`]) so no node it reads is recycled.
-#[inline]
-pub fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> {
-    if iova > coverage_end(levels) {
-        return None;
-    }
+/// The leaf entry covering `iova` and its level: the fast path's walk, kept small so that the
+/// cache misses of consecutive walks overlap. The caller has checked `iova` against the input
+/// range (which the tree covers) and is inside a read-side critical section (see
+/// [`crate::epoch`]) so no node it reads is recycled.
+#[inline(always)]
+pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<(u64, u32)> {
     let mut node = root;
     let mut level = levels - 1;
     loop {
         let entry = arena.load(node, entry_index(iova, level));
         match entry & KIND_MASK {
-            KIND_LEAF => return Some(Leaf::decode(entry, iova, level)),
+            KIND_LEAF => return Some((entry, level)),
             KIND_TABLE if level > 0 => {
                 node = (entry >> PAGE_SHIFT) as u32;
                 level -= 1;
@@ -199,6 +176,22 @@ pub fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> 
             _ => return None,
         }
     }
+}
+
+/// GPA of `iova` through a leaf `entry` at `level`, and the bytes left in the entry from there.
+#[inline(always)]
+pub fn leaf_target(entry: u64, level: u32, iova: u64) -> (u64, u64) {
+    let mask = span(level).wrapping_sub(1);
+    let offset = iova & mask;
+    ((entry & ADDR_MASK) + offset, mask - offset + 1)
+}
+
+/// Walks the tree rooted at `root` to the leaf covering `iova`, decoded.
+pub fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> {
+    if iova > coverage_end(levels) {
+        return None;
+    }
+    walk(arena, root, levels, iova).map(|(entry, level)| Leaf::decode(entry, iova, level))
 }
 
 /// A mapping as one MAP created it.
@@ -265,7 +258,6 @@ impl TableWriter {
             Some(index) => index,
             None if self.watermark < arena.capacity() => {
                 let index = self.watermark;
-                arena.node_or_init(index)?;
                 self.watermark += 1;
                 self.live.push(0);
                 index
@@ -307,11 +299,7 @@ impl TableWriter {
     /// unlinked: no reader can still hold their index.
     pub fn reclaim(&mut self, arena: &Arena) {
         for node in std::mem::take(&mut self.retired) {
-            if let Some(n) = arena.node(node) {
-                for entry in &n.entries {
-                    entry.store(0, Ordering::Relaxed);
-                }
-            }
+            arena.clear_node(node);
             self.live[node as usize] = 0;
             self.free.push(node);
         }
