@@ -445,9 +445,9 @@ impl Guest {
             let mut got = 0;
             let mut spins = 0u32;
             while got < chains.len() {
-                match q.poll_used().map_err(|e| format!("used ring: {e}"))? {
-                    Some(c) => {
-                        if !status_ok(&c) {
+                match q.poll_used_tail().map_err(|e| format!("used ring: {e}"))? {
+                    Some((_, used_len, tail)) => {
+                        if used_len != 4 || tail[0] != 0 {
                             *errors += 1;
                         }
                         got += 1;

@@ -305,6 +305,11 @@ impl GuestMemory {
 
     /// Fills `len` bytes at `addr` with `byte`.
     pub fn fill(&self, addr: u64, len: usize, byte: u8) -> Result<()> {
+        const SMALL: usize = 64;
+        if len <= SMALL {
+            // The common case (a status tail): no 4 KiB pattern to build.
+            return self.write(addr, &[byte; SMALL][..len]);
+        }
         const CHUNK: usize = 4096;
         let chunk = [byte; CHUNK];
         let mut done = 0;

@@ -911,6 +911,82 @@ impl Virtqueue {
     /// buffers, a used index running ahead) is an [`Error::Device`]; the used entry is consumed
     /// anyway so that later entries can still be reaped.
     pub fn poll_used(&mut self) -> Result<Option<Completion>> {
+        let Some((head, used_len)) = self.next_used()? else {
+            return Ok(None);
+        };
+        let entry = &self.in_flight[head];
+        let (token, raw_chain, writable_len) = (entry.token, entry.raw, entry.writable_len);
+        let mut data = Vec::new();
+        let mut read_result = Ok(());
+        if !raw_chain {
+            data.resize(writable_len, 0);
+            let mut at = 0;
+            for &(addr, len) in &entry.writable {
+                let len = len as usize;
+                read_result =
+                    read_result.and_then(|()| self.mem.read_into(addr, &mut data[at..at + len]));
+                at += len;
+            }
+        }
+        self.release(head as u16);
+        read_result?;
+        self.check_used_len(head, used_len, raw_chain, writable_len)?;
+        Ok(Some(Completion {
+            token,
+            head: head as u16,
+            used_len,
+            data,
+        }))
+    }
+
+    /// [`Virtqueue::poll_used`] for load generators: returns the token, the used length and the
+    /// last 4 writable bytes (a virtio-iommu status tail; zeros for raw chains) without
+    /// allocating.
+    pub fn poll_used_tail(&mut self) -> Result<Option<(Token, u32, [u8; 4])>> {
+        let Some((head, used_len)) = self.next_used()? else {
+            return Ok(None);
+        };
+        let entry = &self.in_flight[head];
+        let (token, raw_chain, writable_len) = (entry.token, entry.raw, entry.writable_len);
+        let mut tail = [0u8; 4];
+        let mut read_result = Ok(());
+        if !raw_chain {
+            // Walk back from the end of the writable area for its last 4 bytes.
+            let mut need = tail.len().min(writable_len);
+            for &(addr, len) in entry.writable.iter().rev() {
+                if need == 0 {
+                    break;
+                }
+                let take = need.min(len as usize);
+                let from = addr + u64::from(len) - take as u64;
+                read_result = read_result
+                    .and_then(|()| self.mem.read_into(from, &mut tail[need - take..need]));
+                need -= take;
+            }
+        }
+        self.release(head as u16);
+        read_result?;
+        self.check_used_len(head, used_len, raw_chain, writable_len)?;
+        Ok(Some((token, used_len, tail)))
+    }
+
+    fn check_used_len(
+        &mut self,
+        head: usize,
+        used_len: u32,
+        raw_chain: bool,
+        writable_len: usize,
+    ) -> Result<()> {
+        if !raw_chain && used_len as usize > writable_len {
+            return Err(self.device_bug(format!(
+                "used len {used_len} for head {head} exceeds its {writable_len} writable bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The next used element, checked: `(head, used_len)` of a chain in flight.
+    fn next_used(&mut self) -> Result<Option<(usize, u32)>> {
         let used_idx = self.device_used_idx()?;
         if used_idx == self.last_used {
             return Ok(None);
@@ -944,33 +1020,7 @@ impl Virtqueue {
                 "used element {{id: {id}, len: {used_len}}} names no chain in flight"
             )));
         };
-        let entry = &self.in_flight[head];
-        let (token, raw_chain, writable_len) = (entry.token, entry.raw, entry.writable_len);
-        let mut data = Vec::new();
-        let mut read_result = Ok(());
-        if !raw_chain {
-            data.resize(writable_len, 0);
-            let mut at = 0;
-            for &(addr, len) in &entry.writable {
-                let len = len as usize;
-                read_result =
-                    read_result.and_then(|()| self.mem.read_into(addr, &mut data[at..at + len]));
-                at += len;
-            }
-        }
-        self.release(head as u16);
-        read_result?;
-        if !raw_chain && used_len as usize > writable_len {
-            return Err(self.device_bug(format!(
-                "used len {used_len} for head {head} exceeds its {writable_len} writable bytes"
-            )));
-        }
-        Ok(Some(Completion {
-            token,
-            head: head as u16,
-            used_len,
-            data,
-        }))
+        Ok(Some((head, used_len)))
     }
 
     /// Reaps every completion already published, appending them to `out`. Returns how many.
