@@ -19,6 +19,8 @@
 
 pub mod epoch;
 pub mod pagetable;
+#[cfg(any(test, feature = "reference"))]
+pub mod reference;
 pub mod topology;
 
 use std::{
