@@ -76,7 +76,8 @@ impl Device {
     pub fn new(config: &DaemonConfig) -> io::Result<Arc<Self>> {
         let stats = Arc::new(Stats::default());
         let faults = Arc::new(FaultQueue::new(config.fault_backlog, stats.clone())?);
-        let mut iommu = Iommu::new(config.topology.clone());
+        let mut iommu = Iommu::try_new(config.topology.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e.to_string()))?;
         iommu.set_bypass(effective_bypass(&config.config, config.features));
         Ok(Arc::new(Device {
             iommu: Mutex::new(iommu),

@@ -348,11 +348,21 @@ pub struct Iommu {
 
 impl Iommu {
     /// A model with every group unattached and `bypass` off.
+    ///
+    /// # Panics
+    /// When the host refuses the page tables' address space; see [`Iommu::try_new`].
     pub fn new(topology: Topology) -> Self {
+        Self::try_new(topology).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Iommu::new`], or an error when the host will not reserve the address space of
+    /// `Limits::max_table_bytes` (reserved up front, committed only as tables fill).
+    pub fn try_new(topology: Topology) -> Result<Self, TopologyError> {
         let (input_start, input_end) = topology.input_range();
         let levels = pagetable::levels_for(input_end);
         let limits = topology.limits();
-        let arena = Arena::new(limits.max_table_bytes / NODE_BYTES);
+        let arena = Arena::new(limits.max_table_bytes / NODE_BYTES)
+            .ok_or(TopologyError::TableMemory(limits.max_table_bytes))?;
         let groups = (0..topology.group_count())
             .map(|_| GroupCell::default())
             .collect();
@@ -395,7 +405,7 @@ impl Iommu {
                 owner: OwnerState::None,
             })
             .collect();
-        Iommu {
+        Ok(Iommu {
             topo: Arc::new(topology),
             shared,
             table: TableWriter::new(levels),
@@ -406,7 +416,7 @@ impl Iommu {
             grace_wait_max_ns: 0,
             batch: false,
             sync_pending: false,
-        }
+        })
     }
 
     pub fn topology(&self) -> &Topology {

@@ -82,14 +82,12 @@ pub struct Arena {
 }
 
 impl Arena {
-    /// An arena that will never hold more than `max_nodes` nodes.
-    pub fn new(max_nodes: u64) -> Self {
+    /// An arena that will never hold more than `max_nodes` nodes, or None when the host will
+    /// not reserve that much address space.
+    pub fn new(max_nodes: u64) -> Option<Self> {
         let capacity = max_nodes.clamp(1, 1 << 30) as u32;
-        let entries = <[AtomicU64]>::new_box_zeroed_with_elems(capacity as usize * FANOUT)
-            .unwrap_or_else(|_| {
-                std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u64; FANOUT]>())
-            });
-        Arena { entries, capacity }
+        let entries = <[AtomicU64]>::new_box_zeroed_with_elems(capacity as usize * FANOUT).ok()?;
+        Some(Arena { entries, capacity })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -556,7 +554,7 @@ mod tests {
     const RW: u64 = PERM_READ | PERM_WRITE;
 
     fn table(max_nodes: u64) -> (Arena, TableWriter, u32) {
-        let arena = Arena::new(max_nodes);
+        let arena = Arena::new(max_nodes).unwrap();
         let mut w = TableWriter::new(levels_for((1 << 48) - 1));
         let root = w.new_root(&arena).unwrap();
         (arena, w, root)
@@ -666,7 +664,7 @@ mod tests {
 
     #[test]
     fn top_of_a_64_bit_space() {
-        let arena = Arena::new(16);
+        let arena = Arena::new(16).unwrap();
         let mut w = TableWriter::new(levels_for(u64::MAX));
         let root = w.new_root(&arena).unwrap();
         let start = u64::MAX - 0xfff;

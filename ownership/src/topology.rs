@@ -107,6 +107,8 @@ pub enum TopologyError {
     RegionEndpointUnknown(EndpointId),
     #[error("limit {0} must be at least 1")]
     ZeroLimit(&'static str),
+    #[error("cannot reserve {0} bytes of address space for page tables")]
+    TableMemory(u64),
 }
 
 /// One endpoint of the topology.
