@@ -11,7 +11,7 @@ use virtio::{
     Config, F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE,
 };
 
-use crate::device::MAX_PROBE_REGIONS;
+use crate::{device::MAX_PROBE_REGIONS, seccomp::SeccompMode};
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// Largest virtqueue size offered to the frontend.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub queue_size: u16,
+
+    /// Once the sockets exist, confine every thread to the system calls serving needs (a
+    /// seccomp allowlist); MODE says what a call outside it does.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::Off)]
+    pub seccomp: SeccompMode,
 }
 
 /// Options of `viot`.
@@ -221,6 +226,8 @@ pub struct DaemonConfig {
     pub fault_backlog: usize,
     pub poll: Duration,
     pub queue_size: u16,
+    /// The seccomp filter installed before serving.
+    pub seccomp: SeccompMode,
 }
 
 /// Parses `0x1f`, `31` or `1_000`.
@@ -433,6 +440,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             fault_backlog: args.fault_backlog.max(1),
             poll: Duration::from_micros(args.poll_us),
             queue_size: args.queue_size,
+            seccomp: args.seccomp,
         })
     }
 }

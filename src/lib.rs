@@ -8,6 +8,7 @@ pub mod control;
 pub mod device;
 pub mod events;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod server;
 pub mod stats;
 pub mod testkit;

@@ -39,6 +39,8 @@ pub enum ServerError {
     VhostUser(String),
     #[error("signal handler: {0}")]
     Signals(io::Error),
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 /// Creates a listening socket at `path` with `mode`, atomically: it is bound inside a private
@@ -91,6 +93,8 @@ pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
     }
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
     spawn_signal_thread(sockets, current.clone(), device.clone())?;
+    // Least privilege: the sockets exist; from here on, only what serving needs (every thread).
+    crate::seccomp::apply(config.seccomp)?;
 
     let mut listener = Listener::from(listener);
     loop {

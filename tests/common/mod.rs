@@ -51,6 +51,7 @@ impl Daemon {
             .arg("--control-socket")
             .arg(&control)
             .args(args)
+            .args(seccomp_args(args))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -371,5 +372,53 @@ impl Daemon {
             )
         };
         assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+}
+
+// ---- seccomp (tests/seccomp.rs; any suite with VHOST_IOMMU_TEST_SECCOMP) ---------------------
+
+/// Environment variable that runs every daemon a test starts under `--seccomp <mode>` (`off`,
+/// `log`, `trap` or `kill`; `1` means `kill`), unless the test chose a mode itself: e.g.
+/// `VHOST_IOMMU_TEST_SECCOMP=kill cargo test --test daemon --test hostile`.
+pub const SECCOMP_ENV: &str = "VHOST_IOMMU_TEST_SECCOMP";
+
+/// The `--seccomp` arguments [`SECCOMP_ENV`] adds to a daemon started with `args`.
+pub fn seccomp_args(args: &[&str]) -> Vec<String> {
+    match std::env::var(SECCOMP_ENV) {
+        Ok(mode) if !mode.is_empty() && !args.contains(&"--seccomp") => {
+            let mode = if mode == "1" {
+                "kill".to_string()
+            } else {
+                mode
+            };
+            vec!["--seccomp".into(), mode]
+        }
+        _ => Vec::new(),
+    }
+}
+
+impl Daemon {
+    /// The `Seccomp:` field of every thread's /proc status (2 = filtered), and how many filters
+    /// each thread has.
+    pub fn thread_seccomp(&self) -> Vec<(String, u64, u64)> {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let status = std::fs::read_to_string(dir.join("status")).ok()?;
+                let field = |key: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse().ok())
+                };
+                Some((
+                    comm.trim_end().to_string(),
+                    field("Seccomp")?,
+                    field("Seccomp_filters")?,
+                ))
+            })
+            .collect()
     }
 }
