@@ -154,7 +154,10 @@ impl Device {
         let mut writable_len = 0usize;
         for desc in chain {
             let (addr, len) = (desc.addr(), desc.len() as usize);
-            if !mem.check_range(addr, len) {
+            // Writable buffers are checked before the request is applied, so a reply can
+            // always be written; a readable one is checked by reading it (in full when short).
+            let read_whole = !desc.is_write_only() && len <= MAX_READABLE - readable_len;
+            if !read_whole && !mem.check_range(addr, len) {
                 return self.malformed(format_args!(
                     "buffer {:#x}+{len:#x} outside guest memory",
                     addr.0
@@ -193,25 +196,27 @@ impl Device {
 
         let features = self.acked.load(Relaxed);
         let probe_size = self.probe_size;
-        PROBE_SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(probe_size as usize, 0);
+        let readable = &readable[..readable_len];
+        let segments = &segments[..n_segments];
+        let handle = |properties: &mut [u8]| {
             let reply = device::handle(
                 &mut self.iommu(),
-                &readable[..readable_len],
+                readable,
                 writable_len,
                 features,
                 probe_size,
-                scratch,
+                properties,
             );
-            self.reply(
-                mem,
-                &segments[..n_segments],
-                writable_len,
-                reply,
-                scratch,
-                &readable[..readable_len],
-            )
-        })
+            self.reply(mem, segments, writable_len, reply, properties, readable)
+        };
+        if readable.first() == Some(&(RequestType::Probe as u8)) {
+            PROBE_SCRATCH.with_borrow_mut(|scratch| {
+                scratch.resize(probe_size as usize, 0);
+                handle(scratch)
+            })
+        } else {
+            handle(&mut [])
+        }
     }
 
     /// Writes a reply: PROBE properties (P8: zero-filled to probe_size), zeros, and the tail in

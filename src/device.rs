@@ -149,18 +149,28 @@ pub fn handle(
             for (slot, r) in encoded.iter_mut().zip(regions) {
                 *slot = resv_mem(r);
             }
-            let area = &mut properties[..probe_size as usize];
-            // The daemon sizes probe_size for the topology: this cannot fail.
-            encode_probe_properties(&encoded[..n], area).unwrap_or(0)
+            properties
+                .get_mut(..probe_size as usize)
+                .and_then(|area| encode_probe_properties(&encoded[..n], area).ok())
         }),
-        _ => execute(iommu, &request).map(|()| 0),
+        _ => execute(iommu, &request).map(|()| Some(0)),
     };
     match result {
-        Ok(properties) => Reply::Status {
+        Ok(Some(properties)) => Reply::Status {
             request: kind,
             status: Status::Ok,
             properties,
             error: None,
+        },
+        // The daemon sizes probe_size for its topology and passes a buffer that big: this is
+        // the device's fault, not the driver's.
+        Ok(None) => Reply::Status {
+            request: kind,
+            status: Status::DevErr,
+            properties: 0,
+            error: Some(format!(
+                "{request:?}: properties do not fit in {probe_size} bytes"
+            )),
         },
         Err(err) => Reply::Status {
             request: kind,
@@ -295,6 +305,29 @@ mod tests {
             send(&mut m, Request::Probe { endpoint: 0x1000 }).0,
             Status::NoEnt
         );
+    }
+
+    #[test]
+    fn probe_without_room_for_its_properties_is_a_device_error() {
+        let mut m = iommu();
+        let request = Request::Probe { endpoint: 0x28 };
+        let writable = request.writable_len(PROBE_SIZE);
+        let reply = handle(
+            &mut m,
+            &request.encode(),
+            writable,
+            FEATURES,
+            PROBE_SIZE,
+            &mut [],
+        );
+        assert!(matches!(
+            reply,
+            Reply::Status {
+                status: Status::DevErr,
+                properties: 0,
+                ..
+            }
+        ));
     }
 
     #[test]

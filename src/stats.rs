@@ -37,8 +37,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counts a reply. Only the request-queue worker counts replies, so a plain load and store
+    /// (no locked instruction on the request path) never loses an update.
     pub fn count_reply(&self, request: RequestType, status: Status) {
-        self.requests[request as usize][status as usize].fetch_add(1, Relaxed);
+        let counter = &self.requests[request as usize][status as usize];
+        counter.store(counter.load(Relaxed) + 1, Relaxed);
     }
 
     pub fn count_no_reply(&self, request: Option<RequestType>) {

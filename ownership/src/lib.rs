@@ -736,9 +736,17 @@ impl Iommu {
             return Err(Error::ReservedOverlap { start, end });
         }
         let arena = &self.shared.arena;
-        if self.table.any_mapped(arena, root, start, end) {
-            return Err(Error::Overlap { start, end });
-        }
+        // The common case (a 4 KiB page) walks once to check and once to insert.
+        let page = end - start == pagetable::PAGE_MASK;
+        let page_nodes = if page {
+            let free = self.table.page_free(arena, root, start);
+            Some(free.ok_or(Error::Overlap { start, end })?)
+        } else {
+            if self.table.any_mapped(arena, root, start, end) {
+                return Err(Error::Overlap { start, end });
+            }
+            None
+        };
         let limits = self.topo.limits();
         if d.mappings >= limits.max_mappings_per_domain || self.mappings >= limits.max_mappings {
             return Err(Error::TooManyMappings);
@@ -749,15 +757,17 @@ impl Iommu {
             phys_start,
             perms: perms & pagetable::PERM_MASK,
         };
-        if self.table.map(arena, root, mapping).is_err() {
+        let insert = |table: &mut TableWriter, arena: &Arena| match page_nodes {
+            Some(nodes) => table.map_page(arena, root, start, phys_start, mapping.perms, nodes),
+            None => table.map(arena, root, mapping),
+        };
+        if insert(&mut self.table, arena).is_err() {
             // Nodes retired earlier in a batch come back with a grace period.
             if !self.table.has_retired() {
                 return Err(Error::OutOfTableMemory);
             }
             self.synchronize();
-            self.table
-                .map(&self.shared.arena, root, mapping)
-                .map_err(|_| Error::OutOfTableMemory)?;
+            insert(&mut self.table, &self.shared.arena).map_err(|_| Error::OutOfTableMemory)?;
         }
         self.mappings += 1;
         if let Some(d) = self.domains.get_mut(&domain) {
@@ -780,13 +790,16 @@ impl Iommu {
         if end < start {
             return Err(Error::InvalidRange { start, end });
         }
-        let removed = self
-            .table
-            .unmap(&self.shared.arena, root, start, end)
-            .map_err(|e| match e {
-                TableError::WouldSplit => Error::WouldSplit { start, end },
-                TableError::NoMemory => Error::OutOfTableMemory,
-            })?;
+        let arena = &self.shared.arena;
+        let removed = if start & pagetable::PAGE_MASK == 0 && end - start == pagetable::PAGE_MASK {
+            self.table.unmap_page(arena, root, start)
+        } else {
+            self.table.unmap(arena, root, start, end)
+        };
+        let removed = removed.map_err(|e| match e {
+            TableError::WouldSplit => Error::WouldSplit { start, end },
+            TableError::NoMemory => Error::OutOfTableMemory,
+        })?;
         if removed > 0 {
             self.mappings -= removed;
             if let Some(d) = self.domains.get_mut(&domain) {

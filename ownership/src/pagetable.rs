@@ -18,6 +18,8 @@ use zerocopy::FromZeros;
 
 /// Base page shift: the leaf size at level 0.
 pub const PAGE_SHIFT: u32 = 12;
+/// Offset bits of a base page.
+pub const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
 /// Index bits per level.
 pub const LEVEL_BITS: u32 = 9;
 /// Entries per node.
@@ -438,6 +440,94 @@ impl TableWriter {
             };
             self.walk_map(arena, child, level - 1, lo, hi, m, needed, dry);
         }
+    }
+
+    /// Single-page fast path, first half: whether the 4 KiB page at `iova` is free, and how many
+    /// table nodes mapping it would allocate. `None` when a leaf already covers it.
+    pub fn page_free(&self, arena: &Arena, root: u32, iova: u64) -> Option<u32> {
+        let mut node = root;
+        for level in (1..self.levels).rev() {
+            let entry = arena.load(node, entry_index(iova, level));
+            match entry & KIND_MASK {
+                KIND_TABLE => node = (entry >> PAGE_SHIFT) as u32,
+                KIND_LEAF => return None,
+                _ => return Some(level),
+            }
+        }
+        (arena.load(node, entry_index(iova, 0)) == 0).then_some(0)
+    }
+
+    /// Single-page fast path, second half: maps the 4 KiB page at `iova` (free, as
+    /// [`TableWriter::page_free`] said) to `phys` as a whole mapping. Fails, changing nothing,
+    /// when `nodes` (page_free's answer) cannot be allocated.
+    pub fn map_page(
+        &mut self,
+        arena: &Arena,
+        root: u32,
+        iova: u64,
+        phys: u64,
+        perms: u64,
+        nodes: u32,
+    ) -> Result<(), TableError> {
+        if u64::from(nodes) > self.available(arena) {
+            return Err(TableError::NoMemory);
+        }
+        let mut node = root;
+        for level in (1..self.levels).rev() {
+            let index = entry_index(iova, level);
+            let entry = arena.load(node, index);
+            node = if entry & KIND_MASK == KIND_TABLE {
+                (entry >> PAGE_SHIFT) as u32
+            } else {
+                // Counted above: allocation cannot fail here.
+                let Some(child) = self.alloc(arena) else {
+                    return Err(TableError::NoMemory);
+                };
+                arena.store(node, index, (u64::from(child) << PAGE_SHIFT) | KIND_TABLE);
+                self.live[node as usize] += 1;
+                child
+            };
+        }
+        let leaf = (phys & ADDR_MASK) | (perms & PERM_MASK) | KIND_LEAF | FIRST | LAST;
+        arena.store(node, entry_index(iova, 0), leaf);
+        self.live[node as usize] += 1;
+        Ok(())
+    }
+
+    /// Single-page fast path of [`TableWriter::unmap`] for `[iova, iova + 4 KiB)`, `iova`
+    /// page-aligned: the same answers, without the range walks.
+    pub fn unmap_page(&mut self, arena: &Arena, root: u32, iova: u64) -> Result<u64, TableError> {
+        let mut path = [(0u32, 0usize); 8];
+        let mut node = root;
+        let mut level = self.levels - 1;
+        loop {
+            let index = entry_index(iova, level);
+            path[level as usize] = (node, index);
+            let entry = arena.load(node, index);
+            match entry & KIND_MASK {
+                KIND_TABLE if level > 0 => {
+                    node = (entry >> PAGE_SHIFT) as u32;
+                    level -= 1;
+                }
+                // A page-sized range inside a bigger leaf, or a page of a longer mapping.
+                KIND_LEAF if level > 0 || entry & (FIRST | LAST) != FIRST | LAST => {
+                    return Err(TableError::WouldSplit)
+                }
+                KIND_LEAF => break,
+                _ => return Ok(0),
+            }
+        }
+        // Clear the leaf, then every table node it leaves empty (never the root).
+        for level in 0..self.levels {
+            let (node, index) = path[level as usize];
+            arena.store(node, index, 0);
+            self.live[node as usize] -= 1;
+            if self.live[node as usize] > 0 || node == root {
+                break;
+            }
+            self.retired.push(node);
+        }
+        Ok(1)
     }
 
     /// Removes every mapping inside `[start, end]`, or nothing when a mapping crosses either
