@@ -185,7 +185,7 @@ impl Reference {
         if e < s {
             return Err(Error::InvalidRange { start: s, end: e });
         }
-        if !s.is_multiple_of(page) || !p.is_multiple_of(page) || (e % page) != page - 1 {
+        if s % page != 0 || p % page != 0 || (e % page) != page - 1 {
             return Err(Error::Misaligned {
                 start: s,
                 end: e,
