@@ -96,30 +96,7 @@ fn builtin_virtio_iommu_full_workload() {
     assert_eq!(viot.get("hex").unwrap(), hex(&qemu_viot()), "VIOT bytes");
 
     // Every endpoint on vfio-pci; 00:05.0 alone, 00:06.0 and 00:06.1 in one group.
-    let group_of = |bdf: &str| {
-        let m = run
-            .all("DEVICE")
-            .find(|m| m.get("bdf").unwrap() == bdf)
-            .unwrap_or_else(|| panic!("no DEVICE marker for {bdf}"));
-        assert_eq!(m.get("driver").unwrap(), "vfio-pci", "{}", m.line);
-        m.u64("group").unwrap()
-    };
-    let (g5, g6, g61) = (
-        group_of(EP_BDF),
-        group_of(GROUP_BDFS[0]),
-        group_of(GROUP_BDFS[1]),
-    );
-    assert_eq!(g6, g61, "both functions of 00:06 in one group");
-    assert_ne!(g5, g6);
-    let members = |g: u64| {
-        run.all("GROUP")
-            .find(|m| m.u64("group").unwrap() == g)
-            .unwrap_or_else(|| panic!("no GROUP marker for {g}"))
-            .list("devices")
-            .unwrap()
-    };
-    assert_eq!(members(g5), [EP_BDF]);
-    assert_eq!(members(g6), GROUP_BDFS);
+    rig::assert_rig_groups(&run);
 
     // The VFIO loop ran; its numbers are the baseline for the daemon.
     for name in ["map4k_x1", "map4k_x32", "map2m"] {

@@ -10,10 +10,8 @@ mod common;
 #[path = "e2e/rig.rs"]
 mod rig;
 
-use std::collections::BTreeSet;
-
 use common::Daemon;
-use rig::{pattern, GuestConfig, GuestMemory, Iommu, Marker, Rig, EP_BDF, GROUP_BDFS};
+use rig::{pattern, GuestConfig, GuestMemory, Iommu, Marker, Rig};
 use serde_json::{json, Value};
 use vhost_device_iommu::viot::{build_viot, PciBdf};
 
@@ -242,30 +240,7 @@ fn linux_guest_drives_the_daemon_through_vfio() {
         "from our page_size_mask"
     );
     // ... and put 00:05.0 alone, 00:06.0 and 00:06.1 together, into IOMMU groups.
-    let group_of = |bdf: &str| {
-        let m = run
-            .all("DEVICE")
-            .find(|m| m.get("bdf").unwrap() == bdf)
-            .unwrap_or_else(|| panic!("no DEVICE marker for {bdf}"));
-        assert_eq!(m.get("driver").unwrap(), "vfio-pci", "{}", m.line);
-        m.u64("group").unwrap()
-    };
-    let (g5, g6, g61) = (
-        group_of(EP_BDF),
-        group_of(GROUP_BDFS[0]),
-        group_of(GROUP_BDFS[1]),
-    );
-    assert_eq!(g6, g61, "both functions of 00:06 in one group");
-    assert_ne!(g5, g6);
-    let members: BTreeSet<String> = run
-        .all("GROUP")
-        .find(|m| m.u64("group").unwrap() == g6)
-        .unwrap()
-        .list("devices")
-        .unwrap()
-        .into_iter()
-        .collect();
-    assert_eq!(members, GROUP_BDFS.iter().map(|s| s.to_string()).collect());
+    rig::assert_rig_groups(&run);
 
     // Scenario 2: the VFIO loop ran without error; the daemon counted it; nothing leaked.
     for name in ["map4k_x1", "map4k_x32", "map2m"] {

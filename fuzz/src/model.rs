@@ -11,14 +11,14 @@
 
 use arbitrary::Arbitrary;
 use ownership::{
-    Access, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Limits,
-    Mapping, Requester, ResvKind, ResvRegion, Topology, Translation, Translator, X86_MSI_REGION,
+    Access, DomainId, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Limits, Requester,
+    ResvKind, ResvRegion, Topology, Translation, Translator, X86_MSI_REGION,
 };
 
 use crate::enc::decode_all;
 use crate::enc_enum;
 use crate::types::{Addr, Len};
-use ownership::reference::{Expected, Reference};
+use ownership::reference::{snapshot, Expected, Reference};
 
 /// A topology to run ops against.
 pub struct Setup {
@@ -243,39 +243,6 @@ enc_enum!(Op, 13;
     Op::Release { group, cookie } => 11 [group, cookie],
     Op::NewTranslator => 12 [],
 );
-
-/// Everything observable about the model, for "a refused operation changed nothing".
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    domains: Vec<DomainInfo>,
-    mappings: Vec<Vec<Mapping>>,
-    groups: Vec<Option<(Option<DomainId>, Vec<EndpointId>)>>,
-    owners: Vec<Option<u64>>,
-    bypass: bool,
-    stats_domains: u64,
-    stats_mappings: u64,
-}
-
-fn snapshot(m: &Iommu) -> Snapshot {
-    let domains = m.domains();
-    let mappings = domains
-        .iter()
-        .map(|d| m.mappings(d.id).unwrap_or_default())
-        .collect();
-    let n = m.topology().group_count() as u32 + 1;
-    let groups = (0..n).map(|g| m.group_attachment(GroupId(g))).collect();
-    let owners = (0..n).map(|g| m.dma_owner(GroupId(g))).collect();
-    let stats = m.stats();
-    Snapshot {
-        domains,
-        mappings,
-        groups,
-        owners,
-        bypass: m.bypass(),
-        stats_domains: stats.domains,
-        stats_mappings: stats.mappings,
-    }
-}
 
 fn check_translation(got: Result<Translation, Fault>, want: Expected, iova: u64, len: u64) {
     match (got, want) {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::pagetable::PERM_MASK;
 use crate::{
-    Access, DomainId, DomainKind, EndpointId, Error, Fault, GroupId, Mapping, Requester,
-    ResvRegion, Topology, PERM_MMIO, PERM_READ, PERM_WRITE,
+    Access, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Mapping,
+    Requester, ResvRegion, Topology, PERM_MMIO, PERM_READ, PERM_WRITE,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,5 +405,38 @@ impl Reference {
                 })
             }
         }
+    }
+}
+
+/// Everything observable about the model, for "a refused operation changed nothing".
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub domains: Vec<DomainInfo>,
+    pub mappings: Vec<Vec<Mapping>>,
+    pub groups: Vec<Option<(Option<DomainId>, Vec<EndpointId>)>>,
+    pub owners: Vec<Option<u64>>,
+    pub bypass: bool,
+    pub stats_domains: u64,
+    pub stats_mappings: u64,
+}
+
+pub fn snapshot(m: &Iommu) -> Snapshot {
+    let domains = m.domains();
+    let mappings = domains
+        .iter()
+        .map(|d| m.mappings(d.id).unwrap_or_default())
+        .collect();
+    let n = m.topology().group_count() as u32 + 1;
+    let groups = (0..n).map(|g| m.group_attachment(GroupId(g))).collect();
+    let owners = (0..n).map(|g| m.dma_owner(GroupId(g))).collect();
+    let stats = m.stats();
+    Snapshot {
+        domains,
+        mappings,
+        groups,
+        owners,
+        bypass: m.bypass(),
+        stats_domains: stats.domains,
+        stats_mappings: stats.mappings,
     }
 }

@@ -508,6 +508,38 @@ impl GuestRun {
     }
 }
 
+/// Scenario 1's groups, as the guest reported them: every endpoint bound to vfio-pci, 00:05.0
+/// alone in its IOMMU group, both functions of 00:06 together in another.
+pub fn assert_rig_groups(run: &GuestRun) {
+    let group_of = |bdf: &str| {
+        let m = run
+            .all("DEVICE")
+            .find(|m| m.get("bdf").unwrap() == bdf)
+            .unwrap_or_else(|| panic!("no DEVICE marker for {bdf}"));
+        assert_eq!(m.get("driver").unwrap(), "vfio-pci", "{}", m.line);
+        m.u64("group").unwrap()
+    };
+    let (g5, g6, g61) = (
+        group_of(EP_BDF),
+        group_of(GROUP_BDFS[0]),
+        group_of(GROUP_BDFS[1]),
+    );
+    assert_eq!(g6, g61, "both functions of 00:06 in one group");
+    assert_ne!(g5, g6);
+    let members = |g: u64| {
+        let mut devices = run
+            .all("GROUP")
+            .find(|m| m.u64("group").unwrap() == g)
+            .unwrap_or_else(|| panic!("no GROUP marker for {g}"))
+            .list("devices")
+            .unwrap();
+        devices.sort();
+        devices
+    };
+    assert_eq!(members(g5), [EP_BDF]);
+    assert_eq!(members(g6), GROUP_BDFS);
+}
+
 /// A failed run: why, and everything the console and QEMU printed.
 pub struct E2eError {
     pub reason: String,

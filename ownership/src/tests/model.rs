@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 
 use super::super::*;
-use crate::reference::{Expected, Reference};
+use crate::reference::{snapshot, Expected, Reference};
 
 const PAGE: u64 = 4096;
 const INPUT_END: u64 = (1 << 48) - 1;
@@ -120,35 +120,6 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (group(), cookie()).prop_map(|(g, c)| Op::Claim(g, c)),
         1 => (group(), cookie()).prop_map(|(g, c)| Op::Release(g, c)),
     ]
-}
-
-/// Everything observable about the model, for "a refused operation changed nothing".
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    domains: Vec<DomainInfo>,
-    mappings: Vec<Vec<Mapping>>,
-    groups: Vec<Option<(Option<DomainId>, Vec<EndpointId>)>>,
-    owners: Vec<Option<u64>>,
-    bypass: bool,
-    stats_mappings: u64,
-}
-
-fn snapshot(m: &Iommu) -> Snapshot {
-    let domains = m.domains();
-    let mappings = domains
-        .iter()
-        .map(|d| m.mappings(d.id).unwrap_or_default())
-        .collect();
-    let groups = (0..4).map(|g| m.group_attachment(GroupId(g))).collect();
-    let owners = (0..4).map(|g| m.dma_owner(GroupId(g))).collect();
-    Snapshot {
-        domains,
-        mappings,
-        groups,
-        owners,
-        bypass: m.bypass(),
-        stats_mappings: m.stats().mappings,
-    }
 }
 
 fn check_translation(
