@@ -443,10 +443,10 @@ fn ring_problem(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Option<String
         ("available ring", queue.avail_ring(), 6 + 2 * size),
         ("used ring", queue.used_ring(), 6 + 8 * size),
     ];
+    if queue.avail_ring() == 0 {
+        return Some("no available ring address".into());
+    }
     for (what, addr, len) in rings {
-        if addr == 0 && what == "available ring" {
-            return Some("no available ring address".into());
-        }
         if !mem.check_range(GuestAddress(addr), len as usize) {
             return Some(format!("{what} {addr:#x}+{len:#x} outside guest memory"));
         }

@@ -11,14 +11,14 @@
 
 use arbitrary::Arbitrary;
 use ownership::{
-    Access, DomainId, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Limits, Requester,
-    ResvKind, ResvRegion, Topology, Translation, Translator, X86_MSI_REGION,
+    Access, DomainId, DomainKind, EndpointId, Error, GroupId, Iommu, Limits, Requester, ResvKind,
+    ResvRegion, Topology, Translator, X86_MSI_REGION,
 };
 
 use crate::enc::decode_all;
 use crate::enc_enum;
 use crate::types::{Addr, Len};
-use ownership::reference::{snapshot, Expected, Reference};
+use ownership::reference::{check_group_translations, check_translation, snapshot, Reference};
 
 /// A topology to run ops against.
 pub struct Setup {
@@ -244,25 +244,6 @@ enc_enum!(Op, 13;
     Op::NewTranslator => 12 [],
 );
 
-fn check_translation(got: Result<Translation, Fault>, want: Expected, iova: u64, len: u64) {
-    match (got, want) {
-        (Err(a), Err(b)) => assert_eq!(a, b, "translate({iova:#x}, {len:#x})"),
-        (Ok(t), Ok(w)) => {
-            assert_eq!(t.gpa, w.gpa, "translate({iova:#x}): gpa");
-            assert_eq!(t.domain, w.domain, "translate({iova:#x}): domain");
-            assert_eq!(t.mmio, w.mmio, "translate({iova:#x}): mmio");
-            assert!(
-                w.min_len <= t.len && t.len <= w.max_len,
-                "translate({iova:#x}, {len:#x}): len {:#x} outside {:#x}..={:#x}",
-                t.len,
-                w.min_len,
-                w.max_len
-            );
-        }
-        (got, want) => panic!("translate({iova:#x}, {len:#x}): got {got:?}, want {want:?}"),
-    }
-}
-
 fn check_invariants(m: &Iommu, r: &Reference, t: &Translator) {
     // The states agree (domains, attachments, mappings, owners).
     let domains = m.domains();
@@ -345,41 +326,7 @@ fn check_invariants(m: &Iommu, r: &Reference, t: &Translator) {
         last.wrapping_add(1),
         u64::MAX,
     ];
-    for g in 0..r.groups.len() as u32 {
-        let members = r.topo.group_members(GroupId(g));
-        for (k, &iova) in probes.iter().enumerate() {
-            let access = if k % 2 == 0 {
-                Access::Read
-            } else {
-                Access::Write
-            };
-            let results: Vec<_> = members
-                .iter()
-                .map(|&e| t.translate(r.requester(e), e, iova, 1, access))
-                .collect();
-            for (&e, got) in members.iter().zip(&results) {
-                check_translation(
-                    *got,
-                    r.translate(r.requester(e), e, iova, 1, access),
-                    iova,
-                    1,
-                );
-                assert_eq!(t.group_of(e), Some(GroupId(g)));
-            }
-            // Endpoints with different reserved regions may differ in bypass (R5); otherwise
-            // they translate through the group's domain, with the same answer.
-            let doms: Vec<_> = results
-                .iter()
-                .filter(|r| **r != Err(Fault::Reserved))
-                .map(|r| r.map(|t| (t.domain, t.gpa, t.mmio)))
-                .collect();
-            let same = doms.windows(2).all(|w| w[0] == w[1]);
-            assert!(
-                same,
-                "endpoints of group {g} disagree at {iova:#x}: {results:?}"
-            );
-        }
-    }
+    check_group_translations(r, t, &probes).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs one fuzz input: a topology byte, then ops.
@@ -484,7 +431,8 @@ fn apply(m: &mut Iommu, r: &mut Reference, t: &Translator, s: &Setup, op: &Op) {
                 r.translate(req, e, iova, len, access),
                 iova,
                 len,
-            );
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
             // Inside a read-side section, twice: the same answer.
             let guard = t.read();
             let a = guard.translate(req, e, iova, len, access);

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::pagetable::PERM_MASK;
 use crate::{
     Access, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Mapping,
-    Requester, ResvRegion, Topology, PERM_MMIO, PERM_READ, PERM_WRITE,
+    Requester, ResvRegion, Topology, Translation, Translator, PERM_MMIO, PERM_READ, PERM_WRITE,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -439,4 +439,74 @@ pub fn snapshot(m: &Iommu) -> Snapshot {
         stats_domains: stats.domains,
         stats_mappings: stats.mappings,
     }
+}
+
+/// Whether a translation is what the reference expects: the same fault, or the same GPA,
+/// domain and memory type with a length within the expected bounds.
+pub fn check_translation(
+    got: Result<Translation, Fault>,
+    want: Expected,
+    iova: u64,
+    len: u64,
+) -> Result<(), String> {
+    match (got, want) {
+        (Err(a), Err(b)) if a == b => Ok(()),
+        (Ok(t), Ok(w))
+            if (t.gpa, t.domain, t.mmio) == (w.gpa, w.domain, w.mmio)
+                && w.min_len <= t.len
+                && t.len <= w.max_len =>
+        {
+            Ok(())
+        }
+        (got, want) => Err(format!(
+            "translate({iova:#x}, {len:#x}): got {got:?}, want {want:?}"
+        )),
+    }
+}
+
+/// Translate agrees with the reference for every endpoint at every probe IOVA (reads and
+/// writes alternating), and the endpoints of a group agree with each other: they translate
+/// through the group's domain with the same answer, except that endpoints with different
+/// reserved regions may differ where those regions are bypassed (spec R5).
+pub fn check_group_translations(
+    r: &Reference,
+    t: &Translator,
+    probes: &[u64],
+) -> Result<(), String> {
+    for g in 0..r.groups.len() as u32 {
+        let members = r.topo.group_members(GroupId(g));
+        for (k, &iova) in probes.iter().enumerate() {
+            let access = if k % 2 == 0 {
+                Access::Read
+            } else {
+                Access::Write
+            };
+            let results: Vec<_> = members
+                .iter()
+                .map(|&e| t.translate(r.requester(e), e, iova, 1, access))
+                .collect();
+            for (&e, got) in members.iter().zip(&results) {
+                check_translation(
+                    *got,
+                    r.translate(r.requester(e), e, iova, 1, access),
+                    iova,
+                    1,
+                )?;
+                if t.group_of(e) != Some(GroupId(g)) {
+                    return Err(format!("endpoint {e:#x} is not in group {g}"));
+                }
+            }
+            let answers: Vec<_> = results
+                .iter()
+                .filter(|r| **r != Err(Fault::Reserved))
+                .map(|r| r.map(|t| (t.domain, t.gpa, t.mmio)))
+                .collect();
+            if !answers.windows(2).all(|w| w[0] == w[1]) {
+                return Err(format!(
+                    "endpoints of group {g} disagree at {iova:#x}: {results:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

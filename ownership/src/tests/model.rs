@@ -7,7 +7,7 @@
 use proptest::prelude::*;
 
 use super::super::*;
-use crate::reference::{snapshot, Expected, Reference};
+use crate::reference::{check_group_translations, check_translation, snapshot, Reference};
 
 const PAGE: u64 = 4096;
 const INPUT_END: u64 = (1 << 48) - 1;
@@ -122,25 +122,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check_translation(
-    got: Result<Translation, Fault>,
-    want: Expected,
-    iova: u64,
-) -> Result<(), TestCaseError> {
-    match (got, want) {
-        (Err(a), Err(b)) => prop_assert_eq!(a, b),
-        (Ok(t), Ok(w)) => {
-            prop_assert_eq!(t.gpa, w.gpa);
-            prop_assert_eq!(t.domain, w.domain);
-            prop_assert_eq!(t.mmio, w.mmio);
-            prop_assert!(t.len <= w.max_len, "len {} beyond {}", t.len, w.max_len);
-            prop_assert!(t.len >= w.min_len, "len {} below {}", t.len, w.min_len);
-        }
-        (got, want) => prop_assert!(false, "translate({iova:#x}): got {got:?}, want {want:?}"),
-    }
-    Ok(())
-}
-
 fn check_invariants(m: &Iommu, r: &Reference, t: &Translator) -> Result<(), TestCaseError> {
     // The states agree (domains, attachments, mappings, owners).
     let domains = m.domains();
@@ -176,28 +157,7 @@ fn check_invariants(m: &Iommu, r: &Reference, t: &Translator) -> Result<(), Test
         (1 << 30) + PAGE,
         INPUT_END - 7,
     ];
-    for g in 0..r.groups.len() as u32 {
-        let members = r.topo.group_members(GroupId(g));
-        for (k, &iova) in probes.iter().enumerate() {
-            let access = if k % 2 == 0 {
-                Access::Read
-            } else {
-                Access::Write
-            };
-            let results: Vec<_> = members
-                .iter()
-                .map(|&e| t.translate(r.requester(e), e, iova, 1, access))
-                .collect();
-            for (&e, got) in members.iter().zip(&results) {
-                let want = r.translate(r.requester(e), e, iova, 1, access);
-                check_translation(*got, want, iova)?;
-            }
-            prop_assert!(
-                results.windows(2).all(|w| w[0] == w[1]),
-                "endpoints of group {g} disagree at {iova:#x}: {results:?}"
-            );
-        }
-    }
+    check_group_translations(r, t, &probes).map_err(TestCaseError::fail)?;
     Ok(())
 }
 
@@ -229,7 +189,9 @@ fn apply(m: &mut Iommu, r: &mut Reference, t: &Translator, op: &Op) -> Result<()
                 t.translate(req, e, iova, len, access),
                 r.translate(req, e, iova, len, access),
                 iova,
-            )?;
+                len,
+            )
+            .map_err(TestCaseError::fail)?;
             (Ok(0), Ok(0))
         }
         Op::Reset => {
