@@ -6,13 +6,21 @@
 //! old state has left its critical section. Only then may the device write an UNMAP's status,
 //! reuse a retired node, or report that an endpoint is detached.
 //!
-//! Correctness rests on an asymmetric pairing: a reader's store to its slot, a light barrier
-//! (a compiler fence) and its loads of the tables; the writer's unlinking stores, a heavy
-//! barrier (`membarrier(2)`, through the swmr-barrier crate: every thread of the process passes
-//! a full fence; where membarrier is missing both barriers are full fences) and its loads of
-//! the slots. Either the writer sees the reader busy (and waits), or the reader's loads come
-//! after the heavy barrier and see the unlinked state. Readers pay no locked instruction, so
-//! the cache misses of consecutive translations overlap.
+//! Readers pay no locked instruction and no fence, so the cache misses of consecutive
+//! translations overlap. A reader entering a section loads the global epoch (acquire) and
+//! publishes it in its slot (release); leaving, it publishes the same epoch as "outside". The
+//! writer bumps the epoch after its unlinking stores, and a grace period ends in one of two
+//! ways for each slot:
+//!
+//! - Fast, no interrupt: the slot shows an epoch at least the new one. That reader loaded the
+//!   new epoch, so it sees the unlinked state from then on (the bump happens-before its loads),
+//!   and every section it entered earlier ended before that store (release, acquire). A reader
+//!   that is translating re-enters within nanoseconds, so a busy reader is never interrupted.
+//! - Slow: a slot that stays behind for a few microseconds belongs to an idle reader or one in
+//!   a long section. The writer then passes a heavy barrier (`membarrier(2)` through the
+//!   swmr-barrier crate: every running thread of the process passes a full fence; where
+//!   membarrier is missing, readers fence on entry instead). After it a slot's value is
+//!   current: "outside" is final, and a reader still inside an older section is waited for.
 
 use std::{
     sync::{
@@ -22,20 +30,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A reader's published state: 0 when quiescent, else the epoch it entered in (always odd).
-/// One cache line each, so readers never share a line.
+/// A reader's published state: `epoch | 1` while inside a critical section entered at
+/// `epoch`, `epoch` (even) once it left it. One cache line each, so readers never share a line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct Slot {
     state: AtomicU64,
 }
 
-/// Registry of reader slots plus the global epoch.
+/// Registry of reader slots plus the global epoch (even; bumped by 2 per grace period).
 #[derive(Debug, Default)]
 pub struct Readers {
     epoch: AtomicU64,
     slots: Mutex<Vec<Arc<Slot>>>,
 }
+
+/// How long the writer watches a slot for the fast path before it passes the heavy barrier.
+const FAST_WINDOW: Duration = Duration::from_micros(4);
 
 impl Readers {
     /// A new slot for one reader thread.
@@ -54,19 +65,22 @@ impl Readers {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Enters a read-side critical section on `slot`.
-    #[inline]
-    pub fn enter(&self, slot: &Slot) {
-        let epoch = self.epoch.load(Ordering::Relaxed) | 1;
-        slot.state.store(epoch, Ordering::Relaxed);
+    /// Enters a read-side critical section on `slot`; returns the token [`Readers::leave`]
+    /// needs.
+    #[inline(always)]
+    pub fn enter(&self, slot: &Slot) -> u64 {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        slot.state.store(epoch | 1, Ordering::Release);
         // Ordered before this reader's table loads by the writer's heavy barrier.
         swmr_barrier::light_barrier();
+        epoch
     }
 
-    /// Leaves the critical section: nothing read inside may be used afterwards.
-    #[inline]
-    pub fn leave(&self, slot: &Slot) {
-        slot.state.store(0, Ordering::Release);
+    /// Leaves the critical section entered with `epoch`: nothing read inside may be used
+    /// afterwards.
+    #[inline(always)]
+    pub fn leave(&self, slot: &Slot, epoch: u64) {
+        slot.state.store(epoch, Ordering::Release);
     }
 
     /// Waits until every reader that entered before this call has left, and returns how long
@@ -78,31 +92,50 @@ impl Readers {
             // caller's unlinking stores: it cannot see the old state.
             return Duration::ZERO;
         }
-        swmr_barrier::heavy_barrier();
+        // Release: the caller's unlinking stores happen-before any load of the new epoch.
         let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
-        let mut started: Option<Instant> = None;
+        let start = Instant::now();
+        let mut behind: Vec<&Slot> = Vec::new();
         for slot in slots.iter() {
             let mut spins = 0u32;
-            loop {
-                let state = slot.state.load(Ordering::Acquire);
-                // Quiescent, or entered after our epoch bump: it sees the new state.
-                if state == 0 || state > target {
+            while slot.state.load(Ordering::Acquire) < target {
+                spins += 1;
+                if spins % 64 == 0 && start.elapsed() >= FAST_WINDOW {
+                    behind.push(slot);
                     break;
                 }
-                let since = *started.get_or_insert_with(Instant::now);
+                std::hint::spin_loop();
+            }
+        }
+        if behind.is_empty() {
+            return start.elapsed();
+        }
+        // Idle readers (or ones in a long section): make their slots current.
+        swmr_barrier::heavy_barrier();
+        for slot in behind {
+            let seen = slot.state.load(Ordering::Acquire);
+            // Outside (a section it enters later starts after the barrier), or inside one
+            // that loaded the new epoch.
+            if seen & 1 == 0 || seen >= target {
+                continue;
+            }
+            let mut spins = 0u32;
+            let since = Instant::now();
+            // Any change means the old section ended.
+            while slot.state.load(Ordering::Acquire) == seen {
                 spins += 1;
                 if spins < 256 {
                     std::hint::spin_loop();
                 } else {
-                    // A reader still inside after a few microseconds is busy with a DMA or
-                    // was preempted: sleep (with backoff) instead of stealing its CPU.
+                    // Still inside after a few microseconds: busy with a DMA or preempted.
+                    // Sleep (with backoff) instead of stealing its CPU.
                     let nap = (since.elapsed() / 8)
                         .clamp(Duration::from_micros(20), Duration::from_millis(1));
                     std::thread::sleep(nap);
                 }
             }
         }
-        started.map_or(Duration::ZERO, |t| t.elapsed())
+        start.elapsed()
     }
 }
 
@@ -115,7 +148,7 @@ mod tests {
     fn synchronize_waits_for_a_reader_inside() {
         let readers = Arc::new(Readers::default());
         let slot = readers.register();
-        readers.enter(&slot);
+        let epoch = readers.enter(&slot);
         let done = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (readers, done) = (readers.clone(), done.clone());
@@ -129,7 +162,7 @@ mod tests {
             !done.load(Ordering::SeqCst),
             "a grace period ended with a reader inside"
         );
-        readers.leave(&slot);
+        readers.leave(&slot, epoch);
         waiter.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
     }
@@ -139,10 +172,10 @@ mod tests {
         let readers = Readers::default();
         let slot = readers.register();
         readers.synchronize();
-        readers.enter(&slot);
+        let epoch = readers.enter(&slot);
         // Entered after the epoch moved: a new grace period still waits for it, but the one
         // that already ended did not. Leave and check a further one completes.
-        readers.leave(&slot);
+        readers.leave(&slot, epoch);
         readers.synchronize();
         readers.unregister(&slot);
         assert!(readers.lock().is_empty());

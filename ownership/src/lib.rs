@@ -248,7 +248,8 @@ struct Shared {
     readers: Readers,
     levels: u32,
     input_start: u64,
-    input_end: u64,
+    /// `input_end - input_start`: one compare checks the range.
+    input_span: u64,
     bypass: AtomicBool,
     groups: Box<[GroupCell]>,
     endpoints: Box<[EndpointCell]>,
@@ -392,7 +393,7 @@ impl Iommu {
             readers: Readers::default(),
             levels,
             input_start,
-            input_end,
+            input_span: input_end - input_start,
             bypass: AtomicBool::new(false),
             groups,
             endpoints,
@@ -993,6 +994,8 @@ pub struct Translator {
     shared: Arc<Shared>,
     slot: Arc<Slot>,
     depth: Cell<u32>,
+    /// The epoch the outermost open section entered at.
+    entered: Cell<u64>,
 }
 
 impl Clone for Translator {
@@ -1015,12 +1018,13 @@ pub struct ReadGuard<'a> {
 }
 
 impl Drop for ReadGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         let t = self.translator;
         let depth = t.depth.get() - 1;
         t.depth.set(depth);
         if depth == 0 {
-            t.shared.readers.leave(&t.slot);
+            t.shared.readers.leave(&t.slot, t.entered.get());
         }
     }
 }
@@ -1032,6 +1036,7 @@ impl Translator {
             shared,
             slot,
             depth: Cell::new(0),
+            entered: Cell::new(0),
         }
     }
 
@@ -1040,7 +1045,7 @@ impl Translator {
     pub fn read(&self) -> ReadGuard<'_> {
         let depth = self.depth.get();
         if depth == 0 {
-            self.shared.readers.enter(&self.slot);
+            self.entered.set(self.shared.readers.enter(&self.slot));
         }
         self.depth.set(depth + 1);
         ReadGuard { translator: self }
@@ -1048,7 +1053,7 @@ impl Translator {
 
     /// Translates one access; the result is only guaranteed current at the time of the call.
     /// Use [`Translator::read`] and [`ReadGuard::translate`] to keep it valid during the DMA.
-    #[inline]
+    #[inline(always)]
     pub fn translate(
         &self,
         requester: Requester,
@@ -1071,7 +1076,7 @@ impl ReadGuard<'_> {
     /// Translates the first bytes of `[iova, iova + len)` for `endpoint`: the returned
     /// translation covers `len` bytes or fewer (up to the end of the page-table entry); ask
     /// again for the rest.
-    #[inline]
+    #[inline(always)]
     pub fn translate(
         &self,
         requester: Requester,
@@ -1080,18 +1085,65 @@ impl ReadGuard<'_> {
         len: u64,
         access: Access,
     ) -> Result<Translation, Fault> {
+        self.endpoint(requester, endpoint)?
+            .translate(iova, len, access)
+    }
+
+    /// Resolves `endpoint` for `requester` once: the owner check and the group's domain, for
+    /// a DMA master that translates several addresses of one endpoint. The handle lives no
+    /// longer than this critical section, and that is what keeps it current: an ATTACH,
+    /// DETACH or owner change that would alter it completes only after the section ends.
+    #[inline(always)]
+    pub fn endpoint(
+        &self,
+        requester: Requester,
+        endpoint: EndpointId,
+    ) -> Result<EndpointView<'_>, Fault> {
         let shared = &*self.translator.shared;
         let ep = shared.endpoint(endpoint).ok_or(Fault::UnknownEndpoint)?;
-        let cell = &shared.groups[ep.group as usize];
+        let cell = shared
+            .groups
+            .get(ep.group as usize)
+            .ok_or(Fault::UnknownEndpoint)?;
         let token = requester.token();
         if token == OWNER_NONE || cell.owner.load(Ordering::Acquire) != token {
             return Err(Fault::NotOwner);
         }
-        let state = cell.state.load(Ordering::Acquire);
+        Ok(EndpointView {
+            shared,
+            ep,
+            state: cell.state.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// An endpoint resolved inside a read-side critical section (see [`ReadGuard::endpoint`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointView<'g> {
+    shared: &'g Shared,
+    ep: &'g EndpointCell,
+    /// The group's published state when the handle was made.
+    state: u64,
+}
+
+impl EndpointView<'_> {
+    /// The domain the endpoint's group is attached to, if any.
+    pub fn domain(&self) -> Option<DomainId> {
+        match self.state & 0b11 {
+            STATE_PAGING | STATE_IDENTITY => Some((self.state >> 32) as DomainId),
+            _ => None,
+        }
+    }
+
+    /// Translates the first bytes of `[iova, iova + len)`, as [`ReadGuard::translate`].
+    #[inline(always)]
+    pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Translation, Fault> {
+        let shared = self.shared;
+        let state = self.state;
         let domain = (state >> 32) as DomainId;
         match state & 0b11 {
             STATE_PAGING => {
-                if iova < shared.input_start || iova > shared.input_end {
+                if iova.wrapping_sub(shared.input_start) > shared.input_span {
                     return Err(Fault::OutOfRange);
                 }
                 let root = ((state >> 2) & 0x3fff_ffff) as u32;
@@ -1112,8 +1164,8 @@ impl ReadGuard<'_> {
                     mmio: entry & PERM_MMIO != 0,
                 })
             }
-            STATE_IDENTITY => identity(ep, iova, len, Some(domain)),
-            _ if shared.bypass.load(Ordering::Acquire) => identity(ep, iova, len, None),
+            STATE_IDENTITY => identity(self.ep, iova, len, Some(domain)),
+            _ if shared.bypass.load(Ordering::Acquire) => identity(self.ep, iova, len, None),
             _ => Err(Fault::NoDomain),
         }
     }

@@ -40,8 +40,22 @@ pub const PERM_MASK: u64 = PERM_READ | PERM_WRITE | PERM_MMIO;
 /// The leaf is the first / last entry of its mapping.
 const FIRST: u64 = 1 << 5;
 const LAST: u64 = 1 << 6;
-/// Leaf: the GPA of the entry's first byte. Table: the child's node index, shifted.
+/// Leaf: the GPA of the entry's first byte (a table entry holds [`CHILD_MASK`] bits instead).
 const ADDR_MASK: u64 = !((1 << PAGE_SHIFT) - 1);
+
+/// Table entry: the child's first entry index (node index times [`FANOUT`]), so a walk gets
+/// the next node's position with one mask.
+const CHILD_MASK: u64 = !(FANOUT as u64 - 1);
+
+#[inline]
+fn table_entry(child: u32) -> u64 {
+    (u64::from(child) << LEVEL_BITS) | KIND_TABLE
+}
+
+#[inline]
+fn child_of(entry: u64) -> u32 {
+    (entry >> LEVEL_BITS) as u32
+}
 
 /// Shift of the span one entry covers at `level`.
 #[inline]
@@ -163,25 +177,42 @@ impl Leaf {
 /// [`crate::epoch`]) so no node it reads is recycled.
 #[inline(always)]
 pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<(u64, u32)> {
-    let mut node = root;
-    let mut level = levels - 1;
+    // One copy of the walk per tree height, each fully unrolled with constant shifts: the
+    // instructions per translation bound how many translations' misses the CPU overlaps.
+    match levels {
+        4 => walk_from(arena, root, 3, iova),
+        3 => walk_from(arena, root, 2, iova),
+        5 => walk_from(arena, root, 4, iova),
+        6 => walk_from(arena, root, 5, iova),
+        2 => walk_from(arena, root, 1, iova),
+        _ => walk_from(arena, root, 0, iova),
+    }
+}
+
+#[inline(always)]
+fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<(u64, u32)> {
+    let entries: &[AtomicU64] = &arena.entries;
+    let mut base = root as usize * FANOUT;
+    let mut level = top;
     loop {
-        let entry = arena.load(node, entry_index(iova, level));
-        match entry & KIND_MASK {
-            KIND_LEAF => return Some((entry, level)),
-            KIND_TABLE if level > 0 => {
-                node = (entry >> PAGE_SHIFT) as u32;
-                level -= 1;
-            }
-            _ => return None,
+        let entry = entries
+            .get(base | entry_index(iova, level))?
+            .load(Ordering::Acquire);
+        if entry & KIND_TABLE != 0 && level > 0 {
+            base = (entry & CHILD_MASK) as usize;
+            level -= 1;
+            continue;
         }
+        return (entry & KIND_MASK == KIND_LEAF).then_some((entry, level));
     }
 }
 
 /// GPA of `iova` through a leaf `entry` at `level`, and the bytes left in the entry from there.
 #[inline(always)]
 pub fn leaf_target(entry: u64, level: u32, iova: u64) -> (u64, u64) {
-    let mask = span(level).wrapping_sub(1);
+    // Leaves sit at level 2 at most, so the shift never overflows (and wraps, unchecked, if
+    // a corrupt level ever came here).
+    let mask = 1u64.wrapping_shl(level_shift(level)).wrapping_sub(1);
     let offset = iova & mask;
     ((entry & ADDR_MASK) + offset, mask - offset + 1)
 }
@@ -283,7 +314,7 @@ impl TableWriter {
             for index in 0..FANOUT {
                 let entry = arena.load(node, index);
                 if entry & KIND_MASK == KIND_TABLE {
-                    self.retire_subtree(arena, (entry >> PAGE_SHIFT) as u32, level - 1);
+                    self.retire_subtree(arena, child_of(entry), level - 1);
                 }
             }
         }
@@ -325,7 +356,7 @@ impl TableWriter {
                 KIND_TABLE => {
                     let lo = start.max(slot);
                     let hi = end.min(slot | (span(level) - 1));
-                    if self.any_in(arena, (entry >> PAGE_SHIFT) as u32, level - 1, lo, hi) {
+                    if self.any_in(arena, child_of(entry), level - 1, lo, hi) {
                         return true;
                     }
                 }
@@ -424,7 +455,7 @@ impl TableWriter {
                 continue;
             }
             let child = if entry & KIND_MASK == KIND_TABLE {
-                Some((entry >> PAGE_SHIFT) as u32)
+                Some(child_of(entry))
             } else if dry {
                 *needed += 1;
                 None
@@ -434,7 +465,7 @@ impl TableWriter {
                     continue;
                 };
                 let n = node.unwrap_or_default();
-                arena.store(n, index, (u64::from(child) << PAGE_SHIFT) | KIND_TABLE);
+                arena.store(n, index, table_entry(child));
                 self.live[n as usize] += 1;
                 Some(child)
             };
@@ -449,7 +480,7 @@ impl TableWriter {
         for level in (1..self.levels).rev() {
             let entry = arena.load(node, entry_index(iova, level));
             match entry & KIND_MASK {
-                KIND_TABLE => node = (entry >> PAGE_SHIFT) as u32,
+                KIND_TABLE => node = child_of(entry),
                 KIND_LEAF => return None,
                 _ => return Some(level),
             }
@@ -477,13 +508,13 @@ impl TableWriter {
             let index = entry_index(iova, level);
             let entry = arena.load(node, index);
             node = if entry & KIND_MASK == KIND_TABLE {
-                (entry >> PAGE_SHIFT) as u32
+                child_of(entry)
             } else {
                 // Counted above: allocation cannot fail here.
                 let Some(child) = self.alloc(arena) else {
                     return Err(TableError::NoMemory);
                 };
-                arena.store(node, index, (u64::from(child) << PAGE_SHIFT) | KIND_TABLE);
+                arena.store(node, index, table_entry(child));
                 self.live[node as usize] += 1;
                 child
             };
@@ -506,7 +537,7 @@ impl TableWriter {
             let entry = arena.load(node, index);
             match entry & KIND_MASK {
                 KIND_TABLE if level > 0 => {
-                    node = (entry >> PAGE_SHIFT) as u32;
+                    node = child_of(entry);
                     level -= 1;
                 }
                 // A page-sized range inside a bigger leaf, or a page of a longer mapping.
@@ -574,7 +605,7 @@ impl TableWriter {
                     let slot = node_base | ((index as u64) << level_shift(level));
                     let lo = start.max(slot);
                     let hi = end.min(slot | (span(level) - 1));
-                    let child = (entry >> PAGE_SHIFT) as u32;
+                    let child = child_of(entry);
                     removed += self.clear(arena, child, level - 1, lo, hi);
                     if self.live[child as usize] == 0 {
                         arena.store(node, index, 0);
@@ -628,9 +659,7 @@ impl TableWriter {
             let entry = arena.load(node, index);
             match entry & KIND_MASK {
                 KIND_LEAF => f(Leaf::decode(entry, slot, level)),
-                KIND_TABLE => {
-                    self.for_each_leaf(arena, (entry >> PAGE_SHIFT) as u32, level - 1, slot, f)
-                }
+                KIND_TABLE => self.for_each_leaf(arena, child_of(entry), level - 1, slot, f),
                 _ => {}
             }
         }

@@ -835,5 +835,66 @@ fn concurrent_readers_see_only_whole_current_mappings() {
     assert_eq!(m.stats().table_bytes, 4096, "emptied tables were recycled");
 }
 
+/// The IOTLB-sync rule under load: a reader that got a translation inside its critical
+/// section never sees the UNMAP that removes it complete before it leaves. Busy readers
+/// (ended by the grace period's fast path) and readers that linger inside their section (the
+/// heavy-barrier path) both run; every MAP uses a fresh GPA, so a stale result is detectable.
+#[test]
+fn no_unmap_completes_under_a_reader_that_holds_its_translation() {
+    const BASE: u64 = 1 << 30;
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Generations below this have been unmapped (their UNMAP returned).
+    let dead_below = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let readers: Vec<_> = (0..2u64)
+        .map(|k| {
+            let t = m.translator();
+            let (stop, dead_below) = (stop.clone(), dead_below.clone());
+            std::thread::spawn(move || {
+                let (mut hits, mut round) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    round += 1;
+                    let guard = t.read();
+                    if let Ok(tr) = guard.translate(Requester::DmaApi, 1, 0, 1, Access::Read) {
+                        let generation = (tr.gpa - BASE) / PAGE;
+                        // Reader 1 lingers now and then, so grace periods take the slow path.
+                        if k == 1 && round % 64 == 0 {
+                            std::thread::sleep(Duration::from_micros(50));
+                        }
+                        assert!(
+                            dead_below.load(Ordering::SeqCst) <= generation,
+                            "generation {generation} was unmapped while a reader held it"
+                        );
+                        hits += 1;
+                    }
+                    drop(guard);
+                }
+                hits
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+    let mut generation = 0u64;
+    while std::time::Instant::now() < deadline {
+        m.map(1, 0, PAGE - 1, BASE + generation * PAGE, RW).unwrap();
+        std::thread::yield_now();
+        assert_eq!(m.unmap(1, 0, PAGE - 1), Ok(1));
+        generation += 1;
+        dead_below.store(generation, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let hits: Vec<u64> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert!(
+        generation > 100,
+        "the writer made progress ({generation} pairs)"
+    );
+    assert!(
+        hits.iter().all(|&h| h > 0),
+        "readers saw mappings: {hits:?}"
+    );
+}
+
 mod isolation;
 mod model;
