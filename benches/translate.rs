@@ -195,13 +195,20 @@ fn limits() -> Limits {
     }
 }
 
-fn build_ours(w: &Workload) -> Iommu {
+/// Our model with `w`'s mappings; its page-table memory on transparent huge pages as the
+/// daemon does it (`thp`), or left on 4 KiB pages.
+fn build_ours_with(w: &Workload, thp: bool) -> Iommu {
     let topo = Topology::builder()
         .endpoints([EP])
         .limits(limits())
         .build()
         .expect("topology");
     let mut iommu = Iommu::new(topo);
+    if thp {
+        if let Err(e) = vhost_device_iommu::hugepages::advise_table_memory(&iommu) {
+            eprintln!("no transparent huge pages for the tables: {e}");
+        }
+    }
     iommu
         .attach(DOMAIN, EP, DomainKind::Paging)
         .expect("attach");
@@ -212,6 +219,10 @@ fn build_ours(w: &Workload) -> Iommu {
             .expect("map");
     }
     iommu
+}
+
+fn build_ours(w: &Workload) -> Iommu {
+    build_ours_with(w, true)
 }
 
 #[inline]
@@ -426,6 +437,8 @@ struct SingleRow {
     ours_handle: (f64, f64, f64),
     base_locked: (f64, f64, f64),
     ours_guard64: Option<f64>,
+    /// The handle with the tables on 4 KiB pages (no THP advice).
+    ours_handle_small_pages: Option<f64>,
     /// Latency: each IOVA depends on the previous result (no overlap between calls).
     ours_dep: Option<f64>,
     base_dep: Option<f64>,
@@ -444,23 +457,39 @@ fn quartiles(v: &[f64]) -> (f64, f64, f64) {
 }
 
 /// Walks `q` from a moving position; with `dependent`, the next position depends on the
-/// previous translation (latency instead of throughput).
+/// previous translation (latency instead of throughput). The two loops are separate code:
+/// one loop with a runtime flag let the compiler pick the step with a conditional move, which
+/// made the "independent" walk wait for every result as well.
 fn walker<'a>(q: &'a [u64], dependent: bool, f: impl Fn(u64) -> u64 + 'a) -> Variant<'a> {
     let mut i = 0usize;
-    Box::new(move |iters| {
-        let mut sum = 0u64;
-        for _ in 0..iters {
-            let r = f(q[i]);
-            sum = sum.wrapping_add(r);
-            // `r` is a GPA (page aligned plus offset, never MAX here): bit 63 is clear, so
-            // the step is 1 either way, but the CPU cannot know that before `r` arrives.
-            i += if dependent { 1 + (r >> 63) as usize } else { 1 };
-            if i >= q.len() {
-                i = 0;
+    if dependent {
+        Box::new(move |iters| {
+            let mut sum = 0u64;
+            for _ in 0..iters {
+                let r = f(q[i]);
+                sum = sum.wrapping_add(r);
+                // `r` is a GPA (page aligned plus offset, never MAX here): bit 63 is clear,
+                // so the step is 1, but the CPU cannot know that before `r` arrives.
+                i += 1 + (r >> 63) as usize;
+                if i >= q.len() {
+                    i = 0;
+                }
             }
-        }
-        sum
-    })
+            sum
+        })
+    } else {
+        Box::new(move |iters| {
+            let mut sum = 0u64;
+            for _ in 0..iters {
+                sum = sum.wrapping_add(f(q[i]));
+                i += 1;
+                if i == q.len() {
+                    i = 0;
+                }
+            }
+            sum
+        })
+    }
 }
 
 /// Walks `q` in chunks of 64 from a moving position, `f` translating one chunk.
@@ -536,6 +565,7 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                     assert_ne!(ours_translate(&t, iova), u64::MAX);
                 }
                 let extra = sizes == Sizes::Small && random;
+                let mut small_pages: Option<Translator> = None;
                 let mut variants: Vec<Variant<'_>> = vec![
                     walker(&q, false, |iova| ours_translate(&t, iova)),
                     walker(&q, false, |iova| base_translate(&base, iova)),
@@ -575,6 +605,17 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                     }));
                     variants.push(walker(&q, true, |iova| ours_translate(&t, iova)));
                     variants.push(walker(&q, true, |iova| base_translate(&base, iova)));
+                    // The handle again, tables on 4 KiB pages: what huge pages buy.
+                    let t4 = &*small_pages.insert(build_ours_with(&w, false).translator());
+                    variants.push(chunked(&q, move |chunk, sum| {
+                        let guard = t4.read();
+                        if let Ok(view) = guard.endpoint(Requester::DmaApi, EP) {
+                            for &iova in chunk {
+                                let r = view.translate(iova, 8, Access::Read);
+                                *sum = sum.wrapping_add(r.map_or(u64::MAX, |x| x.gpa));
+                            }
+                        }
+                    }));
                 }
                 let res = interleaved(&mut variants, samples, sample_ms);
                 let row = SingleRow {
@@ -588,6 +629,7 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                     ours_guard64: extra.then(|| quartiles(&res[4]).0),
                     ours_dep: extra.then(|| quartiles(&res[5]).0),
                     base_dep: extra.then(|| quartiles(&res[6]).0),
+                    ours_handle_small_pages: extra.then(|| quartiles(&res[7]).0),
                     table_per_mapping: table_bytes as f64 / n as f64,
                 };
                 eprintln!(
@@ -1068,13 +1110,13 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
     println!();
     println!("== translate(), one thread: ns per call, median of interleaved samples [IQR] ==");
     println!(
-        "| mappings | sizes | IOVAs | ours, one call ns | RwLock<BTreeMap>, one call ns | baseline / ours | ours, handle per 64 ns | baseline, lock per 64 ns | baseline / ours | ours, one-shot calls in a guard per 64 | ours latency (dependent) | baseline latency (dependent) | ours table bytes/mapping |"
+        "| mappings | sizes | IOVAs | ours, one call ns | RwLock<BTreeMap>, one call ns | baseline / ours | ours, handle per 64 ns | baseline, lock per 64 ns | baseline / ours | ours, one-shot calls in a guard per 64 | ours latency (dependent) | baseline latency (dependent) | ours, handle, tables on 4 KiB pages | ours table bytes/mapping |"
     );
-    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
     for r in single {
         println!(
-            "| {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {} | {} | {} | {} | {:.1} |",
             fmt_n(r.n),
             if r.sizes == Sizes::Small { "4K" } else { "4K/64K/2M" },
             if r.random { "random" } else { "sequential" },
@@ -1095,6 +1137,7 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
             opt(r.ours_guard64),
             opt(r.ours_dep),
             opt(r.base_dep),
+            opt(r.ours_handle_small_pages),
             r.table_per_mapping
         );
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod device;
 pub mod events;
+pub mod hugepages;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod server;

@@ -265,6 +265,30 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Shared {
+    /// The owner check and the group's state: an endpoint handle. Only valid inside a
+    /// read-side critical section.
+    #[inline(always)]
+    fn resolve(
+        &self,
+        requester: Requester,
+        endpoint: EndpointId,
+    ) -> Result<EndpointView<'_>, Fault> {
+        let ep = self.endpoint(endpoint).ok_or(Fault::UnknownEndpoint)?;
+        let cell = self
+            .groups
+            .get(ep.group as usize)
+            .ok_or(Fault::UnknownEndpoint)?;
+        let token = requester.token();
+        if token == OWNER_NONE || cell.owner.load(Ordering::Acquire) != token {
+            return Err(Fault::NotOwner);
+        }
+        Ok(EndpointView {
+            shared: self,
+            ep,
+            state: cell.state.load(Ordering::Acquire),
+        })
+    }
+
     #[inline]
     fn endpoint(&self, id: EndpointId) -> Option<&EndpointCell> {
         let position = match &self.index {
@@ -880,6 +904,13 @@ impl Iommu {
             .collect()
     }
 
+    /// The page-table memory's address range (start, bytes): reserved once, committed as
+    /// nodes are first written. The daemon asks for transparent huge pages on it, so that
+    /// random translations over large tables miss the TLB less.
+    pub fn table_memory(&self) -> (usize, usize) {
+        self.shared.arena.address_range()
+    }
+
     pub fn stats(&self) -> ModelStats {
         ModelStats {
             domains: self.domains.len() as u64,
@@ -1062,8 +1093,21 @@ impl Translator {
         len: u64,
         access: Access,
     ) -> Result<Translation, Fault> {
-        self.read()
-            .translate(requester, endpoint, iova, len, access)
+        let shared = &*self.shared;
+        if self.depth.get() != 0 {
+            // Already inside a section (a guard is open on this thread).
+            return shared
+                .resolve(requester, endpoint)?
+                .translate(iova, len, access);
+        }
+        // A section of its own, without the guard's bookkeeping. Nothing in between can
+        // panic (no indexing, no allocation), so the slot is always left.
+        let epoch = shared.readers.enter(&self.slot);
+        let result = shared
+            .resolve(requester, endpoint)
+            .and_then(|view| view.translate(iova, len, access));
+        shared.readers.leave(&self.slot, epoch);
+        result
     }
 
     /// The endpoint's group, if the endpoint exists.
@@ -1099,21 +1143,7 @@ impl ReadGuard<'_> {
         requester: Requester,
         endpoint: EndpointId,
     ) -> Result<EndpointView<'_>, Fault> {
-        let shared = &*self.translator.shared;
-        let ep = shared.endpoint(endpoint).ok_or(Fault::UnknownEndpoint)?;
-        let cell = shared
-            .groups
-            .get(ep.group as usize)
-            .ok_or(Fault::UnknownEndpoint)?;
-        let token = requester.token();
-        if token == OWNER_NONE || cell.owner.load(Ordering::Acquire) != token {
-            return Err(Fault::NotOwner);
-        }
-        Ok(EndpointView {
-            shared,
-            ep,
-            state: cell.state.load(Ordering::Acquire),
-        })
+        self.translator.shared.resolve(requester, endpoint)
     }
 }
 

@@ -110,6 +110,15 @@ impl Arena {
         self.capacity
     }
 
+    /// Where the arena's entries live: start address and length in bytes, for a caller that
+    /// wants to advise the kernel about the memory (huge pages); never dereferenced here.
+    pub fn address_range(&self) -> (usize, usize) {
+        (
+            self.entries.as_ptr() as usize,
+            std::mem::size_of_val(&*self.entries),
+        )
+    }
+
     #[inline]
     fn entry(&self, node: u32, index: usize) -> Option<&AtomicU64> {
         self.entries
