@@ -15,6 +15,8 @@
 //! round. At the end: daemon CPU use while idle (connected, nothing sent, 2 s).
 //!
 //! Environment: `BENCH_SCALE` multiplies the time per run (default 1: 0.4 s x 3 rounds).
+//! `REQUEST_PATH_BASELINE=PATH` adds one more backend, another daemon binary (e.g. a build
+//! of an earlier commit) with default polling, so a change is compared in the same run.
 //! Under `cargo test --benches` (no `--bench`) it runs once, briefly.
 
 #[path = "../examples/loadgen.rs"]
@@ -80,14 +82,33 @@ fn spawn(
     }
 }
 
+fn baseline_daemon() -> Option<String> {
+    std::env::var("REQUEST_PATH_BASELINE")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
 fn spawn_all(cpu: Option<usize>) -> Vec<Backend> {
-    vec![
+    let mut backends = vec![
         spawn("daemon, poll 50 us (default)", None, &[], false, cpu),
         spawn("daemon, --poll-us 0", None, &["--poll-us", "0"], false, cpu),
         spawn("daemon, poll 50 us, anchored", None, &[], true, cpu),
         spawn("minimal, sleeps between kicks", Some(0), &[], false, cpu),
         spawn("minimal, spins 50 us", Some(50), &[], false, cpu),
-    ]
+    ];
+    if let Some(path) = baseline_daemon() {
+        let daemon = SpawnedDaemon::spawn(Path::new(&path), &[], cpu)
+            .unwrap_or_else(|e| panic!("baseline {path}: {e}"));
+        let guest = Guest::connect(&daemon.socket, LoadOptions::default())
+            .unwrap_or_else(|e| panic!("baseline {path}: {e}"));
+        backends.push(Backend {
+            label: "baseline daemon (REQUEST_PATH_BASELINE), poll 50 us",
+            daemon,
+            guest,
+            results: Vec::new(),
+        });
+    }
+    backends
 }
 
 /// A placement's name, its backends, and per backend the median run of each K.
@@ -200,12 +221,24 @@ fn main() {
         println!();
         println!("ratios (requests/s), {name}:");
         println!();
-        println!("| K | daemon poll / minimal spin | daemon no-poll / minimal sleep | daemon poll / daemon no-poll | anchored / not |");
-        println!("|---:|---:|---:|---:|---:|");
+        let baseline = medians.len() > 5;
+        println!(
+            "| K | daemon poll / minimal spin | daemon no-poll / minimal sleep | daemon poll / daemon no-poll | anchored / not |{}",
+            if baseline { " daemon poll / baseline daemon |" } else { "" }
+        );
+        println!(
+            "|---:|---:|---:|---:|---:|{}",
+            if baseline { "---:|" } else { "" }
+        );
         for (ki, &k) in ks.iter().enumerate() {
             let r = |i: usize| medians[i][ki].requests_per_sec();
+            let extra = if baseline {
+                format!(" {:.2} |", r(0) / r(5))
+            } else {
+                String::new()
+            };
             println!(
-                "| {k} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {k} | {:.2} | {:.2} | {:.2} | {:.2} |{extra}",
                 r(0) / r(4),
                 r(1) / r(3),
                 r(0) / r(1),
@@ -242,9 +275,10 @@ fn main() {
             }
         }
     }
+    let per_placement = all.first().map_or(5, |(_, bs, _)| bs.len());
     let worst_idle = idle_pct
         .iter()
-        .step_by(5)
+        .step_by(per_placement)
         .flatten()
         .fold(0.0f64, |a, &b| a.max(b));
     println!(

@@ -32,6 +32,7 @@ use crate::{
     device::{self, Reply},
     events::FaultQueue,
     log_limited,
+    ring::{self, FastChain, RegionCache, RingKey, Rings, SliceWriter},
     stats::Stats,
     translate::TranslationService,
 };
@@ -43,7 +44,7 @@ type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// The epoll id of the fault backlog's eventfd (ids up to `NUM_QUEUES` are reserved).
 pub const FAULT_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Device-readable bytes looked at: the longest request (PROBE) is 72.
-const MAX_READABLE: usize = 128;
+pub(crate) const MAX_READABLE: usize = 128;
 /// Writable descriptors accepted in one chain (Linux uses one).
 const MAX_WRITABLE_SEGMENTS: usize = 16;
 /// Largest device-writable area the device fills (the tail sits at its end).
@@ -79,6 +80,11 @@ impl Device {
         let mut iommu = Iommu::try_new(config.topology.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e.to_string()))?;
         iommu.set_bypass(effective_bypass(&config.config, config.features));
+        // Page tables on transparent huge pages: fewer TLB misses on the DMA fast path.
+        match crate::hugepages::advise_table_memory(&iommu) {
+            Ok(bytes) => log::debug!("page tables: {bytes} bytes advised for huge pages"),
+            Err(e) => log::info!("page tables stay on small pages (madvise: {e})"),
+        }
         Ok(Arc::new(Device {
             iommu: Mutex::new(iommu),
             config: Mutex::new(config.config),
@@ -193,12 +199,17 @@ impl Device {
         if writable_len > MAX_WRITABLE {
             return self.malformed(format_args!("writable area of {writable_len} bytes"));
         }
+        let mut sink = SegmentWriter::new(mem, &segments[..n_segments]);
+        self.answer(&readable[..readable_len], writable_len, &mut sink)
+    }
 
+    /// Applies one checked request (its device-readable bytes, the size of its writable area)
+    /// and writes the reply through `sink`; returns the used length. The model's lock is held
+    /// for the request only, not while the reply is written.
+    fn answer<S: ReplySink>(&self, readable: &[u8], writable_len: usize, sink: &mut S) -> u32 {
         let features = self.acked.load(Relaxed);
         let probe_size = self.probe_size;
-        let readable = &readable[..readable_len];
-        let segments = &segments[..n_segments];
-        let handle = |properties: &mut [u8]| {
+        let mut handle = |properties: &mut [u8]| {
             let reply = device::handle(
                 &mut self.iommu(),
                 readable,
@@ -207,7 +218,7 @@ impl Device {
                 probe_size,
                 properties,
             );
-            self.reply(mem, segments, writable_len, reply, properties, readable)
+            self.reply(sink, writable_len, reply, properties, readable)
         };
         if readable.first() == Some(&(RequestType::Probe as u8)) {
             PROBE_SCRATCH.with_borrow_mut(|scratch| {
@@ -222,10 +233,9 @@ impl Device {
     /// Writes a reply: PROBE properties (P8: zero-filled to probe_size), zeros, and the tail in
     /// the last 4 bytes. The whole writable area is written and reported as used, since Linux
     /// copies a request's status back only when the used length covers it.
-    fn reply(
+    fn reply<S: ReplySink>(
         &self,
-        mem: &GuestMemory,
-        segments: &[(GuestAddress, usize)],
+        w: &mut S,
         writable_len: usize,
         reply: Reply,
         properties: &[u8],
@@ -256,7 +266,6 @@ impl Device {
                 } else {
                     0
                 };
-                let mut w = SegmentWriter::new(mem, segments);
                 if w.write(&properties[..props])
                     && w.zeros(body - props)
                     && w.write(&Status::tail(status))
@@ -284,44 +293,83 @@ impl Device {
     /// A ring the device cannot use (not ready, outside guest memory, an avail index running
     /// more than the queue size ahead) is left alone until the next kick: the loop goes round
     /// again only after a pass that made progress, so no guest can make it spin.
+    ///
+    /// Passes run on the ring fast path (`ring.rs`: rings resolved to host memory once per
+    /// layout, simple chains parsed straight from the descriptor table, used elements and the
+    /// used index written once per pass) whenever the rings lie inside single memory regions;
+    /// any chain that is not the simple case goes through virtio-queue and
+    /// [`Device::process_chain`], exactly as on the slow path.
     fn process_requests(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<usize> {
         let mut handled = 0usize;
         let mut polled = false;
+        // Resolved for this memory snapshot; re-resolved when the ring layout changes.
+        let mut rings: Option<Rings<'_>> = None;
+        let mut cache = RegionCache::default();
+        let mut chain = FastChain::default();
         loop {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
-            if let Some(problem) = ring_problem(queue, mem) {
-                if queue.ready() {
-                    self.stats.broken_rings.fetch_add(1, Relaxed);
-                    log_limited!(log::Level::Warn, "request queue unusable: {problem}");
+            if queue.ready() && rings.is_none_or(|r| r.key != RingKey::of(queue)) {
+                rings = Rings::new(queue, mem);
+            }
+            let fast = rings.filter(|_| queue.ready());
+            // With a resolved view only the avail index can have gone wrong since.
+            let usable = match fast {
+                Some(r) => r
+                    .avail_idx(std::sync::atomic::Ordering::Acquire)
+                    .is_some_and(|idx| idx.wrapping_sub(queue.next_avail()) <= r.size()),
+                None => false,
+            };
+            if !usable {
+                if let Some(problem) = ring_problem(queue, mem) {
+                    if queue.ready() {
+                        self.stats.broken_rings.fetch_add(1, Relaxed);
+                        log_limited!(log::Level::Warn, "request queue unusable: {problem}");
+                    }
+                    break;
                 }
-                break;
             }
             // Notifications off while there is work; the driver need not kick.
             let _ = queue.disable_notification(mem);
+            let old_used = queue.next_used();
             // The pass's requests share one grace period (the IOTLB-sync rule): none is
             // reported complete before every translation they took away is gone.
             let batch = USED_SCRATCH.with_borrow_mut(|done| {
                 self.iommu().begin_batch();
-                while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                    let head = chain.head_index();
-                    done.push((head, self.process_chain(mem, chain)));
+                match fast {
+                    Some(r) => self.fast_pass(queue, mem, &r, &mut cache, &mut chain, done),
+                    None => {
+                        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                            let head = chain.head_index();
+                            done.push((head, self.process_chain(mem, chain)));
+                        }
+                    }
                 }
                 self.iommu().end_batch();
                 let n = done.len();
-                for (head, used) in done.drain(..) {
-                    if queue.add_used(mem, head, used).is_err() {
-                        log_limited!(log::Level::Warn, "used ring write failed");
+                match fast {
+                    Some(r) => publish_used(queue, &r, done),
+                    None => {
+                        for (head, used) in done.drain(..) {
+                            if queue.add_used(mem, head, used).is_err() {
+                                log_limited!(log::Level::Warn, "used ring write failed");
+                            }
+                        }
                     }
                 }
                 n
             });
-            let signal = batch > 0 && needs_signal(queue, mem);
+            let signal = batch > 0
+                && match fast {
+                    Some(r) => needs_signal_fast(queue, &r, old_used),
+                    None => needs_signal(queue, mem),
+                };
             if batch == 0 {
                 // Nothing could be popped: sleep until the next kick.
                 let _ = queue.enable_notification(mem);
                 break;
             }
+            let next_avail = queue.next_avail();
             drop(state);
             if signal {
                 vring.signal_used_queue()?;
@@ -330,9 +378,15 @@ impl Device {
             if polled {
                 self.stats.polled_requests.fetch_add(batch as u64, Relaxed);
             }
-            if self.poll > Duration::ZERO && self.poll_avail(vring, mem) {
-                polled = true;
-                continue;
+            if self.poll > Duration::ZERO {
+                let moved = match fast {
+                    Some(r) => self.poll_avail_fast(vring, &r, next_avail),
+                    None => self.poll_avail(vring, mem),
+                };
+                if moved {
+                    polled = true;
+                    continue;
+                }
             }
             polled = false;
             let mut state = vring.get_mut();
@@ -350,6 +404,63 @@ impl Device {
             self.stats.spurious_wakeups.fetch_add(1, Relaxed);
         }
         Ok(handled)
+    }
+
+    /// One pass on the fast path: every chain the driver made available (at most a queue's
+    /// worth), simple chains straight from the rings, the others through virtio-queue. Used
+    /// elements go to `done`; the queue's `next_avail` is kept current.
+    fn fast_pass<'m>(
+        &self,
+        queue: &mut virtio_queue::Queue,
+        mem: &'m GuestMemory,
+        rings: &Rings<'m>,
+        cache: &mut RegionCache<'m>,
+        chain: &mut FastChain<'m>,
+        done: &mut Vec<(u16, u32)>,
+    ) {
+        let size = rings.size();
+        let mut next = queue.next_avail();
+        'pass: while done.len() < usize::from(size) {
+            let Some(avail) = rings.avail_idx(std::sync::atomic::Ordering::Acquire) else {
+                break;
+            };
+            let pending = avail.wrapping_sub(next);
+            // More than a queue ahead: the next pass's check reports it.
+            if pending == 0 || pending > size {
+                break;
+            }
+            for _ in 0..pending {
+                if done.len() == usize::from(size) {
+                    break 'pass;
+                }
+                let simple = rings
+                    .avail_entry(next)
+                    .filter(|&head| head < size)
+                    .filter(|&head| rings.parse(mem, cache, head, chain).is_some())
+                    .filter(|_| chain.writable_len <= MAX_WRITABLE);
+                match simple {
+                    Some(head) => {
+                        next = next.wrapping_add(1);
+                        let readable = &chain.readable[..chain.readable_len];
+                        let mut sink = SliceWriter::new(&chain.writable[..chain.n_writable]);
+                        let used = self.answer(readable, chain.writable_len, &mut sink);
+                        done.push((head, used));
+                    }
+                    None => {
+                        // Not the simple case: virtio-queue's chain and the slow path's
+                        // checks decide (the same entry, read again).
+                        queue.set_next_avail(next);
+                        let Some(slow) = queue.pop_descriptor_chain(mem) else {
+                            break 'pass;
+                        };
+                        let head = slow.head_index();
+                        done.push((head, self.process_chain(mem, slow)));
+                        next = queue.next_avail();
+                    }
+                }
+            }
+        }
+        queue.set_next_avail(next);
     }
 
     /// Spins on the avail ring for the poll window; true when the avail index moved (the next
@@ -373,6 +484,41 @@ impl Device {
             spins += 1;
             if spins % 64 == 0 && Instant::now() >= deadline {
                 return false;
+            }
+            if spins % 1024 == 0 {
+                // Give the CPU away if someone else (a vCPU) waits for it.
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// [`Device::poll_avail`] on a resolved ring: spins on the avail index in host memory and
+    /// looks at the queue (under its lock) only every 64 spins, to notice a stop, a reset or
+    /// moved rings. True when the avail index moved or the rings changed (the next pass
+    /// checks the ring before using it).
+    fn poll_avail_fast(&self, vring: &Vring, rings: &Rings<'_>, next_avail: u16) -> bool {
+        let deadline = Instant::now() + self.poll;
+        let mut spins = 0u32;
+        loop {
+            match rings.avail_idx(std::sync::atomic::Ordering::Acquire) {
+                Some(idx) if idx != next_avail => return true,
+                Some(_) => {}
+                None => return false,
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if !queue.ready() {
+                    return false;
+                }
+                if RingKey::of(queue) != rings.key || queue.next_avail() != next_avail {
+                    return true;
+                }
             }
             if spins % 1024 == 0 {
                 // Give the CPU away if someone else (a vCPU) waits for it.
@@ -479,6 +625,43 @@ fn needs_signal(queue: &mut virtio_queue::Queue, mem: &GuestMemory) -> bool {
     }
 }
 
+/// Writes a fast pass's used elements, then the used index once (Release), and keeps the
+/// queue's `next_used` current. A head outside the queue is refused as `add_used` refuses it.
+fn publish_used(queue: &mut virtio_queue::Queue, rings: &Rings<'_>, done: &mut Vec<(u16, u32)>) {
+    let old = queue.next_used();
+    let mut idx = old;
+    for (head, used) in done.drain(..) {
+        if head >= rings.size() || !rings.put_used(idx, head, used) {
+            log_limited!(log::Level::Warn, "used ring write failed");
+            continue;
+        }
+        idx = idx.wrapping_add(1);
+    }
+    if idx != old {
+        if !rings.publish_used(idx) {
+            log_limited!(log::Level::Warn, "used ring write failed");
+        }
+        queue.set_next_used(idx);
+    }
+}
+
+/// [`needs_signal`] for a fast pass that moved the used index from `old` to the queue's
+/// `next_used`: with EVENT_IDX, whether `used_event` lies in `[old, new)`; without it, whether
+/// the driver left `VRING_AVAIL_F_NO_INTERRUPT` clear.
+fn needs_signal_fast(queue: &virtio_queue::Queue, rings: &Rings<'_>, old: u16) -> bool {
+    // The used index store must be visible before the driver's wish is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if queue.event_idx_enabled() {
+        rings
+            .used_event()
+            .is_none_or(|event| ring::need_event(event, queue.next_used(), old))
+    } else {
+        rings
+            .avail_flags()
+            .is_none_or(|flags| flags & ring::VRING_AVAIL_F_NO_INTERRUPT == 0)
+    }
+}
+
 /// Every region must lie inside its file: mapping past a file's end faults (SIGBUS) on access.
 /// (A frontend that shrinks the file afterwards is out of reach of this check.)
 fn check_regions_backed(mem: &GuestMemory) -> io::Result<()> {
@@ -526,8 +709,27 @@ impl<'a> SegmentWriter<'a> {
             offset: 0,
         }
     }
+}
 
+/// Where a reply goes: sequentially across a chain's device-writable buffers.
+pub(crate) trait ReplySink {
     /// Writes `bytes` at the cursor; false if the buffers are too short or unwritable.
+    fn write(&mut self, bytes: &[u8]) -> bool;
+
+    fn zeros(&mut self, mut n: usize) -> bool {
+        static ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let take = n.min(ZEROS.len());
+            if !self.write(&ZEROS[..take]) {
+                return false;
+            }
+            n -= take;
+        }
+        true
+    }
+}
+
+impl ReplySink for SegmentWriter<'_> {
     fn write(&mut self, mut bytes: &[u8]) -> bool {
         while !bytes.is_empty() {
             let Some(&(addr, len)) = self.segments.get(self.index) else {
@@ -544,18 +746,6 @@ impl<'a> SegmentWriter<'a> {
                 self.index += 1;
                 self.offset = 0;
             }
-        }
-        true
-    }
-
-    fn zeros(&mut self, mut n: usize) -> bool {
-        static ZEROS: [u8; 4096] = [0; 4096];
-        while n > 0 {
-            let take = n.min(ZEROS.len());
-            if !self.write(&ZEROS[..take]) {
-                return false;
-            }
-            n -= take;
         }
         true
     }

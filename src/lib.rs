@@ -9,6 +9,7 @@ pub mod device;
 pub mod events;
 pub mod hugepages;
 pub mod ratelimit;
+mod ring;
 pub mod seccomp;
 pub mod server;
 pub mod stats;
