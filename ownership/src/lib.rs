@@ -12,7 +12,9 @@
 //! The fast path is [`Translator`]: any number of reader threads translate IOVAs without
 //! taking a lock, while the single writer (`&mut Iommu`) changes the model. Every writer
 //! operation that takes a translation away returns only after no reader can still return it
-//! (the IOTLB-sync rule, see [`epoch`]).
+//! (the IOTLB-sync rule, see [`epoch`]). A DMA master holds one [`ReadGuard`] across a DMA
+//! and resolves its endpoint once ([`ReadGuard::endpoint`]); [`EndpointView::translate`] is
+//! then the page walk alone.
 //!
 //! Every operation returns `Result<_, Error>`; a refused operation changes nothing.
 #![forbid(unsafe_code)]
