@@ -34,6 +34,20 @@ fn quick() -> Options {
     }
 }
 
+/// Waits (up to 5 s) until every thread of a starting daemon shows its filters.
+fn wait_confined(d: &mut Daemon) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline
+        && d.alive()
+        && !d
+            .thread_seccomp()
+            .iter()
+            .all(|(_, m, f)| (*m, *f) == (2, 2))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Every thread of the daemon runs under both filters (the EACCES one for opening files and
 /// the allowlist), and the daemon is alive.
 fn assert_confined(d: &mut Daemon, when: &str) {
@@ -57,6 +71,9 @@ fn assert_confined(d: &mut Daemon, when: &str) {
 #[test]
 fn serving_under_seccomp_kill() {
     let mut d = Daemon::start_logged(&["--seccomp", "kill", "--group", "00:06.0,00:06.1"], "info");
+    // The sockets appear just before the filters are installed (binding them is not allowed
+    // afterwards), and the accept loop starts only after: give that moment to pass.
+    wait_confined(&mut d);
     assert_confined(&mut d, "before any frontend");
 
     // Handshake: features, protocol features, memory table, both rings; config space.

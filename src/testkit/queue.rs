@@ -336,6 +336,26 @@ pub struct QueueStats {
     pub interrupts: u64,
 }
 
+/// The rings of a [`Virtqueue`] handed to an external driver loop
+/// ([`Virtqueue::begin_external`]): guest-physical addresses and the indices to start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalRings {
+    /// Queue size (entries).
+    pub size: u16,
+    /// Descriptor table (`16 * size` bytes).
+    pub desc_table: u64,
+    /// Available ring: flags @0, idx @2, ring @4, `used_event` @`4 + 2 * size`.
+    pub avail: u64,
+    /// Used ring: flags @0, idx @2, elements @4, `avail_event` @`4 + 8 * size`.
+    pub used: u64,
+    /// The next available index to publish.
+    pub avail_idx: u16,
+    /// The used index reaped up to.
+    pub last_used: u16,
+    /// Whether EVENT_IDX semantics are in use.
+    pub event_idx: bool,
+}
+
 /// Book-keeping of one posted chain, indexed by head. Vectors are reused between chains.
 #[derive(Debug, Default)]
 struct InFlight {
@@ -889,6 +909,55 @@ impl Virtqueue {
         Ok(())
     }
 
+    /// Hands the rings to a caller that drives them itself (a load generator's hot loop,
+    /// which reuses descriptor chains it wrote once): the ring addresses and the current
+    /// indices. Nothing may be in flight. Until [`end_external`](Self::end_external) the caller
+    /// owns the whole descriptor table, the available and used rings, `used_event` and the
+    /// kick eventfd, and must post and reap only through them.
+    pub fn begin_external(&mut self) -> Result<ExternalRings> {
+        if self.num_in_flight != 0 || self.untracked != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} chains in flight: the rings cannot be handed out",
+                self.num_in_flight + self.untracked
+            )));
+        }
+        Ok(ExternalRings {
+            size: self.size,
+            desc_table: self.desc_table,
+            avail: self.avail,
+            used: self.used,
+            avail_idx: self.avail_idx,
+            last_used: self.last_used,
+            event_idx: self.event_idx,
+        })
+    }
+
+    /// Takes the rings back after [`begin_external`](Self::begin_external): `avail_idx` and
+    /// `last_used` are where the caller left them (everything it posted reaped), `posted` and
+    /// `kicks` go into the counters. The descriptor table is all free again, the interrupt
+    /// wish is rewritten for the current position.
+    pub fn end_external(
+        &mut self,
+        avail_idx: u16,
+        last_used: u16,
+        posted: u64,
+        kicks: u64,
+    ) -> Result<()> {
+        if avail_idx != last_used {
+            return Err(Error::InvalidArgument(format!(
+                "external driver left {} chains in flight",
+                avail_idx.wrapping_sub(last_used)
+            )));
+        }
+        self.avail_idx = avail_idx;
+        self.notified_avail = avail_idx;
+        self.last_used = last_used;
+        self.stats.posted += posted;
+        self.stats.completed += posted;
+        self.stats.kicks += kicks;
+        self.apply_interrupt_state()
+    }
+
     fn release(&mut self, head: u16) {
         let entry = &mut self.in_flight[usize::from(head)];
         entry.active = false;
@@ -1249,6 +1318,32 @@ mod tests {
             .unwrap();
         q.publish_raw_head(0).unwrap();
         assert!(matches!(q.poll_used(), Err(Error::Device { .. })));
+    }
+
+    #[test]
+    fn external_driver_hand_over() {
+        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mut q = Virtqueue::new(&mem, 0, 8, 256).unwrap();
+        q.post(b"req", 4).unwrap();
+        assert!(q.begin_external().is_err(), "a chain is in flight");
+        q.reinit().unwrap();
+        let r = q.begin_external().unwrap();
+        assert_eq!(
+            (r.size, r.avail, r.used),
+            (8, q.avail_addr(), q.used_addr())
+        );
+        assert_eq!((r.avail_idx, r.last_used), (0, 0));
+        // The external loop posted and reaped 5 chains; one still in flight is refused.
+        assert!(q.end_external(5, 4, 5, 1).is_err());
+        q.end_external(5, 5, 5, 1).unwrap();
+        assert_eq!(
+            (q.avail_idx(), q.last_used_idx(), q.stats().kicks),
+            (5, 5, 1)
+        );
+        // Posting goes on from there, with the whole table free.
+        assert_eq!(q.num_free(), 8);
+        q.post(b"req", 4).unwrap();
+        assert_eq!(mem.read_u16(q.avail_addr() + 2).unwrap(), 6);
     }
 
     #[test]
