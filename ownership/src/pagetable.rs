@@ -338,11 +338,15 @@ impl TableWriter {
     /// Makes retired nodes reusable. Call only after a grace period that began after they were
     /// unlinked: no reader can still hold their index.
     pub fn reclaim(&mut self, arena: &Arena) {
-        for node in std::mem::take(&mut self.retired) {
+        // Drained, not dropped: the list keeps its capacity, so retiring nodes on the
+        // request path does not allocate once it has grown to its working size.
+        let mut retired = std::mem::take(&mut self.retired);
+        for node in retired.drain(..) {
             arena.clear_node(node);
             self.live[node as usize] = 0;
             self.free.push(node);
         }
+        self.retired = retired;
     }
 
     /// Whether any leaf intersects `[start, end]`.
