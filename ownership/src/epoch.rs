@@ -16,11 +16,12 @@
 //!   new epoch, so it sees the unlinked state from then on (the bump happens-before its loads),
 //!   and every section it entered earlier ended before that store (release, acquire). A reader
 //!   that is translating re-enters within nanoseconds, so a busy reader is never interrupted.
-//! - Slow: a slot that stays behind for a few microseconds belongs to an idle reader or one in
-//!   a long section. The writer then passes a heavy barrier (`membarrier(2)` through the
-//!   swmr-barrier crate: every running thread of the process passes a full fence; where
-//!   membarrier is missing, readers fence on entry instead). After it a slot's value is
-//!   current: "outside" is final, and a reader still inside an older section is waited for.
+//! - Slow: a slot that shows "outside" and does not move for 300 ns belongs to an idle reader,
+//!   and one still behind after 4 us to a reader in a long section. The writer then passes a
+//!   heavy barrier (`membarrier(2)` through the swmr-barrier crate: every running thread of the
+//!   process passes a full fence; where membarrier is missing, readers fence on entry instead).
+//!   After it a slot's value is current: "outside" is final, and a reader still inside an older
+//!   section is waited for.
 
 use std::{
     sync::{
@@ -45,8 +46,11 @@ pub struct Readers {
     slots: Mutex<Vec<Arc<Slot>>>,
 }
 
-/// How long the writer watches a slot for the fast path before it passes the heavy barrier.
+/// How long the writer watches the slots for the fast path before it passes the heavy barrier.
 const FAST_WINDOW: Duration = Duration::from_micros(4);
+/// A slot that shows "outside" and does not move for this long belongs to an idle reader (a
+/// busy one re-enters within nanoseconds): the writer stops waiting for it at once.
+const IDLE_WINDOW: Duration = Duration::from_nanos(300);
 
 impl Readers {
     /// A new slot for one reader thread.
@@ -95,24 +99,37 @@ impl Readers {
         // Release: the caller's unlinking stores happen-before any load of the new epoch.
         let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
         let start = Instant::now();
-        let mut behind: Vec<&Slot> = Vec::new();
-        for slot in slots.iter() {
+        let mut current = true;
+        'fast: for slot in slots.iter() {
+            let mut last = slot.state.load(Ordering::Acquire);
+            let mut last_change = start;
             let mut spins = 0u32;
-            while slot.state.load(Ordering::Acquire) < target {
-                spins += 1;
-                if spins % 64 == 0 && start.elapsed() >= FAST_WINDOW {
-                    behind.push(slot);
-                    break;
-                }
+            while last < target {
                 std::hint::spin_loop();
+                let state = slot.state.load(Ordering::Acquire);
+                spins += 1;
+                if state != last {
+                    last = state;
+                    last_change = Instant::now();
+                } else if spins % 8 == 0 {
+                    let now = Instant::now();
+                    // Outside and not moving: an idle reader, which only the heavy barrier
+                    // settles. Anything else still behind after the window: the same.
+                    if (last & 1 == 0 && now - last_change >= IDLE_WINDOW)
+                        || now - start >= FAST_WINDOW
+                    {
+                        current = false;
+                        break 'fast;
+                    }
+                }
             }
         }
-        if behind.is_empty() {
+        if current {
             return start.elapsed();
         }
         // Idle readers (or ones in a long section): make their slots current.
         swmr_barrier::heavy_barrier();
-        for slot in behind {
+        for slot in slots.iter() {
             let seen = slot.state.load(Ordering::Acquire);
             // Outside (a section it enters later starts after the barrier), or inside one
             // that loaded the new epoch.
