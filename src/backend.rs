@@ -64,6 +64,8 @@ pub struct Device {
     poll: Duration,
     queue_size: u16,
     probe_size: u32,
+    /// `--ring-fast-path`: false sends every chain through virtio-queue.
+    ring_fast_path: bool,
 }
 
 thread_local! {
@@ -97,6 +99,7 @@ impl Device {
             poll: config.poll,
             queue_size: config.queue_size,
             probe_size: config.config.probe_size,
+            ring_fast_path: config.ring_fast_path,
         }))
     }
 
@@ -296,9 +299,9 @@ impl Device {
     ///
     /// Passes run on the ring fast path (`ring.rs`: rings resolved to host memory once per
     /// layout, simple chains parsed straight from the descriptor table, used elements and the
-    /// used index written once per pass) whenever the rings lie inside single memory regions;
-    /// any chain that is not the simple case goes through virtio-queue and
-    /// [`Device::process_chain`], exactly as on the slow path.
+    /// used index written once per pass) whenever the rings lie inside single memory regions
+    /// and `--ring-fast-path` is on; any chain that is not the simple case goes through
+    /// virtio-queue and [`Device::process_chain`], exactly as on the slow path.
     fn process_requests(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<usize> {
         let mut handled = 0usize;
         let mut polled = false;
@@ -309,7 +312,10 @@ impl Device {
         loop {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
-            if queue.ready() && rings.is_none_or(|r| r.key != RingKey::of(queue)) {
+            if self.ring_fast_path
+                && queue.ready()
+                && rings.is_none_or(|r| r.key != RingKey::of(queue))
+            {
                 rings = Rings::new(queue, mem);
             }
             let fast = rings.filter(|_| queue.ready());

@@ -161,6 +161,24 @@ pub struct ServeArgs {
     /// seccomp allowlist); MODE says what a call outside it does.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::Off)]
     pub seccomp: SeccompMode,
+
+    /// The request queue's ring fast path (a troubleshooting switch): off sends every chain
+    /// through virtio-queue, for comparison and as a fallback.
+    #[arg(long, value_name = "on|off", value_enum, default_value_t = Switch::On)]
+    pub ring_fast_path: Switch,
+}
+
+/// An option that is `on` or `off`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 /// Options of `viot`.
@@ -228,6 +246,9 @@ pub struct DaemonConfig {
     pub queue_size: u16,
     /// The seccomp filter installed before serving.
     pub seccomp: SeccompMode,
+    /// Whether the request queue may use the ring fast path (`ring.rs`); false sends every
+    /// chain through virtio-queue.
+    pub ring_fast_path: bool,
 }
 
 /// Parses `0x1f`, `31` or `1_000`.
@@ -441,6 +462,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             poll: Duration::from_micros(args.poll_us),
             queue_size: args.queue_size,
             seccomp: args.seccomp,
+            ring_fast_path: args.ring_fast_path.is_on(),
         })
     }
 }
@@ -502,6 +524,29 @@ mod tests {
         );
         assert_eq!(c.features & F_MMIO, 0);
         assert_ne!(c.features & F_BYPASS_CONFIG, 0);
+        assert!(c.ring_fast_path);
+    }
+
+    #[test]
+    fn ring_fast_path_is_a_switch() {
+        let c = |extra: &[&str]| DaemonConfig::try_from(args(extra)).unwrap().ring_fast_path;
+        assert!(c(&["--ring-fast-path", "on"]));
+        assert!(!c(&["--ring-fast-path", "off"]));
+        let argv = [
+            "vhost-device-iommu",
+            "-s",
+            "/tmp/x.sock",
+            "--ring-fast-path",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err(), "a value is required");
+        let argv = [
+            "vhost-device-iommu",
+            "-s",
+            "/tmp/x.sock",
+            "--ring-fast-path",
+            "maybe",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

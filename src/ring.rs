@@ -184,8 +184,8 @@ impl<'m> Rings<'m> {
                 return None;
             }
             let len = desc.len();
-            // Zero-length buffers are never sent by Linux; the slow path's rules for them
-            // (an address outside memory is malformed) apply.
+            // Zero-length buffers are never sent by Linux: left to the slow path (which
+            // ignores them wherever they point, as vm-memory's check_range(addr, 0) holds).
             if len == 0 {
                 return None;
             }
