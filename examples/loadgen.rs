@@ -42,7 +42,7 @@ use std::{
 };
 
 use vhost_device_iommu::testkit::{
-    Chain, Completion, Device, Options, WaitMode, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    need_event, Chain, Completion, Device, Options, WaitMode, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio::{MapFlags, Request};
 use vm_memory::{Bytes, GuestMemoryBackend, VolatileMemory};
@@ -544,11 +544,6 @@ const USED_EVENT_REFRESH: u16 = 0x1000;
 /// Batch pairs between two clock reads (each timed pair gives two latency samples and the
 /// deadline check); the others read no clock at all.
 const TIMED_EVERY: u64 = 8;
-
-/// `vring_need_event` (virtio 1.x, 2.7.10).
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
 
 /// The load generator's own driver loop on rings the testkit handed over
 /// ([`Virtqueue::begin_external`]): two sets of K chains (MAP, UNMAP), each a readable

@@ -18,6 +18,7 @@
 
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_ring;
 use virtio_queue::{desc::split::Descriptor, Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, VolatileSlice,
@@ -25,12 +26,12 @@ use vm_memory::{
 
 use crate::backend::GuestMemory;
 
-/// Descriptor flags (virtio 1.x, 2.7.5).
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
+/// Descriptor flags (virtio 1.x, 2.7.5), as the 16-bit field holds them.
+const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 /// Available ring flag: the driver asks for no interrupts (ignored with EVENT_IDX).
-pub(crate) const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub(crate) const VRING_AVAIL_F_NO_INTERRUPT: u16 = virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 const DESC_SIZE: usize = 16;
 const USED_ELEM_SIZE: usize = 8;
 /// Longest chain the fast path walks (Linux sends 2 descriptors per request); longer chains,
@@ -61,7 +62,6 @@ impl RingKey {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Rings<'m> {
     pub(crate) key: RingKey,
-    size: u16,
     /// `16 * size` bytes.
     desc: VolatileSlice<'m>,
     /// flags, idx, ring[size], used_event: `6 + 2 * size` bytes.
@@ -87,7 +87,6 @@ impl<'m> Rings<'m> {
             .ok()?;
         let rings = Rings {
             key,
-            size: key.size,
             desc,
             avail,
             used,
@@ -100,7 +99,7 @@ impl<'m> Rings<'m> {
     }
 
     pub(crate) fn size(&self) -> u16 {
-        self.size
+        self.key.size
     }
 
     /// The driver's available index (`None` only if the memory went away, which it cannot).
@@ -119,14 +118,14 @@ impl<'m> Rings<'m> {
     /// `used_event` at the end of the available ring (EVENT_IDX).
     pub(crate) fn used_event(&self) -> Option<u16> {
         self.avail
-            .load::<u16>(4 + 2 * usize::from(self.size), Ordering::Relaxed)
+            .load::<u16>(4 + 2 * usize::from(self.size()), Ordering::Relaxed)
             .ok()
             .map(u16::from_le)
     }
 
     /// The head index the driver put in available ring slot `pos % size`.
     pub(crate) fn avail_entry(&self, pos: u16) -> Option<u16> {
-        let off = 4 + 2 * usize::from(pos % self.size);
+        let off = 4 + 2 * usize::from(pos % self.size());
         self.avail
             .get_ref::<u16>(off)
             .ok()
@@ -142,7 +141,7 @@ impl<'m> Rings<'m> {
 
     /// Writes used element `pos % size`: `{id, len}`.
     pub(crate) fn put_used(&self, pos: u16, id: u16, len: u32) -> bool {
-        let off = 4 + USED_ELEM_SIZE * usize::from(pos % self.size);
+        let off = 4 + USED_ELEM_SIZE * usize::from(pos % self.size());
         let elem = u64::from(id) | (u64::from(len) << 32);
         match self.used.get_ref::<u64>(off) {
             Ok(r) => {
@@ -171,11 +170,11 @@ impl<'m> Rings<'m> {
         chain.readable_len = 0;
         chain.n_writable = 0;
         chain.writable_len = 0;
-        let max_descs = FAST_MAX_DESCS.min(self.size);
+        let max_descs = FAST_MAX_DESCS.min(self.size());
         let mut index = head;
         let mut total = 0u32;
         for _ in 0..max_descs {
-            if index >= self.size {
+            if index >= self.size() {
                 return None;
             }
             let desc = self.desc(index)?;
@@ -325,8 +324,10 @@ impl crate::backend::ReplySink for SliceWriter<'_, '_> {
     }
 }
 
-/// `vring_need_event` (virtio 1.x, 2.7.10): whether `event` lies in `[old, new)`.
-pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
+/// `vring_need_event` (virtio 1.x, 2.7.10): whether `event` lies in `[old, new)`. The one
+/// definition for both sides of a ring: the device's interrupts here, the test driver's
+/// kicks (`testkit`, re-exported there).
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
@@ -500,5 +501,10 @@ mod tests {
         assert!(need_event(u16::MAX, 2, u16::MAX - 1));
         assert!(!need_event(2, 2, u16::MAX - 1));
         assert!(!need_event(5, 5, 5));
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(5, 10, 0));
+        assert!(!need_event(10, 10, 0));
+        assert!(need_event(0xffff, 2, 0xfffe));
     }
 }

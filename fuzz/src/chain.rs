@@ -22,6 +22,10 @@ use ownership::{Access, Requester};
 use vhost_device_iommu::{
     backend::{Device, GuestMemory, IommuBackend, MAX_WRITABLE},
     config::{Cli, Command, DaemonConfig, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC},
+    testkit::{
+        VRING_DESC_F_INDIRECT as F_INDIRECT, VRING_DESC_F_NEXT as F_NEXT,
+        VRING_DESC_F_WRITE as F_WRITE,
+    },
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio::{
@@ -54,10 +58,6 @@ const EV_BUFS: u64 = 0x3c00;
 pub const MAX_QUEUE: u16 = 256;
 /// Buffers the harness lays out go here, then into region 1.
 const DATA: u64 = 0x4000;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
 
 /// The daemon configurations the input picks from.
 #[rustfmt::skip]

@@ -53,7 +53,8 @@ pub use self::{
     error::{Error, Result},
     memory::{GuestBuf, GuestMemory, MemoryRegion, DEFAULT_MEMORY_SIZE},
     queue::{
-        Chain, Completion, ExternalRings, QueueStats, RawDesc, RawNext, Token, Virtqueue, WaitMode,
-        DEFAULT_POISON, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        need_event, Chain, Completion, ExternalRings, QueueStats, RawDesc, RawNext, Token,
+        Virtqueue, WaitMode, DEFAULT_POISON, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+        VRING_DESC_F_WRITE,
     },
 };
