@@ -494,9 +494,7 @@ impl Guest {
         }
         let kicks0 = q.stats().kicks;
         let mut latencies = Vec::with_capacity(1 << 20);
-        let cpu0 = pid.and_then(process_cpu);
-        let client0 = thread_cpu();
-        let start = Instant::now();
+        let meter = Meter::start(pid);
         let mut requests = 0u64;
         loop {
             // Check the clock only after a MAP+UNMAP pair of batches.
@@ -506,31 +504,61 @@ impl Guest {
                 requests += k as u64;
                 b = (b + 1) % batches.len();
             }
-            if start.elapsed() >= duration {
+            if meter.start.elapsed() >= duration {
                 break;
             }
         }
-        let elapsed = start.elapsed();
-        let daemon_cpu = match (cpu0, pid.and_then(process_cpu)) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
-        let client_cpu = match (client0, thread_cpu()) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-            _ => None,
-        };
         let kicks = q.stats().kicks - kicks0;
-        latencies.sort_unstable();
-        Ok(BatchResult {
+        Ok(meter.finish(k, requests, latencies, errors, kicks))
+    }
+}
+
+/// Wall clock and CPU times at the start of a measured run.
+struct Meter {
+    pid: Option<u32>,
+    start: Instant,
+    daemon0: Option<Duration>,
+    client0: Option<Duration>,
+}
+
+impl Meter {
+    fn start(pid: Option<u32>) -> Self {
+        let daemon0 = pid.and_then(process_cpu);
+        let client0 = thread_cpu();
+        Meter {
+            pid,
+            start: Instant::now(),
+            daemon0,
+            client0,
+        }
+    }
+
+    /// The run's result: elapsed time, CPU used by the daemon and this thread since
+    /// [`Meter::start`], and the sorted latency samples.
+    fn finish(
+        self,
+        k: usize,
+        requests: u64,
+        mut latencies_ns: Vec<u64>,
+        errors: u64,
+        kicks: u64,
+    ) -> BatchResult {
+        let elapsed = self.start.elapsed();
+        let since = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        latencies_ns.sort_unstable();
+        BatchResult {
             k,
             requests,
             elapsed,
-            latencies_ns: latencies,
+            latencies_ns,
             errors,
-            daemon_cpu,
-            client_cpu,
+            daemon_cpu: since(self.daemon0, self.pid.and_then(process_cpu)),
+            client_cpu: since(self.client0, thread_cpu()),
             kicks,
-        })
+        }
     }
 }
 
@@ -547,9 +575,9 @@ const TIMED_EVERY: u64 = 8;
 
 /// The load generator's own driver loop on rings the testkit handed over
 /// ([`Virtqueue::begin_external`]): two sets of K chains (MAP, UNMAP), each a readable
-/// request and a 4-byte writable tail in one [`SLOT`], written into the descriptor table once.
-/// A batch rewrites only the requests' IOVA fields, their tails (poisoned, so a status the
-/// device did not write is seen), K available entries and the available index; reaping reads
+/// request and a 4-byte writable tail in one [`SLOT`]. A batch rewrites the requests' IOVA
+/// fields, their tails (poisoned, so a status the device did not write is seen), both
+/// descriptors of each chain, K available entries and the available index; reaping reads
 /// the used elements and the tails. No allocation, no lock, no system call unless the device
 /// asks for a kick.
 struct Lean<'m> {
@@ -745,8 +773,8 @@ impl Guest {
             .alloc(2 * k as u64 * SLOT, 4096)
             .map_err(|e| format!("alloc: {e}"))?;
         let result = (|| -> Result<_, String> {
-            // Two sets of K chains: MAP (set 0) and UNMAP (set 1) request templates, written
-            // once (each batch rewrites the addresses and the descriptors).
+            // Two sets of K request templates, MAP (set 0) and UNMAP (set 1), written once;
+            // each batch rewrites their addresses and writes their chains' descriptors.
             let mut request_len = [0u32; 2];
             for (set, request_len) in request_len.iter_mut().enumerate() {
                 for i in 0..k {
@@ -769,20 +797,6 @@ impl Guest {
                     .encode();
                     mem.write(line, &template).map_err(|e| e.to_string())?;
                     *request_len = template.len() as u32;
-                    let head = (set * 2 * k + 2 * i) as u16;
-                    let descs = [
-                        (line, template.len() as u32, VRING_DESC_F_NEXT, head + 1),
-                        (line + TAIL_AT, 4, VRING_DESC_F_WRITE, 0),
-                    ];
-                    for (j, (addr, len, flags, next)) in descs.into_iter().enumerate() {
-                        let mut d = [0u8; 16];
-                        d[..8].copy_from_slice(&addr.to_le_bytes());
-                        d[8..12].copy_from_slice(&len.to_le_bytes());
-                        d[12..14].copy_from_slice(&flags.to_le_bytes());
-                        d[14..].copy_from_slice(&next.to_le_bytes());
-                        let at = rings.desc_table + 16 * u64::from(head + j as u16);
-                        mem.write(at, &d).map_err(|e| e.to_string())?;
-                    }
                 }
             }
             let n = usize::from(rings.size);
@@ -827,9 +841,7 @@ impl Guest {
             }
             let kicks0 = lean.kicks;
             let mut latencies = Vec::with_capacity(1 << 18);
-            let cpu0 = pid.and_then(process_cpu);
-            let client0 = thread_cpu();
-            let start = Instant::now();
+            let meter = Meter::start(pid);
             let mut requests = 0u64;
             let mut pairs = 0u64;
             loop {
@@ -843,7 +855,7 @@ impl Guest {
                     }
                     requests += 2 * k as u64;
                     pairs += 1;
-                    if t - start >= duration {
+                    if t - meter.start >= duration {
                         break;
                     }
                 } else {
@@ -853,26 +865,7 @@ impl Guest {
                     pairs += 1;
                 }
             }
-            let elapsed = start.elapsed();
-            let daemon_cpu = match (cpu0, pid.and_then(process_cpu)) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
-            };
-            let client_cpu = match (client0, thread_cpu()) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
-            };
-            latencies.sort_unstable();
-            let result = BatchResult {
-                k,
-                requests,
-                elapsed,
-                latencies_ns: latencies,
-                errors,
-                daemon_cpu,
-                client_cpu,
-                kicks: lean.kicks - kicks0,
-            };
+            let result = meter.finish(k, requests, latencies, errors, lean.kicks - kicks0);
             Ok((
                 result,
                 lean.avail_idx,
