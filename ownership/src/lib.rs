@@ -1159,14 +1159,6 @@ pub struct EndpointView<'g> {
 }
 
 impl EndpointView<'_> {
-    /// The domain the endpoint's group is attached to, if any.
-    pub fn domain(&self) -> Option<DomainId> {
-        match self.state & 0b11 {
-            STATE_PAGING | STATE_IDENTITY => Some((self.state >> 32) as DomainId),
-            _ => None,
-        }
-    }
-
     /// Translates the first bytes of `[iova, iova + len)`, as [`ReadGuard::translate`].
     #[inline(always)]
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Translation, Fault> {
