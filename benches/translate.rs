@@ -820,6 +820,45 @@ fn reader_loop(q: &[u64], stop: &AtomicBool, mut f: impl FnMut(u64) -> u64) -> u
     count
 }
 
+/// One job per reader thread, each walking `q` from its own offset with the translate
+/// function `make` builds for it (on the spawning thread).
+fn reader_jobs<T>(q: &Arc<Vec<u64>>, readers: usize, make: impl Fn() -> T) -> Vec<Job>
+where
+    T: FnMut(u64) -> u64 + Send + 'static,
+{
+    (0..readers)
+        .map(|k| {
+            let mut translate = make();
+            let q = q.clone();
+            let offset = k * q.len() / readers.max(1);
+            Box::new(move |stop: &AtomicBool| {
+                let mut rotated = q[offset..].to_vec();
+                rotated.extend_from_slice(&q[..offset]);
+                reader_loop(&rotated, stop, &mut translate)
+            }) as Job
+        })
+        .collect()
+}
+
+/// The writer thread's loop: MAP+UNMAP pairs over `slots` at `rate` (see [`Pacer`]) until
+/// `stop`; `pair` does one pair and returns how long its UNMAP took. Returns the pairs done
+/// and the longest UNMAP in ns.
+fn writer_pairs(
+    stop: &AtomicBool,
+    rate: u64,
+    slots: &[u64],
+    mut pair: impl FnMut(u64) -> Duration,
+) -> (u64, u64) {
+    let (mut pairs, mut worst) = (0u64, 0u64);
+    let mut pacer = Pacer::new(rate);
+    while !stop.load(Ordering::Relaxed) && pacer.wait(stop) {
+        let unmap = pair(slots[pairs as usize % slots.len()]);
+        worst = worst.max(unmap.as_nanos() as u64);
+        pairs += 1;
+    }
+    (pairs, worst)
+}
+
 fn run_ours(
     iommu: Iommu,
     q: &Arc<Vec<u64>>,
@@ -828,18 +867,10 @@ fn run_ours(
     writer: Option<u64>,
     duration: Duration,
 ) -> (ConcResult, Iommu) {
-    let rs: Vec<Job> = (0..readers)
-        .map(|k| {
-            let t = iommu.translator();
-            let q = q.clone();
-            let offset = k * q.len() / readers.max(1);
-            Box::new(move |stop: &AtomicBool| {
-                let mut rotated = q[offset..].to_vec();
-                rotated.extend_from_slice(&q[..offset]);
-                reader_loop(&rotated, stop, |iova| ours_translate(&t, iova))
-            }) as Job
-        })
-        .collect();
+    let rs = reader_jobs(q, readers, || {
+        let t = iommu.translator();
+        move |iova| ours_translate(&t, iova)
+    });
     let shared = Arc::new(std::sync::Mutex::new(Some(iommu)));
     let slots = slots.to_vec();
     let unmap_max = Arc::new(AtomicU64::new(0));
@@ -847,15 +878,7 @@ fn run_ours(
         let (shared, unmap_max) = (shared.clone(), unmap_max.clone());
         Box::new(move |stop: &AtomicBool| {
             let mut iommu = shared.lock().unwrap().take().unwrap();
-            let mut pairs = 0u64;
-            let mut k = 0usize;
-            let mut pacer = Pacer::new(rate);
-            let mut worst = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if !pacer.wait(stop) {
-                    break;
-                }
-                let iova = slots[k];
+            let (pairs, worst) = writer_pairs(stop, rate, &slots, |iova| {
                 iommu
                     .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000 + iova, RW)
                     .expect("writer map");
@@ -863,10 +886,8 @@ fn run_ours(
                 iommu
                     .unmap(DOMAIN, iova, iova + K4 - 1)
                     .expect("writer unmap");
-                worst = worst.max(t.elapsed().as_nanos() as u64);
-                pairs += 1;
-                k = (k + 1) % slots.len();
-            }
+                t.elapsed()
+            });
             unmap_max.store(worst, Ordering::Relaxed);
             *shared.lock().unwrap() = Some(iommu);
             pairs
@@ -917,48 +938,27 @@ fn run_base(
     writer: Option<u64>,
     duration: Duration,
 ) -> ConcResult {
-    let rs: Vec<Job> = (0..readers)
-        .map(|k| {
-            let b = base.clone();
-            let q = q.clone();
-            let offset = k * q.len() / readers.max(1);
-            Box::new(move |stop: &AtomicBool| {
-                let mut rotated = q[offset..].to_vec();
-                rotated.extend_from_slice(&q[..offset]);
-                reader_loop(&rotated, stop, |iova| base_translate(&b, iova))
-            }) as Job
-        })
-        .collect();
+    let rs = reader_jobs(q, readers, || {
+        let b = base.clone();
+        move |iova| base_translate(&b, iova)
+    });
     let slots = slots.to_vec();
     let unmap_max = Arc::new(AtomicU64::new(0));
     let w: Option<Job> = writer.map(|rate| {
         let (b, unmap_max) = (base.clone(), unmap_max.clone());
         Box::new(move |stop: &AtomicBool| {
-            let mut pairs = 0u64;
-            let mut k = 0usize;
-            let mut pacer = Pacer::new(rate);
-            let mut worst = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if !pacer.wait(stop) {
-                    break;
-                }
-                let iova = slots[k];
-                b.map(
-                    EP,
-                    Mapping {
-                        virt_start: iova,
-                        virt_end: iova + K4 - 1,
-                        phys_start: 0x1000_0000 + iova,
-                        perms: RW,
-                    },
-                )
-                .expect("writer map");
+            let (pairs, worst) = writer_pairs(stop, rate, &slots, |iova| {
+                let m = Mapping {
+                    virt_start: iova,
+                    virt_end: iova + K4 - 1,
+                    phys_start: 0x1000_0000 + iova,
+                    perms: RW,
+                };
+                b.map(EP, m).expect("writer map");
                 let t = Instant::now();
                 assert_eq!(b.unmap(EP, iova, iova + K4 - 1), 1);
-                worst = worst.max(t.elapsed().as_nanos() as u64);
-                pairs += 1;
-                k = (k + 1) % slots.len();
-            }
+                t.elapsed()
+            });
             unmap_max.store(worst, Ordering::Relaxed);
             pairs
         }) as Job
