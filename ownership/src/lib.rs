@@ -173,6 +173,10 @@ pub enum Requester {
 }
 
 /// Owner cell values readers compare against.
+/// Runs blocks replaced by MAPs (64 bytes each) that may wait for a grace period before the
+/// model takes one.
+const RETIRED_BLOCKS_BACKLOG: usize = 1024;
+
 const OWNER_NONE: u64 = 0;
 const OWNER_DMA_API: u64 = u64::MAX;
 
@@ -800,6 +804,10 @@ impl Iommu {
         if let Some(d) = self.domains.get_mut(&domain) {
             d.mappings += 1;
         }
+        // Blocks a MAP replaced wait for a grace period; MAPs alone never take one.
+        if self.table.retired_blocks() >= RETIRED_BLOCKS_BACKLOG {
+            self.guest_sync();
+        }
         Ok(())
     }
 
@@ -1171,21 +1179,20 @@ impl EndpointView<'_> {
                     return Err(Fault::OutOfRange);
                 }
                 let root = ((state >> 2) & 0x3fff_ffff) as u32;
-                let (entry, level) = pagetable::walk(&shared.arena, root, shared.levels, iova)
+                let target = pagetable::walk(&shared.arena, root, shared.levels, iova)
                     .ok_or(Fault::Unmapped)?;
                 let needed = match access {
                     Access::Read => PERM_READ,
                     Access::Write => PERM_WRITE,
                 };
-                if entry & needed == 0 {
+                if target.flags & needed == 0 {
                     return Err(Fault::Permission);
                 }
-                let (gpa, left) = pagetable::leaf_target(entry, level, iova);
                 Ok(Translation {
-                    gpa,
-                    len: len.min(left),
+                    gpa: target.gpa,
+                    len: len.min(target.left),
                     domain: Some(domain),
-                    mmio: entry & PERM_MMIO != 0,
+                    mmio: target.flags & PERM_MMIO != 0,
                 })
             }
             STATE_IDENTITY => identity(self.ep, iova, len, Some(domain)),

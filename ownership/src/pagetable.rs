@@ -7,10 +7,22 @@
 //! one MAP created, so a mapping is never split (spec U4) without a side index: the bits at the
 //! two ends of an UNMAP range tell whether it would cut a mapping.
 //!
+//! A 2 MiB region holding only a few mappings does not get a 512-entry node: its level-1 entry
+//! points to a *runs block*, one 64-byte cache line of [`RUN_SLOTS`] slots, each holding one
+//! mapping's pages inside the region (first page, last page, GPA, permissions, first/last
+//! bits). A region that needs a ninth run, or a GPA a slot cannot hold (at or above
+//! 2^51), gets a full node instead. This keeps sparse layouts (Linux's allocator packing
+//! 4 KiB, 64 KiB and 2 MiB buffers side by side) at a cache line per region instead of a page.
+//!
 //! Nodes live in an [`Arena`] addressed by `u32` index: one array allocated once that never
 //! moves, so a reader that loaded an index can always dereference it (safe Rust, no pointers).
-//! A node that is unlinked from a tree is only reused after a grace period
-//! ([`crate::epoch`]), so a reader never walks a recycled node.
+//! A node or runs block that is unlinked from a tree is only reused after a grace period
+//! ([`crate::epoch`]), so a reader never walks a recycled one. Runs blocks are carved 64 to a
+//! node and keep their runs sorted by first page, so a reader finds the one candidate run
+//! with a count over the slots instead of a search. A block changes in place only in ways that
+//! keep the order: a run that sorts last fills the next free slot, and UNMAP turns a run into
+//! a tombstone that keeps its place (so UNMAP never allocates). Anything else writes a new
+//! block and swaps the level-1 entry, so a reader sees each mapping entirely or not at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +44,34 @@ const MAX_LEAF_LEVEL: u32 = 2;
 const KIND_MASK: u64 = 0b11;
 const KIND_LEAF: u64 = 0b01;
 const KIND_TABLE: u64 = 0b10;
+/// A level-1 entry pointing to a runs block is a leaf with this bit set (unused in leaves, so
+/// a walk tells tables from the rest with one bit, as before runs existed) and the block's
+/// first entry index above [`RUNS_SHIFT`].
+const RUNS_FLAG: u64 = 1 << 7;
+const RUNS_SHIFT: u32 = 8;
+/// What the writer calls a runs entry (never stored as such).
+const KIND_RUNS: u64 = 0b11;
+
+/// An entry's kind: [`KIND_LEAF`], [`KIND_TABLE`], [`KIND_RUNS`] or 0 (empty).
+#[inline]
+fn kind(entry: u64) -> u64 {
+    if entry & RUNS_FLAG != 0 {
+        KIND_RUNS
+    } else {
+        entry & KIND_MASK
+    }
+}
+
+#[inline]
+fn runs_entry(block: usize) -> u64 {
+    ((block as u64) << RUNS_SHIFT) | RUNS_FLAG | KIND_LEAF
+}
+
+/// The first entry index of the runs block a runs entry points to.
+#[inline(always)]
+fn runs_block(entry: u64) -> usize {
+    (entry >> RUNS_SHIFT) as usize
+}
 /// Leaf permission and type bits, as stored (a mapping's flags).
 pub const PERM_READ: u64 = 1 << 2;
 pub const PERM_WRITE: u64 = 1 << 3;
@@ -46,6 +86,73 @@ const ADDR_MASK: u64 = !((1 << PAGE_SHIFT) - 1);
 /// Table entry: the child's first entry index (node index times [`FANOUT`]), so a walk gets
 /// the next node's position with one mask.
 const CHILD_MASK: u64 = !(FANOUT as u64 - 1);
+
+/// Slots of a runs block: one 64-byte cache line.
+pub const RUN_SLOTS: usize = 8;
+const BLOCKS_PER_NODE: usize = FANOUT / RUN_SLOTS;
+/// A run's GPA must be below this (its page frame number has 38 bits).
+pub const RUN_GPA_LIMIT: u64 = 1 << 50;
+// A run: bit 0 set, the leaf's permission and first/last bits in the same places, the number
+// of pages after the first, the GPA's page frame number, and at the top the first page's
+// index in the region plus one. A zero slot is empty, and its top field (0) is below every
+// run's, so a reader needs no separate check for it (see `scan_runs`).
+const RUN_VALID: u64 = 1;
+/// A free slot of a live block: above every run's key, so it sorts last, and not valid.
+const NO_RUN: u64 = !RUN_VALID;
+const RUN_LEN_SHIFT: u32 = 7;
+const RUN_PFN_SHIFT: u32 = 16;
+const RUN_PFN_BITS: u32 = 38;
+const RUN_KEY_SHIFT: u32 = 54;
+const PAGE_INDEX_MASK: u64 = FANOUT as u64 - 1;
+
+/// A run covering pages `first..=last` of a 2 MiB region, the first at `gpa` (< [`RUN_GPA_LIMIT`]).
+#[inline]
+fn make_run(first: u64, last: u64, gpa: u64, flags: u64) -> u64 {
+    debug_assert!(first <= last && last <= PAGE_INDEX_MASK && gpa < RUN_GPA_LIMIT);
+    RUN_VALID
+        | (flags & (PERM_MASK | FIRST | LAST))
+        | ((last - first) << RUN_LEN_SHIFT)
+        | ((gpa >> PAGE_SHIFT) << RUN_PFN_SHIFT)
+        | ((first + 1) << RUN_KEY_SHIFT)
+}
+
+/// A live run (not a free slot, a tombstone or a cleared slot).
+#[inline(always)]
+fn is_run(run: u64) -> bool {
+    run & RUN_VALID != 0
+}
+
+/// A run's sort key: its first page plus one.
+#[inline(always)]
+fn run_key(run: u64) -> u64 {
+    run >> RUN_KEY_SHIFT
+}
+
+/// Pages after the first.
+#[inline(always)]
+fn run_len(run: u64) -> u64 {
+    (run >> RUN_LEN_SHIFT) & PAGE_INDEX_MASK
+}
+
+#[inline(always)]
+fn run_first(run: u64) -> u64 {
+    (run >> RUN_KEY_SHIFT).wrapping_sub(1)
+}
+
+#[inline(always)]
+fn run_last(run: u64) -> u64 {
+    run_first(run).wrapping_add(run_len(run))
+}
+
+#[inline(always)]
+fn run_gpa(run: u64) -> u64 {
+    ((run >> RUN_PFN_SHIFT) & ((1 << RUN_PFN_BITS) - 1)) << PAGE_SHIFT
+}
+
+#[inline(always)]
+fn page_index(iova: u64) -> u64 {
+    (iova >> PAGE_SHIFT) & PAGE_INDEX_MASK
+}
 
 #[inline]
 fn table_entry(child: u32) -> u64 {
@@ -140,11 +247,117 @@ impl Arena {
 
     /// Zeroes a node nobody can reach any more.
     fn clear_node(&self, node: u32) {
-        let start = node as usize * FANOUT;
-        if let Some(entries) = self.entries.get(start..start + FANOUT) {
+        self.clear_entries(node as usize * FANOUT, FANOUT);
+    }
+
+    fn clear_entries(&self, start: usize, count: usize) {
+        if let Some(entries) = self.entries.get(start..start + count) {
             for e in entries {
                 e.store(0, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// The slots of the runs block at entry index `block`.
+    #[inline(always)]
+    fn block(&self, block: usize) -> &[AtomicU64] {
+        self.entries.get(block..block + RUN_SLOTS).unwrap_or(&[])
+    }
+}
+
+/// The run covering `iova`'s page in the runs block at `block`, if any. The slots are sorted
+/// by first page, so the candidate is the last slot whose first page is at or below the page,
+/// found by a three-step binary search without branches (a branch on which slot matched would
+/// mispredict, and a mispredict stops the CPU overlapping the cache misses of consecutive
+/// walks). A count over the slots would need fewer dependent loads, but LLVM turns any such
+/// sum into a vector reduction that costs more than the search.
+#[inline(always)]
+fn scan_runs(arena: &Arena, block: usize, iova: u64) -> Option<u64> {
+    let slots: &[AtomicU64; RUN_SLOTS] = arena.block(block).try_into().ok()?;
+    let page = page_index(iova);
+    // Keys are first page + 1: a slot is at or below the page when its key is at most
+    // page + 1 (free slots have the greatest key and never are).
+    let at_or_below =
+        |at: usize| run_key(slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire)) <= page + 1;
+    let mut at = 0;
+    at += 4 * usize::from(at_or_below(at + 4));
+    at += 2 * usize::from(at_or_below(at + 2));
+    at += usize::from(at_or_below(at + 1));
+    // Slot 0 when none is: then its own check below fails.
+    let run = slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire);
+    let inside = (page + 1).wrapping_sub(run_key(run)) <= run_len(run);
+    (is_run(run) && inside).then_some(run)
+}
+
+/// The live runs of a block, in order, and how many there are.
+fn live_runs(slots: &[AtomicU64]) -> ([u64; RUN_SLOTS], usize) {
+    let mut runs = [NO_RUN; RUN_SLOTS];
+    let mut live = 0;
+    for run in slots.iter().map(|s| s.load(Ordering::Relaxed)) {
+        if is_run(run) {
+            runs[live] = run;
+            live += 1;
+        }
+    }
+    (runs, live)
+}
+
+/// Fills a block nobody can reach yet with `runs` (sorted) and free slots.
+fn write_block(arena: &Arena, block: usize, runs: &[u64]) {
+    for (at, slot) in arena.block(block).iter().enumerate() {
+        slot.store(runs.get(at).copied().unwrap_or(NO_RUN), Ordering::Relaxed);
+    }
+}
+
+/// Where a translated IOVA goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `PERM_*` bits (plus bits the caller ignores).
+    pub flags: u64,
+    /// GPA of the IOVA.
+    pub gpa: u64,
+    /// Bytes from there to the end of the leaf or run.
+    pub left: u64,
+}
+
+/// What a walk found: a leaf entry at some level, or a run of a runs block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Found {
+    Leaf { entry: u64, level: u32 },
+    Run(u64),
+}
+
+#[inline(always)]
+fn run_target(run: u64, iova: u64) -> Target {
+    let offset = iova & PAGE_MASK;
+    let into = page_index(iova).wrapping_sub(run_first(run));
+    Target {
+        flags: run,
+        gpa: run_gpa(run) + (into << PAGE_SHIFT) + offset,
+        left: ((run_len(run) - into + 1) << PAGE_SHIFT) - offset,
+    }
+}
+
+impl Found {
+    #[inline(always)]
+    fn target(self, iova: u64) -> Target {
+        match self {
+            Found::Leaf { entry, level } => {
+                let (gpa, left) = leaf_target(entry, level, iova);
+                Target {
+                    flags: entry,
+                    gpa,
+                    left,
+                }
+            }
+            Found::Run(run) => run_target(run, iova),
+        }
+    }
+
+    fn leaf(self, iova: u64) -> Leaf {
+        match self {
+            Found::Leaf { entry, level } => Leaf::decode(entry, iova, level),
+            Found::Run(run) => Leaf::of_run(run, iova & !(span(1) - 1)),
         }
     }
 }
@@ -166,6 +379,18 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    /// A run of the region starting at `region`.
+    fn of_run(run: u64, region: u64) -> Self {
+        Leaf {
+            base: region | (run_first(run) << PAGE_SHIFT),
+            end: region | (((run_last(run) + 1) << PAGE_SHIFT) - 1),
+            gpa: run_gpa(run),
+            perms: run & PERM_MASK,
+            first: run & FIRST != 0,
+            last: run & LAST != 0,
+        }
+    }
+
     fn decode(entry: u64, iova: u64, level: u32) -> Self {
         let size = span(level);
         let base = iova & !(size.wrapping_sub(1));
@@ -180,12 +405,17 @@ impl Leaf {
     }
 }
 
-/// The leaf entry covering `iova` and its level: the fast path's walk, kept small so that the
-/// cache misses of consecutive walks overlap. The caller has checked `iova` against the input
-/// range (which the tree covers) and is inside a read-side critical section (see
+/// Where the leaf entry or run covering `iova` sends it: the fast path's walk, kept small so
+/// that the cache misses of consecutive walks overlap. The caller has checked `iova` against
+/// the input range (which the tree covers) and is inside a read-side critical section (see
 /// [`crate::epoch`]) so no node it reads is recycled.
 #[inline(always)]
-pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<(u64, u32)> {
+pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Target> {
+    find(arena, root, levels, iova).map(|found| found.target(iova))
+}
+
+#[inline(always)]
+fn find(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Found> {
     // One copy of the walk per tree height, each fully unrolled with constant shifts: the
     // instructions per translation bound how many translations' misses the CPU overlaps.
     match levels {
@@ -199,7 +429,7 @@ pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<(u64, u3
 }
 
 #[inline(always)]
-fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<(u64, u32)> {
+fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
     let entries: &[AtomicU64] = &arena.entries;
     let mut base = root as usize * FANOUT;
     let mut level = top;
@@ -212,7 +442,13 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<(u64, u32)
             level -= 1;
             continue;
         }
-        return (entry & KIND_MASK == KIND_LEAF).then_some((entry, level));
+        if entry & KIND_LEAF == 0 {
+            return None;
+        }
+        if entry & RUNS_FLAG != 0 {
+            return scan_runs(arena, runs_block(entry), iova).map(Found::Run);
+        }
+        return Some(Found::Leaf { entry, level });
     }
 }
 
@@ -231,7 +467,7 @@ pub fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> 
     if iova > coverage_end(levels) {
         return None;
     }
-    walk(arena, root, levels, iova).map(|(entry, level)| Leaf::decode(entry, iova, level))
+    find(arena, root, levels, iova).map(|found| found.leaf(iova))
 }
 
 /// A mapping as one MAP created it.
@@ -267,6 +503,35 @@ pub struct TableWriter {
     retired: Vec<u32>,
     /// Non-empty entries per node (writer-only bookkeeping).
     live: Vec<u16>,
+    /// Per node carved into runs blocks: which of its blocks are free (bit set), 0 when none
+    /// is (or the node is not carved).
+    free_map: Vec<u64>,
+    /// Per node with free blocks: its place in `partial`.
+    partial_at: Vec<u32>,
+    /// Carved nodes with at least one free block (a node whose blocks are all free goes back
+    /// to the node pool).
+    partial: Vec<u32>,
+    /// Free blocks in `partial`'s nodes.
+    free_blocks: u64,
+    /// Unlinked runs blocks (first entry index) waiting for a grace period before reuse.
+    retired_blocks: Vec<usize>,
+}
+
+/// The part of a mapping inside one 2 MiB region: IOVAs (only their page index matters), the
+/// GPA of `lo`, permission and first/last bits.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    lo: u64,
+    hi: u64,
+    gpa: u64,
+    flags: u64,
+}
+
+/// What a MAP would allocate: nodes, and runs blocks (which come from carved nodes).
+#[derive(Clone, Copy, Debug, Default)]
+struct Need {
+    nodes: u64,
+    blocks: u64,
 }
 
 impl TableWriter {
@@ -277,6 +542,11 @@ impl TableWriter {
             free: Vec::new(),
             retired: Vec::new(),
             live: Vec::new(),
+            free_map: Vec::new(),
+            partial_at: Vec::new(),
+            partial: Vec::new(),
+            free_blocks: 0,
+            retired_blocks: Vec::new(),
         }
     }
 
@@ -284,13 +554,72 @@ impl TableWriter {
         self.levels
     }
 
-    /// Nodes in use or waiting for reuse.
+    /// Nodes in use or waiting for reuse (a node carved into runs blocks counts whole).
     pub fn nodes_in_use(&self) -> u64 {
         u64::from(self.watermark) - self.free.len() as u64
     }
 
     fn available(&self, arena: &Arena) -> u64 {
         u64::from(arena.capacity() - self.watermark) + self.free.len() as u64
+    }
+
+    /// Whether `need` fits in what is left.
+    fn fits(&self, arena: &Arena, need: Need) -> bool {
+        let nodes = self.available(arena);
+        let Some(spare) = nodes.checked_sub(need.nodes) else {
+            return false;
+        };
+        let blocks = self.free_blocks + spare * BLOCKS_PER_NODE as u64;
+        need.blocks <= blocks
+    }
+
+    /// A runs block (its first entry index), carving a node into blocks when none is free.
+    fn alloc_block(&mut self, arena: &Arena) -> Option<usize> {
+        let node = match self.partial.last() {
+            Some(&node) => node,
+            None => {
+                let node = self.alloc(arena)?;
+                self.free_map[node as usize] = u64::MAX;
+                self.partial_at[node as usize] = self.partial.len() as u32;
+                self.partial.push(node);
+                self.free_blocks += BLOCKS_PER_NODE as u64;
+                node
+            }
+        };
+        let map = self.free_map[node as usize];
+        let block = map.trailing_zeros() as usize;
+        self.free_map[node as usize] = map & (map - 1);
+        if map & (map - 1) == 0 {
+            self.partial.pop();
+        }
+        self.free_blocks -= 1;
+        Some(node as usize * FANOUT + block * RUN_SLOTS)
+    }
+
+    /// Frees a runs block nobody can reach any more; its node goes back to the pool when all
+    /// its blocks are free.
+    fn free_block(&mut self, arena: &Arena, block: usize) {
+        arena.clear_entries(block, RUN_SLOTS);
+        let node = block / FANOUT;
+        let map = self.free_map[node];
+        if map == 0 {
+            self.partial_at[node] = self.partial.len() as u32;
+            self.partial.push(node as u32);
+        }
+        let map = map | 1 << ((block % FANOUT) / RUN_SLOTS);
+        self.free_blocks += 1;
+        if map != u64::MAX {
+            self.free_map[node] = map;
+            return;
+        }
+        self.free_map[node] = 0;
+        self.free_blocks -= BLOCKS_PER_NODE as u64;
+        let at = self.partial_at[node] as usize;
+        self.partial.swap_remove(at);
+        if let Some(&moved) = self.partial.get(at) {
+            self.partial_at[moved as usize] = at as u32;
+        }
+        self.free.push(node as u32);
     }
 
     fn alloc(&mut self, arena: &Arena) -> Option<u32> {
@@ -300,6 +629,8 @@ impl TableWriter {
                 let index = self.watermark;
                 self.watermark += 1;
                 self.live.push(0);
+                self.free_map.push(0);
+                self.partial_at.push(0);
                 index
             }
             None => return None,
@@ -322,17 +653,25 @@ impl TableWriter {
         if level > 0 && self.live[node as usize] > 0 {
             for index in 0..FANOUT {
                 let entry = arena.load(node, index);
-                if entry & KIND_MASK == KIND_TABLE {
-                    self.retire_subtree(arena, child_of(entry), level - 1);
+                match kind(entry) {
+                    KIND_TABLE => self.retire_subtree(arena, child_of(entry), level - 1),
+                    KIND_RUNS => self.retired_blocks.push(runs_block(entry)),
+                    _ => {}
                 }
             }
         }
         self.retired.push(node);
     }
 
-    /// Whether some nodes wait for a grace period.
+    /// Runs blocks waiting for a grace period: a MAP that rewrites a block retires the old
+    /// one, so a long run of MAPs without UNMAP should take a grace period now and then.
+    pub fn retired_blocks(&self) -> usize {
+        self.retired_blocks.len()
+    }
+
+    /// Whether some nodes or runs blocks wait for a grace period.
     pub fn has_retired(&self) -> bool {
-        !self.retired.is_empty()
+        !self.retired.is_empty() || !self.retired_blocks.is_empty()
     }
 
     /// Makes retired nodes reusable. Call only after a grace period that began after they were
@@ -347,6 +686,11 @@ impl TableWriter {
             self.free.push(node);
         }
         self.retired = retired;
+        let mut blocks = std::mem::take(&mut self.retired_blocks);
+        for block in blocks.drain(..) {
+            self.free_block(arena, block);
+        }
+        self.retired_blocks = blocks;
     }
 
     /// Whether any leaf intersects `[start, end]`.
@@ -364,16 +708,20 @@ impl TableWriter {
         for index in entry_index(start, level)..=entry_index(end, level) {
             let slot = node_base | ((index as u64) << level_shift(level));
             let entry = arena.load(node, index);
-            match entry & KIND_MASK {
-                KIND_LEAF => return true,
-                KIND_TABLE => {
-                    let lo = start.max(slot);
-                    let hi = end.min(slot | (span(level) - 1));
-                    if self.any_in(arena, child_of(entry), level - 1, lo, hi) {
-                        return true;
-                    }
-                }
-                _ => {}
+            let lo = start.max(slot);
+            let hi = end.min(slot | (span(level) - 1));
+            let (first, last) = (page_index(lo), page_index(hi));
+            let hit = match kind(entry) {
+                KIND_LEAF => true,
+                KIND_TABLE => self.any_in(arena, child_of(entry), level - 1, lo, hi),
+                KIND_RUNS => arena.block(runs_block(entry)).iter().any(|slot| {
+                    let run = slot.load(Ordering::Relaxed);
+                    is_run(run) && run_first(run) <= last && first <= run_last(run)
+                }),
+                _ => false,
+            };
+            if hit {
+                return true;
             }
         }
         false
@@ -384,8 +732,9 @@ impl TableWriter {
     /// written or, for lack of nodes, nothing is.
     pub fn map(&mut self, arena: &Arena, root: u32, m: Mapping) -> Result<(), TableError> {
         let top = self.levels - 1;
-        let mut needed = 0u64;
-        // Cheap upper bound first; count exactly only when it does not fit.
+        let mut need = Need::default();
+        // Cheap upper bound first (a runs block costs at most a node); count exactly only when
+        // it does not fit.
         let bound: u64 = (0..top)
             .map(|level| {
                 let shift = level_shift(level + 1);
@@ -400,10 +749,10 @@ impl TableWriter {
                 m.virt_start,
                 m.virt_end,
                 &m,
-                &mut needed,
+                &mut need,
                 true,
             );
-            if needed > self.available(arena) {
+            if !self.fits(arena, need) {
                 return Err(TableError::NoMemory);
             }
         }
@@ -414,14 +763,15 @@ impl TableWriter {
             m.virt_start,
             m.virt_end,
             &m,
-            &mut needed,
+            &mut need,
             false,
         );
         Ok(())
     }
 
     /// Maps `[start, end]` (inside this node's span) under `node`. With `dry`, only counts the
-    /// nodes that would be allocated (`node` None = a node that would be new, hence empty).
+    /// nodes and blocks that would be allocated (`node` None = a node that would be new, hence
+    /// empty).
     #[allow(clippy::too_many_arguments)]
     fn walk_map(
         &mut self,
@@ -431,7 +781,7 @@ impl TableWriter {
         start: u64,
         end: u64,
         m: &Mapping,
-        needed: &mut u64,
+        need: &mut Need,
         dry: bool,
     ) {
         let size = span(level);
@@ -463,14 +813,27 @@ impl TableWriter {
                 level > 0,
                 "a 4 KiB-aligned range always fills whole base pages"
             );
-            debug_assert!(entry & KIND_MASK != KIND_LEAF, "caller checked for overlap");
-            if level == 0 || entry & KIND_MASK == KIND_LEAF {
+            debug_assert!(kind(entry) != KIND_LEAF, "caller checked for overlap");
+            if level == 0 || kind(entry) == KIND_LEAF {
                 continue;
             }
-            let child = if entry & KIND_MASK == KIND_TABLE {
+            if level == 1 && kind(entry) != KIND_TABLE {
+                let piece = Piece {
+                    lo,
+                    hi,
+                    gpa,
+                    flags: m.perms
+                        | if lo == m.virt_start { FIRST } else { 0 }
+                        | if hi == m.virt_end { LAST } else { 0 },
+                };
+                // Counted beforehand (or dry): it cannot fail here.
+                self.map_region(arena, node, index, entry, piece, need, dry);
+                continue;
+            }
+            let child = if kind(entry) == KIND_TABLE {
                 Some(child_of(entry))
             } else if dry {
-                *needed += 1;
+                need.nodes += 1;
                 None
             } else {
                 // Counted beforehand: allocation cannot fail here.
@@ -482,19 +845,160 @@ impl TableWriter {
                 self.live[n as usize] += 1;
                 Some(child)
             };
-            self.walk_map(arena, child, level - 1, lo, hi, m, needed, dry);
+            self.walk_map(arena, child, level - 1, lo, hi, m, need, dry);
         }
     }
 
-    /// Single-page fast path, first half: whether the 4 KiB page at `iova` is free, and how many
-    /// table nodes mapping it would allocate. `None` when a leaf already covers it.
+    /// Maps `piece`, the part of a mapping inside one 2 MiB region, under the level-1 entry
+    /// `index` of `node` (empty or a runs block): into a free slot of the block, a new block,
+    /// or, when no slot can hold it, a full node that takes over the block's runs. Returns
+    /// false, changing nothing, when an allocation failed (never after a dry run that fit).
+    #[allow(clippy::too_many_arguments)]
+    fn map_region(
+        &mut self,
+        arena: &Arena,
+        node: Option<u32>,
+        index: usize,
+        entry: u64,
+        piece: Piece,
+        need: &mut Need,
+        dry: bool,
+    ) -> bool {
+        let run = (piece.gpa < RUN_GPA_LIMIT).then(|| {
+            make_run(
+                page_index(piece.lo),
+                page_index(piece.hi),
+                piece.gpa,
+                piece.flags,
+            )
+        });
+        let n = node.unwrap_or_default();
+        if kind(entry) == KIND_RUNS {
+            let block = runs_block(entry);
+            let slots = arena.block(block);
+            let (mut runs, live) = live_runs(slots);
+            if let Some(run) = run.filter(|_| live < RUN_SLOTS) {
+                // In place when it sorts after every slot in use (tombstones included) and a
+                // slot is left after them: readers see the block before or after the store,
+                // both in order.
+                let used = slots
+                    .iter()
+                    .rposition(|s| s.load(Ordering::Relaxed) != NO_RUN)
+                    .map_or(0, |at| at + 1);
+                let after = used
+                    .checked_sub(1)
+                    .is_none_or(|at| run_key(slots[at].load(Ordering::Relaxed)) < run_key(run));
+                if let (true, Some(slot)) = (after, slots.get(used)) {
+                    if !dry {
+                        slot.store(run, Ordering::Release);
+                    }
+                    return true;
+                }
+                // Otherwise a new block with the run in its place, swapped in whole.
+                if dry {
+                    need.blocks += 1;
+                    return true;
+                }
+                let Some(copy) = self.alloc_block(arena) else {
+                    return false;
+                };
+                runs[live] = run;
+                runs[..=live].sort_unstable_by_key(|&run| run_key(run));
+                write_block(arena, copy, &runs[..=live]);
+                arena.store(n, index, runs_entry(copy));
+                self.retired_blocks.push(block);
+                return true;
+            }
+            if dry {
+                need.nodes += 1;
+                return true;
+            }
+            let Some(child) = self.expand_runs(arena, block) else {
+                return false;
+            };
+            self.write_pages(arena, child, piece);
+            arena.store(n, index, table_entry(child));
+            self.retired_blocks.push(block);
+            return true;
+        }
+        debug_assert_eq!(entry, 0);
+        if dry {
+            if run.is_some() {
+                need.blocks += 1;
+            } else {
+                need.nodes += 1;
+            }
+            return true;
+        }
+        let published = match run {
+            Some(run) => self.alloc_block(arena).map(|block| {
+                write_block(arena, block, &[run]);
+                runs_entry(block)
+            }),
+            None => self.alloc(arena).map(|child| {
+                self.write_pages(arena, child, piece);
+                table_entry(child)
+            }),
+        };
+        if let Some(entry) = published {
+            arena.store(n, index, entry);
+            self.live[n as usize] += 1;
+            return true;
+        }
+        false
+    }
+
+    /// A new level-0 node holding the runs of `block` as 4 KiB leaves, not yet linked.
+    fn expand_runs(&mut self, arena: &Arena, block: usize) -> Option<u32> {
+        let child = self.alloc(arena)?;
+        let (runs, live) = live_runs(arena.block(block));
+        for &run in &runs[..live] {
+            let flags = run & (PERM_MASK | FIRST | LAST);
+            let piece = Piece {
+                lo: run_first(run) << PAGE_SHIFT,
+                hi: ((run_last(run) + 1) << PAGE_SHIFT) - 1,
+                gpa: run_gpa(run),
+                flags,
+            };
+            self.write_pages(arena, child, piece);
+        }
+        Some(child)
+    }
+
+    /// Writes `piece` as 4 KiB leaves into the level-0 node `node`.
+    fn write_pages(&mut self, arena: &Arena, node: u32, piece: Piece) {
+        let (first, last) = (page_index(piece.lo), page_index(piece.hi));
+        for page in first..=last {
+            let mut leaf = (piece.gpa + ((page - first) << PAGE_SHIFT))
+                | (piece.flags & PERM_MASK)
+                | KIND_LEAF;
+            if page == first {
+                leaf |= piece.flags & FIRST;
+            }
+            if page == last {
+                leaf |= piece.flags & LAST;
+            }
+            arena.store(node, page as usize, leaf);
+            self.live[node as usize] += 1;
+        }
+    }
+
+    /// Single-page fast path, first half: whether the 4 KiB page at `iova` is free, and if so
+    /// where [`TableWriter::map_page`] starts building: the highest level whose entry on the
+    /// page's path is empty (its nodes are missing below it), or 0 when the path exists down
+    /// to the page's node or runs block. `None` when a leaf or run already covers the page.
     pub fn page_free(&self, arena: &Arena, root: u32, iova: u64) -> Option<u32> {
         let mut node = root;
         for level in (1..self.levels).rev() {
             let entry = arena.load(node, entry_index(iova, level));
-            match entry & KIND_MASK {
+            match kind(entry) {
                 KIND_TABLE => node = child_of(entry),
                 KIND_LEAF => return None,
+                KIND_RUNS => {
+                    return scan_runs(arena, runs_block(entry), iova)
+                        .is_none()
+                        .then_some(0);
+                }
                 _ => return Some(level),
             }
         }
@@ -502,8 +1006,8 @@ impl TableWriter {
     }
 
     /// Single-page fast path, second half: maps the 4 KiB page at `iova` (free, as
-    /// [`TableWriter::page_free`] said) to `phys` as a whole mapping. Fails, changing nothing,
-    /// when `nodes` (page_free's answer) cannot be allocated.
+    /// [`TableWriter::page_free`] said, answering `missing`) to `phys` as a whole mapping.
+    /// Fails, changing nothing, when the nodes or block it needs cannot be allocated.
     pub fn map_page(
         &mut self,
         arena: &Arena,
@@ -511,16 +1015,34 @@ impl TableWriter {
         iova: u64,
         phys: u64,
         perms: u64,
-        nodes: u32,
+        missing: u32,
     ) -> Result<(), TableError> {
-        if u64::from(nodes) > self.available(arena) {
-            return Err(TableError::NoMemory);
+        let piece = Piece {
+            lo: iova,
+            hi: iova | PAGE_MASK,
+            gpa: phys & ADDR_MASK,
+            flags: (perms & PERM_MASK) | FIRST | LAST,
+        };
+        if self.levels == 1 {
+            self.write_pages(arena, root, piece);
+            return Ok(());
+        }
+        let run = piece.gpa < RUN_GPA_LIMIT;
+        if missing > 0 {
+            // Table nodes for the levels between, then a block (or a node) for the page.
+            let need = Need {
+                nodes: u64::from(missing - 1) + u64::from(!run),
+                blocks: u64::from(run),
+            };
+            if !self.fits(arena, need) {
+                return Err(TableError::NoMemory);
+            }
         }
         let mut node = root;
-        for level in (1..self.levels).rev() {
+        for level in (2..self.levels).rev() {
             let index = entry_index(iova, level);
             let entry = arena.load(node, index);
-            node = if entry & KIND_MASK == KIND_TABLE {
+            node = if kind(entry) == KIND_TABLE {
                 child_of(entry)
             } else {
                 // Counted above: allocation cannot fail here.
@@ -532,10 +1054,33 @@ impl TableWriter {
                 child
             };
         }
-        let leaf = (phys & ADDR_MASK) | (perms & PERM_MASK) | KIND_LEAF | FIRST | LAST;
-        arena.store(node, entry_index(iova, 0), leaf);
-        self.live[node as usize] += 1;
-        Ok(())
+        let index = entry_index(iova, 1);
+        let entry = arena.load(node, index);
+        if kind(entry) == KIND_TABLE {
+            self.write_pages(arena, child_of(entry), piece);
+            return Ok(());
+        }
+        if missing == 0 {
+            // The block may be full: then a node takes over its runs.
+            let mut need = Need::default();
+            self.map_region(arena, Some(node), index, entry, piece, &mut need, true);
+            if !self.fits(arena, need) {
+                return Err(TableError::NoMemory);
+            }
+        }
+        if self.map_region(
+            arena,
+            Some(node),
+            index,
+            entry,
+            piece,
+            &mut Need::default(),
+            false,
+        ) {
+            Ok(())
+        } else {
+            Err(TableError::NoMemory)
+        }
     }
 
     /// Single-page fast path of [`TableWriter::unmap`] for `[iova, iova + 4 KiB)`, `iova`
@@ -548,7 +1093,7 @@ impl TableWriter {
             let index = entry_index(iova, level);
             path[level as usize] = (node, index);
             let entry = arena.load(node, index);
-            match entry & KIND_MASK {
+            match kind(entry) {
                 KIND_TABLE if level > 0 => {
                     node = child_of(entry);
                     level -= 1;
@@ -558,12 +1103,42 @@ impl TableWriter {
                     return Err(TableError::WouldSplit)
                 }
                 KIND_LEAF => break,
+                KIND_RUNS if level == 1 => {
+                    let block = runs_block(entry);
+                    let slots = arena.block(block);
+                    let page = page_index(iova);
+                    let Some(slot) = slots.iter().find(|s| {
+                        let run = s.load(Ordering::Relaxed);
+                        is_run(run) && run_first(run) <= page && page <= run_last(run)
+                    }) else {
+                        return Ok(0);
+                    };
+                    let run = slot.load(Ordering::Relaxed);
+                    if run_first(run) != page
+                        || run_last(run) != page
+                        || run & (FIRST | LAST) != FIRST | LAST
+                    {
+                        return Err(TableError::WouldSplit);
+                    }
+                    // A tombstone keeps the slot's place in the order.
+                    slot.store(run & !RUN_VALID, Ordering::Release);
+                    if live_runs(slots).1 == 0 {
+                        self.retired_blocks.push(block);
+                        self.clear_path(arena, root, &path, 1);
+                    }
+                    return Ok(1);
+                }
                 _ => return Ok(0),
             }
         }
-        // Clear the leaf, then every table node it leaves empty (never the root).
-        for level in 0..self.levels {
-            let (node, index) = path[level as usize];
+        self.clear_path(arena, root, &path, 0);
+        Ok(1)
+    }
+
+    /// Clears the entry at `path[from]`, then every table node that leaves empty (never the
+    /// root): `path[level]` is the (node, index) of the page's path at `level`.
+    fn clear_path(&mut self, arena: &Arena, root: u32, path: &[(u32, usize)], from: usize) {
+        for &(node, index) in path.iter().take(self.levels as usize).skip(from) {
             arena.store(node, index, 0);
             self.live[node as usize] -= 1;
             if self.live[node as usize] > 0 || node == root {
@@ -571,7 +1146,6 @@ impl TableWriter {
             }
             self.retired.push(node);
         }
-        Ok(1)
     }
 
     /// Removes every mapping inside `[start, end]`, or nothing when a mapping crosses either
@@ -608,7 +1182,7 @@ impl TableWriter {
         let node_base = start & !(span(level + 1).wrapping_sub(1));
         for index in entry_index(start, level)..=entry_index(end, level) {
             let entry = arena.load(node, index);
-            match entry & KIND_MASK {
+            match kind(entry) {
                 KIND_LEAF => {
                     arena.store(node, index, 0);
                     self.live[node as usize] -= 1;
@@ -624,6 +1198,32 @@ impl TableWriter {
                         arena.store(node, index, 0);
                         self.live[node as usize] -= 1;
                         self.retired.push(child);
+                    }
+                }
+                KIND_RUNS => {
+                    let slot = node_base | ((index as u64) << level_shift(level));
+                    let first = page_index(start.max(slot));
+                    let last = page_index(end.min(slot | (span(level) - 1)));
+                    let block = runs_block(entry);
+                    let mut left = 0;
+                    // The caller checked both ends: a run the range touches lies inside it.
+                    for s in arena.block(block) {
+                        let run = s.load(Ordering::Relaxed);
+                        if !is_run(run) {
+                            continue;
+                        }
+                        if run_first(run) <= last && first <= run_last(run) {
+                            // A tombstone keeps the slot's place in the order.
+                            s.store(run & !RUN_VALID, Ordering::Release);
+                            removed += u64::from(run & FIRST != 0);
+                        } else {
+                            left += 1;
+                        }
+                    }
+                    if left == 0 {
+                        arena.store(node, index, 0);
+                        self.live[node as usize] -= 1;
+                        self.retired_blocks.push(block);
                     }
                 }
                 _ => {}
@@ -670,9 +1270,15 @@ impl TableWriter {
         for index in 0..FANOUT {
             let slot = base | ((index as u64) << level_shift(level));
             let entry = arena.load(node, index);
-            match entry & KIND_MASK {
+            match kind(entry) {
                 KIND_LEAF => f(Leaf::decode(entry, slot, level)),
                 KIND_TABLE => self.for_each_leaf(arena, child_of(entry), level - 1, slot, f),
+                KIND_RUNS => {
+                    let (runs, live) = live_runs(arena.block(runs_block(entry)));
+                    for &run in &runs[..live] {
+                        f(Leaf::of_run(run, slot));
+                    }
+                }
                 _ => {}
             }
         }
@@ -716,11 +1322,14 @@ mod tests {
     fn map_lookup_unmap_4k() {
         let (arena, mut w, root) = table(64);
         w.map(&arena, root, m(0x1000, 0x2fff, 0x80_0000)).unwrap();
+        // One run of a runs block: the whole mapping's pages in the region.
         let leaf = lookup(&arena, root, 4, 0x2abc).unwrap();
         assert_eq!(
-            (leaf.base, leaf.gpa, leaf.first, leaf.last),
-            (0x2000, 0x80_1000, false, true)
+            (leaf.base, leaf.end, leaf.gpa, leaf.first, leaf.last),
+            (0x1000, 0x2fff, 0x80_0000, true, true)
         );
+        let t = walk(&arena, root, 4, 0x2abc).unwrap();
+        assert_eq!((t.gpa, t.left), (0x80_1abc, 0x544));
         assert_eq!(lookup(&arena, root, 4, 0x3000), None);
         assert_eq!(w.mappings(&arena, root), vec![m(0x1000, 0x2fff, 0x80_0000)]);
         assert_eq!(
@@ -736,10 +1345,10 @@ mod tests {
         assert_eq!(
             w.nodes_in_use(),
             4,
-            "empty nodes are retired, not yet reclaimed"
+            "empty nodes and the block are retired, not yet reclaimed"
         );
         w.reclaim(&arena);
-        assert_eq!(w.nodes_in_use(), 1);
+        assert_eq!(w.nodes_in_use(), 1, "the block's node went back too");
     }
 
     #[test]
@@ -769,15 +1378,324 @@ mod tests {
     }
 
     #[test]
-    fn unaligned_gpa_falls_back_to_small_leaves() {
+    fn unaligned_gpa_falls_back_to_a_run() {
         let (arena, mut w, root) = table(64);
         w.map(&arena, root, m(0x20_0000, 0x3f_ffff, 0x1000))
             .unwrap();
         let leaf = lookup(&arena, root, 4, 0x3f_f000).unwrap();
         assert_eq!(
             (leaf.base, leaf.end, leaf.gpa),
-            (0x3f_f000, 0x3f_ffff, 0x20_0000)
+            (0x20_0000, 0x3f_ffff, 0x1000)
         );
+        let t = walk(&arena, root, 4, 0x3f_f010).unwrap();
+        assert_eq!((t.gpa, t.left), (0x20_0010, 0xff0));
+    }
+
+    #[test]
+    fn a_gpa_no_run_can_hold_gets_4k_leaves() {
+        let (arena, mut w, root) = table(64);
+        let high = RUN_GPA_LIMIT;
+        w.map(&arena, root, m(0x1000, 0x2fff, high)).unwrap();
+        w.map_page(
+            &arena,
+            root,
+            0x8000,
+            high + 0x10_0000,
+            RW,
+            w.page_free(&arena, root, 0x8000).unwrap(),
+        )
+        .unwrap();
+        let leaf = lookup(&arena, root, 4, 0x2000).unwrap();
+        assert_eq!(
+            (leaf.base, leaf.end, leaf.gpa, leaf.first, leaf.last),
+            (0x2000, 0x2fff, high + 0x1000, false, true)
+        );
+        assert_eq!(
+            lookup(&arena, root, 4, 0x8000).unwrap().gpa,
+            high + 0x10_0000
+        );
+        assert_eq!(
+            w.mappings(&arena, root),
+            vec![m(0x1000, 0x2fff, high), m(0x8000, 0x8fff, high + 0x10_0000)]
+        );
+        // A run below the limit joins the full node as leaves.
+        w.map(&arena, root, m(0x10000, 0x1ffff, 0x40_0000)).unwrap();
+        assert_eq!(lookup(&arena, root, 4, 0x1f000).unwrap().gpa, 0x40_f000);
+        assert_eq!(w.unmap(&arena, root, 0, 0x1f_ffff), Ok(3));
+    }
+
+    /// The ninth run of a region moves the block's runs into a full node; readers find every
+    /// page before and after; emptied, everything goes back.
+    #[test]
+    fn a_full_runs_block_becomes_a_node() {
+        let (arena, mut w, root) = table(64);
+        let region = 0x4000_0000;
+        // Runs of 1, 2, 3, ... pages with a page gap between, GPAs scattered.
+        let mut runs = Vec::new();
+        let mut at = region;
+        for k in 1..=RUN_SLOTS as u64 + 1 {
+            let gpa = 0x1_0000_0000 - k * 0x10_0000;
+            runs.push(m(at, at + k * 0x1000 - 1, gpa));
+            at += (k + 1) * 0x1000;
+        }
+        for (i, r) in runs.iter().enumerate() {
+            w.map(&arena, root, *r).unwrap();
+            let nodes = if i < RUN_SLOTS { 4 } else { 5 };
+            assert_eq!(w.nodes_in_use(), nodes, "after run {}", i + 1);
+            for r in &runs[..=i] {
+                for iova in (r.virt_start..r.virt_end).step_by(0x1000) {
+                    let t = walk(&arena, root, 4, iova + 8).unwrap();
+                    let (gpa, left) = (t.gpa, t.left);
+                    assert_eq!(gpa, r.phys_start + (iova - r.virt_start) + 8);
+                    if i < RUN_SLOTS {
+                        assert_eq!(left, r.virt_end - iova - 7, "a run spans its pages");
+                    } else {
+                        assert_eq!(left, 0xff8, "a 4 KiB leaf");
+                    }
+                }
+                assert_eq!(walk(&arena, root, 4, r.virt_end + 1), None, "the gap");
+            }
+        }
+        assert_eq!(w.mappings(&arena, root), runs);
+        assert_eq!(
+            w.unmap(&arena, root, region, runs[1].virt_end - 0x1000),
+            Err(TableError::WouldSplit)
+        );
+        assert_eq!(w.unmap(&arena, root, region, runs[1].virt_end), Ok(2));
+        assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(RUN_SLOTS as u64 - 1));
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
+    }
+
+    /// Runs in a block come out in IOVA order whatever slots they took; single-page UNMAP
+    /// frees a slot, refuses to cut a run, and frees the block with its last run.
+    #[test]
+    fn runs_block_slots_and_single_pages() {
+        let (arena, mut w, root) = table(64);
+        for page in [5u64, 1, 9, 3] {
+            let iova = page * 0x1000;
+            let missing = w.page_free(&arena, root, iova).unwrap();
+            w.map_page(&arena, root, iova, page * 0x2000, RW, missing)
+                .unwrap();
+        }
+        assert_eq!(w.page_free(&arena, root, 0x3000), None);
+        assert_eq!(w.page_free(&arena, root, 0x4000), Some(0));
+        w.map(&arena, root, m(0x10_0000, 0x10_1fff, 0)).unwrap();
+        let starts: Vec<u64> = w
+            .mappings(&arena, root)
+            .iter()
+            .map(|m| m.virt_start)
+            .collect();
+        assert_eq!(starts, [0x1000, 0x3000, 0x5000, 0x9000, 0x10_0000]);
+        assert_eq!(
+            w.unmap_page(&arena, root, 0x10_0000),
+            Err(TableError::WouldSplit)
+        );
+        assert_eq!(w.unmap_page(&arena, root, 0x4000), Ok(0));
+        for page in [5u64, 1, 9, 3] {
+            assert_eq!(w.unmap_page(&arena, root, page * 0x1000), Ok(1));
+        }
+        assert_eq!(w.unmap(&arena, root, 0x10_0000, 0x10_1fff), Ok(1));
+        assert!(w.has_retired());
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
+    }
+
+    /// Tombstones keep their place: a run appended after one, a run re-using its pages, and
+    /// runs inserted in descending order (Linux's allocator) all stay findable.
+    #[test]
+    fn tombstones_and_order() {
+        let (arena, mut w, root) = table(64);
+        let page = |p: u64| p << PAGE_SHIFT;
+        let gpa_of = |iova: u64| walk(&arena, root, 4, iova).map(|t| t.gpa);
+        w.map(&arena, root, m(page(2), page(2) | 0xfff, 0x20_0000))
+            .unwrap();
+        w.map(&arena, root, m(page(5), page(6) | 0xfff, 0x50_0000))
+            .unwrap();
+        assert_eq!(w.unmap(&arena, root, page(5), page(6) | 0xfff), Ok(1));
+        assert_eq!(gpa_of(page(5)), None);
+        // Sorts after the tombstone: appended in place.
+        w.map(&arena, root, m(page(6), page(6) | 0xfff, 0x60_0000))
+            .unwrap();
+        assert_eq!(w.retired_blocks(), 0, "appended, not copied");
+        assert_eq!(gpa_of(page(5)), None);
+        assert_eq!(gpa_of(page(6)), Some(0x60_0000));
+        // Re-uses the tombstone's first page: a new block without the tombstone.
+        w.map(&arena, root, m(page(5), page(5) | 0xfff, 0x55_0000))
+            .unwrap();
+        assert_eq!(w.retired_blocks(), 1);
+        for (p, gpa) in [(2, 0x20_0000), (5, 0x55_0000), (6, 0x60_0000)] {
+            assert_eq!(gpa_of(page(p)), Some(gpa), "page {p}");
+        }
+        for p in [0, 1, 3, 4, 7, 511] {
+            assert_eq!(gpa_of(page(p)), None, "page {p}");
+        }
+        // Descending inserts into another region: every one a copy, all found.
+        let region = 0x20_0000;
+        for p in (500..508u64).rev() {
+            w.map(
+                &arena,
+                root,
+                m(region + page(p), region + page(p) + 0xfff, page(p)),
+            )
+            .unwrap();
+        }
+        for p in 499..509u64 {
+            let want = (500..508).contains(&p).then_some(page(p));
+            assert_eq!(gpa_of(region + page(p)), want, "page {p}");
+        }
+        assert_eq!(w.mappings(&arena, root).len(), 11);
+    }
+
+    /// Blocks come 64 to a node, and a MAP that needs a block or a node only succeeds when
+    /// one is left; a refused MAP changes nothing.
+    #[test]
+    fn blocks_and_nodes_are_counted_before_a_map() {
+        // Root, one L2 and one L1 node for the first 1 GiB, one node carved into blocks.
+        let (arena, mut w, root) = table(4);
+        for region in 0..BLOCKS_PER_NODE as u64 {
+            w.map(&arena, root, m(region << 21, (region << 21) + 0xfff, 0))
+                .unwrap();
+        }
+        assert_eq!(w.nodes_in_use(), 4);
+        let next = (BLOCKS_PER_NODE as u64) << 21;
+        assert_eq!(w.page_free(&arena, root, next), Some(1));
+        assert_eq!(
+            w.map_page(&arena, root, next, 0, RW, 1),
+            Err(TableError::NoMemory)
+        );
+        assert_eq!(
+            w.map(&arena, root, m(next, next + 0xfff, 0)),
+            Err(TableError::NoMemory)
+        );
+        // A ninth run needs a node for the conversion: refused as well.
+        for page in 1..RUN_SLOTS as u64 {
+            w.map(&arena, root, m(page << 13, (page << 13) + 0xfff, 0))
+                .unwrap();
+        }
+        assert_eq!(
+            w.map(&arena, root, m(0x1000, 0x1fff, 0)),
+            Err(TableError::NoMemory)
+        );
+        let missing = w.page_free(&arena, root, 0x1000).unwrap();
+        assert_eq!(
+            w.map_page(&arena, root, 0x1000, 0, RW, missing),
+            Err(TableError::NoMemory)
+        );
+        assert_eq!(
+            w.mappings(&arena, root).len(),
+            BLOCKS_PER_NODE + RUN_SLOTS - 1
+        );
+        assert!(!w.any_mapped(&arena, root, next, next + 0xfff));
+        assert!(!w.any_mapped(&arena, root, 0x1000, 0x1fff));
+        assert!(w.any_mapped(&arena, root, 0x1000, 0x2fff));
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// First page (of 1024: two 2 MiB regions), pages, GPA page, GPA above the limit.
+            Map(u64, u64, u64, bool),
+            Unmap(u64, u64),
+            /// A grace period: retired nodes and blocks come back.
+            Reclaim,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0u64..1024, 1u64..20, 0u64..4096, proptest::bool::weighted(0.1))
+                    .prop_map(|(p, n, g, high)| Op::Map(p, n, g, high)),
+                3 => (0u64..1024, 1u64..40).prop_map(|(p, n)| Op::Unmap(p, n)),
+                1 => Just(Op::Reclaim),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            /// Runs blocks, their copies, tombstones and conversions to full nodes against a
+            /// plain map of mappings: every page translates as the map says after every step,
+            /// and emptied tables give every node back.
+            #[test]
+            fn runs_agree_with_a_plain_map(ops in proptest::collection::vec(op(), 1..120)) {
+                let (arena, mut w, root) = table(256);
+                let base = 0x7f_c000_0000u64;
+                let mut model: BTreeMap<u64, Mapping> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Map(p, n, g, high) => {
+                            let end = (p + n).min(1024) - 1;
+                            let (start, end) = (base + (p << 12), base + (end << 12) + 0xfff);
+                            let phys = (g << 12) + if high { RUN_GPA_LIMIT } else { 0 };
+                            let free = !model.values().any(|m| m.virt_start <= end && start <= m.virt_end);
+                            prop_assert_eq!(!w.any_mapped(&arena, root, start, end), free);
+                            if free {
+                                let mapping = m(start, end, phys);
+                                if n == 1 {
+                                    let missing = w.page_free(&arena, root, start).unwrap();
+                                    w.map_page(&arena, root, start, phys, RW, missing).unwrap();
+                                } else {
+                                    w.map(&arena, root, mapping).unwrap();
+                                }
+                                model.insert(start, mapping);
+                            }
+                        }
+                        Op::Unmap(p, n) => {
+                            let end = (p + n).min(1024) - 1;
+                            let (start, end) = (base + (p << 12), base + (end << 12) + 0xfff);
+                            let cut = model.values().any(|m| {
+                                (m.virt_start < start && start <= m.virt_end)
+                                    || (m.virt_start <= end && end < m.virt_end)
+                            });
+                            let inside: Vec<u64> = model
+                                .values()
+                                .filter(|m| start <= m.virt_start && m.virt_end <= end)
+                                .map(|m| m.virt_start)
+                                .collect();
+                            let got = if n == 1 {
+                                w.unmap_page(&arena, root, start)
+                            } else {
+                                w.unmap(&arena, root, start, end)
+                            };
+                            if cut {
+                                prop_assert_eq!(got, Err(TableError::WouldSplit));
+                            } else {
+                                prop_assert_eq!(got, Ok(inside.len() as u64));
+                                for s in inside {
+                                    model.remove(&s);
+                                }
+                            }
+                        }
+                        Op::Reclaim => w.reclaim(&arena),
+                    }
+                    for page in 0..1024u64 {
+                        let iova = base + (page << 12) + 0x10;
+                        let want = model
+                            .range(..=iova)
+                            .next_back()
+                            .filter(|(_, m)| iova <= m.virt_end)
+                            .map(|(_, m)| (m.phys_start + (iova - m.virt_start), m.virt_end - iova + 1));
+                        let got = walk(&arena, root, 4, iova).map(|t| (t.gpa, t.left));
+                        match (got, want) {
+                            // A walk may stop at a leaf or run end before the mapping's.
+                            (Some((gpa, left)), Some((wgpa, wleft))) => {
+                                prop_assert_eq!(gpa, wgpa, "page {}", page);
+                                prop_assert!(left > 0 && left <= wleft, "page {}", page);
+                            }
+                            (got, want) => prop_assert_eq!(got, want, "page {}", page),
+                        }
+                    }
+                    prop_assert_eq!(w.mappings(&arena, root), model.values().copied().collect::<Vec<_>>());
+                }
+                prop_assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(model.len() as u64));
+                w.reclaim(&arena);
+                prop_assert_eq!(w.nodes_in_use(), 1);
+            }
+        }
     }
 
     #[test]
