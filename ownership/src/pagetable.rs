@@ -11,7 +11,7 @@
 //! points to a *runs block*, one 64-byte cache line of [`RUN_SLOTS`] slots, each holding one
 //! mapping's pages inside the region (first page, last page, GPA, permissions, first/last
 //! bits). A region that needs a ninth run, or a GPA a slot cannot hold (at or above
-//! 2^51), gets a full node instead. This keeps sparse layouts (Linux's allocator packing
+//! 2^50), gets a full node instead. This keeps sparse layouts (Linux's allocator packing
 //! 4 KiB, 64 KiB and 2 MiB buffers side by side) at a cache line per region instead of a page.
 //!
 //! Nodes live in an [`Arena`] addressed by `u32` index: one array allocated once that never
@@ -19,7 +19,7 @@
 //! A node or runs block that is unlinked from a tree is only reused after a grace period
 //! ([`crate::epoch`]), so a reader never walks a recycled one. Runs blocks are carved 64 to a
 //! node and keep their runs sorted by first page, so a reader finds the one candidate run
-//! with a count over the slots instead of a search. A block changes in place only in ways that
+//! with a three-step binary search that has no branches. A block changes in place only in ways that
 //! keep the order: a run that sorts last fills the next free slot, and UNMAP turns a run into
 //! a tombstone that keeps its place (so UNMAP never allocates). Anything else writes a new
 //! block and swaps the level-1 entry, so a reader sees each mapping entirely or not at all.
