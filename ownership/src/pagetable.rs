@@ -250,6 +250,14 @@ impl Arena {
         self.clear_entries(node as usize * FANOUT, FANOUT);
     }
 
+    /// Whether every entry of `node` is zero (a debug check).
+    fn node_is_clear(&self, node: u32) -> bool {
+        let start = node as usize * FANOUT;
+        self.entries
+            .get(start..start + FANOUT)
+            .is_some_and(|e| e.iter().all(|e| e.load(Ordering::Relaxed) == 0))
+    }
+
     fn clear_entries(&self, start: usize, count: usize) {
         if let Some(entries) = self.entries.get(start..start + count) {
             for e in entries {
@@ -681,8 +689,16 @@ impl TableWriter {
         // request path does not allocate once it has grown to its working size.
         let mut retired = std::mem::take(&mut self.retired);
         for node in retired.drain(..) {
-            arena.clear_node(node);
-            self.live[node as usize] = 0;
+            // A node UNMAP emptied is all zeros already (`live` counts its non-empty entries);
+            // only a torn-down tree's nodes still hold entries.
+            if self.live[node as usize] != 0 {
+                arena.clear_node(node);
+                self.live[node as usize] = 0;
+            }
+            debug_assert!(
+                arena.node_is_clear(node),
+                "node {node} reclaimed with entries"
+            );
             self.free.push(node);
         }
         self.retired = retired;
