@@ -94,8 +94,8 @@ const BLOCKS_PER_NODE: usize = FANOUT / RUN_SLOTS;
 pub const RUN_GPA_LIMIT: u64 = 1 << 50;
 // A run: bit 0 set, the leaf's permission and first/last bits in the same places, the number
 // of pages after the first, the GPA's page frame number, and at the top the first page's
-// index in the region plus one. A zero slot is empty, and its top field (0) is below every
-// run's, so a reader needs no separate check for it (see `scan_runs`).
+// index in the region plus one (the sort key). A tombstone is a run with bit 0 clear, so it
+// keeps its key and its place; a free slot holds NO_RUN.
 const RUN_VALID: u64 = 1;
 /// A free slot of a live block: above every run's key, so it sorts last, and not valid.
 const NO_RUN: u64 = !RUN_VALID;
@@ -126,6 +126,29 @@ fn is_run(run: u64) -> bool {
 #[inline(always)]
 fn run_key(run: u64) -> u64 {
     run >> RUN_KEY_SHIFT
+}
+
+/// A live run that shares a page with pages `first..=last` of its region.
+#[inline]
+fn run_overlaps(run: u64, first: u64, last: u64) -> bool {
+    is_run(run) && run_first(run) <= last && first <= run_last(run)
+}
+
+/// Turns every live run of `block` that overlaps pages `first..=last` into a tombstone (it
+/// keeps its place in the order, so UNMAP never allocates). Returns the mappings that began
+/// in a removed run and the live runs left.
+fn tombstone_runs(arena: &Arena, block: usize, first: u64, last: u64) -> (u64, usize) {
+    let (mut removed, mut left) = (0, 0);
+    for slot in arena.block(block) {
+        let run = slot.load(Ordering::Relaxed);
+        if run_overlaps(run, first, last) {
+            slot.store(run & !RUN_VALID, Ordering::Release);
+            removed += u64::from(run & FIRST != 0);
+        } else if is_run(run) {
+            left += 1;
+        }
+    }
+    (removed, left)
 }
 
 /// Pages after the first.
@@ -462,7 +485,7 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
 
 /// GPA of `iova` through a leaf `entry` at `level`, and the bytes left in the entry from there.
 #[inline(always)]
-pub fn leaf_target(entry: u64, level: u32, iova: u64) -> (u64, u64) {
+fn leaf_target(entry: u64, level: u32, iova: u64) -> (u64, u64) {
     // Leaves sit at level 2 at most, so the shift never overflows (and wraps, unchecked, if
     // a corrupt level ever came here).
     let mask = 1u64.wrapping_shl(level_shift(level)).wrapping_sub(1);
@@ -730,10 +753,10 @@ impl TableWriter {
             let hit = match kind(entry) {
                 KIND_LEAF => true,
                 KIND_TABLE => self.any_in(arena, child_of(entry), level - 1, lo, hi),
-                KIND_RUNS => arena.block(runs_block(entry)).iter().any(|slot| {
-                    let run = slot.load(Ordering::Relaxed);
-                    is_run(run) && run_first(run) <= last && first <= run_last(run)
-                }),
+                KIND_RUNS => arena
+                    .block(runs_block(entry))
+                    .iter()
+                    .any(|slot| run_overlaps(slot.load(Ordering::Relaxed), first, last)),
                 _ => false,
             };
             if hit {
@@ -809,18 +832,15 @@ impl TableWriter {
             let hi = end.min(slot_end);
             let entry = node.map_or(0, |n| arena.load(n, index));
             let gpa = m.phys_start + (lo - m.virt_start);
+            // The permissions, and whether this piece starts / ends the mapping.
+            let flags = m.perms
+                | if lo == m.virt_start { FIRST } else { 0 }
+                | if hi == m.virt_end { LAST } else { 0 };
             let whole = lo == slot && hi == slot_end;
             if entry == 0 && whole && level <= MAX_LEAF_LEVEL && gpa & (size - 1) == 0 {
                 if !dry {
                     let n = node.unwrap_or_default();
-                    let mut leaf = gpa | m.perms | KIND_LEAF;
-                    if lo == m.virt_start {
-                        leaf |= FIRST;
-                    }
-                    if hi == m.virt_end {
-                        leaf |= LAST;
-                    }
-                    arena.store(n, index, leaf);
+                    arena.store(n, index, gpa | flags | KIND_LEAF);
                     self.live[n as usize] += 1;
                 }
                 continue;
@@ -834,14 +854,7 @@ impl TableWriter {
                 continue;
             }
             if level == 1 && kind(entry) != KIND_TABLE {
-                let piece = Piece {
-                    lo,
-                    hi,
-                    gpa,
-                    flags: m.perms
-                        | if lo == m.virt_start { FIRST } else { 0 }
-                        | if hi == m.virt_end { LAST } else { 0 },
-                };
+                let piece = Piece { lo, hi, gpa, flags };
                 // Counted beforehand (or dry): it cannot fail here.
                 self.map_region(arena, node, index, entry, piece, need, dry);
                 continue;
@@ -1076,14 +1089,8 @@ impl TableWriter {
             self.write_pages(arena, child_of(entry), piece);
             return Ok(());
         }
-        if missing == 0 {
-            // The block may be full: then a node takes over its runs.
-            let mut need = Need::default();
-            self.map_region(arena, Some(node), index, entry, piece, &mut need, true);
-            if !self.fits(arena, need) {
-                return Err(TableError::NoMemory);
-            }
-        }
+        // Into the region's block, a copy of it, or a node that takes over its runs: whatever
+        // it allocates comes before its first store, so a refusal changes nothing.
         if self.map_region(
             arena,
             Some(node),
@@ -1121,24 +1128,15 @@ impl TableWriter {
                 KIND_LEAF => break,
                 KIND_RUNS if level == 1 => {
                     let block = runs_block(entry);
-                    let slots = arena.block(block);
-                    let page = page_index(iova);
-                    let Some(slot) = slots.iter().find(|s| {
-                        let run = s.load(Ordering::Relaxed);
-                        is_run(run) && run_first(run) <= page && page <= run_last(run)
-                    }) else {
+                    let Some(run) = scan_runs(arena, block, iova) else {
                         return Ok(0);
                     };
-                    let run = slot.load(Ordering::Relaxed);
-                    if run_first(run) != page
-                        || run_last(run) != page
-                        || run & (FIRST | LAST) != FIRST | LAST
-                    {
+                    // A longer run, or one page of a longer mapping.
+                    if run_len(run) != 0 || run & (FIRST | LAST) != FIRST | LAST {
                         return Err(TableError::WouldSplit);
                     }
-                    // A tombstone keeps the slot's place in the order.
-                    slot.store(run & !RUN_VALID, Ordering::Release);
-                    if live_runs(slots).1 == 0 {
+                    let page = page_index(iova);
+                    if tombstone_runs(arena, block, page, page).1 == 0 {
                         self.retired_blocks.push(block);
                         self.clear_path(arena, root, &path, 1);
                     }
@@ -1221,21 +1219,9 @@ impl TableWriter {
                     let first = page_index(start.max(slot));
                     let last = page_index(end.min(slot | (span(level) - 1)));
                     let block = runs_block(entry);
-                    let mut left = 0;
                     // The caller checked both ends: a run the range touches lies inside it.
-                    for s in arena.block(block) {
-                        let run = s.load(Ordering::Relaxed);
-                        if !is_run(run) {
-                            continue;
-                        }
-                        if run_first(run) <= last && first <= run_last(run) {
-                            // A tombstone keeps the slot's place in the order.
-                            s.store(run & !RUN_VALID, Ordering::Release);
-                            removed += u64::from(run & FIRST != 0);
-                        } else {
-                            left += 1;
-                        }
-                    }
+                    let (gone, left) = tombstone_runs(arena, block, first, last);
+                    removed += gone;
                     if left == 0 {
                         arena.store(node, index, 0);
                         self.live[node as usize] -= 1;
