@@ -673,19 +673,22 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
         let iommu = RefCell::new(build_ours(&w));
         let base = Baseline::build(&w);
         let slots = &w.writer_slots;
-        // A page in a 1 GiB region of its own: each MAP allocates its L2, L1 and L0 nodes,
-        // each UNMAP retires them (a grace period, then zeroing).
+        // MAP+UNMAP pairs over the populated region's free pages.
+        let pairs = |iommu: &mut Iommu, iters: u64| {
+            for k in 0..iters as usize {
+                let iova = slots[k % slots.len()];
+                iommu
+                    .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000, RW)
+                    .unwrap();
+                iommu.unmap(DOMAIN, iova, iova + K4 - 1).unwrap();
+            }
+        };
+        // A page in a 1 GiB region of its own: each MAP allocates its L2 and L1 nodes and a
+        // runs block, each UNMAP retires them for a grace period.
         let lone = 1u64 << 45;
         let mut variants: Vec<Variant<'_>> = vec![
             Box::new(|iters| {
-                let mut iommu = iommu.borrow_mut();
-                for k in 0..iters as usize {
-                    let iova = slots[k % slots.len()];
-                    iommu
-                        .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000, RW)
-                        .unwrap();
-                    iommu.unmap(DOMAIN, iova, iova + K4 - 1).unwrap();
-                }
+                pairs(&mut iommu.borrow_mut(), iters);
                 0
             }),
             Box::new(|iters| {
@@ -719,14 +722,7 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
             // reader slot to settle (the heavy barrier, after the idle window).
             Box::new(|iters| {
                 let translator = iommu.borrow().translator();
-                let mut iommu = iommu.borrow_mut();
-                for k in 0..iters as usize {
-                    let iova = slots[k % slots.len()];
-                    iommu
-                        .map(DOMAIN, iova, iova + K4 - 1, 0x1000_0000, RW)
-                        .unwrap();
-                    iommu.unmap(DOMAIN, iova, iova + K4 - 1).unwrap();
-                }
+                pairs(&mut iommu.borrow_mut(), iters);
                 drop(translator);
                 0
             }),

@@ -30,6 +30,14 @@ fn pair(i: u64) -> [Vec<u8>; 2] {
     ]
 }
 
+/// One request chain per MAP and UNMAP of `pairs`, in order (4-byte status tails).
+fn chains(pairs: &[[Vec<u8>; 2]]) -> Vec<Chain<'_>> {
+    pairs
+        .iter()
+        .flat_map(|[m, u]| [Chain::request(m, 4), Chain::request(u, 4)])
+        .collect()
+}
+
 /// Waits for `count` completions of the request queue, in any order.
 fn reap(dev: &mut vhost_device_iommu::testkit::Device, count: usize) -> Vec<Completion> {
     let mut out = Vec::new();
@@ -146,10 +154,7 @@ fn avail_and_used_indices_wrap_at_65535_with_fallbacks_around_the_wrap() {
     let mut dev = d.connect();
     assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
     let requests: Vec<[Vec<u8>; 2]> = (0..64).map(pair).collect();
-    let simple: Vec<Chain<'_>> = requests
-        .iter()
-        .flat_map(|[m, u]| [Chain::request(m, 4), Chain::request(u, 4)])
-        .collect();
+    let simple = chains(&requests);
     // Simple batches up to just before the wrap (the queue has 256 descriptors: 128 chains).
     let mut sent: u64 = 1;
     while sent + 128 < 65536 - 40 {
@@ -254,10 +259,7 @@ fn interrupts_follow_used_event_and_no_interrupt_exactly() {
         });
         assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
         let requests: Vec<[Vec<u8>; 2]> = (0..4).map(pair).collect();
-        let chains: Vec<Chain<'_>> = requests
-            .iter()
-            .flat_map(|[m, u]| [Chain::request(m, 4), Chain::request(u, 4)])
-            .collect();
+        let chains = chains(&requests);
         // Interrupts off (used_event far away, or NO_INTERRUPT): never signalled.
         for _ in 0..50 {
             for c in dev.batch(&chains).unwrap() {
