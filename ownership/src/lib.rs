@@ -172,11 +172,11 @@ pub enum Requester {
     Owner(u64),
 }
 
-/// Owner cell values readers compare against.
 /// Runs blocks replaced by MAPs (64 bytes each) that may wait for a grace period before the
 /// model takes one.
 const RETIRED_BLOCKS_BACKLOG: usize = 1024;
 
+/// Owner cell values readers compare against.
 const OWNER_NONE: u64 = 0;
 const OWNER_DMA_API: u64 = u64::MAX;
 
