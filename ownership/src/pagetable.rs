@@ -13,6 +13,8 @@
 //! bits). A region that needs a ninth run, or a GPA a slot cannot hold (at or above
 //! 2^50), gets a full node instead. This keeps sparse layouts (Linux's allocator packing
 //! 4 KiB, 64 KiB and 2 MiB buffers side by side) at a cache line per region instead of a page.
+//! A region holding exactly one run keeps it in the level-1 entry itself (an *inline run*),
+//! so a walk to it reads no block at all and the region costs no memory beyond the entry.
 //!
 //! Nodes live in an [`Arena`] addressed by `u32` index: one array allocated once that never
 //! moves, so a reader that loaded an index can always dereference it (safe Rust, no pointers).
@@ -51,15 +53,29 @@ const RUNS_FLAG: u64 = 1 << 7;
 const RUNS_SHIFT: u32 = 8;
 /// What the writer calls a runs entry (never stored as such).
 const KIND_RUNS: u64 = 0b11;
+/// A level-1 entry that holds its region's only run: the run itself (bit 0 set) with bit 1
+/// set too, a pattern no leaf or table entry has. The run's fields ignore bit 1.
+const INLINE_RUN: u64 = KIND_LEAF | KIND_TABLE;
+/// What the writer calls an inline-run entry (never stored as such).
+const KIND_INLINE: u64 = 0b111;
 
-/// An entry's kind: [`KIND_LEAF`], [`KIND_TABLE`], [`KIND_RUNS`] or 0 (empty).
+/// An entry's kind: [`KIND_LEAF`], [`KIND_TABLE`], [`KIND_RUNS`], [`KIND_INLINE`] or 0
+/// (empty).
 #[inline]
 fn kind(entry: u64) -> u64 {
-    if entry & RUNS_FLAG != 0 {
+    if entry & KIND_MASK == INLINE_RUN {
+        KIND_INLINE
+    } else if entry & RUNS_FLAG != 0 {
         KIND_RUNS
     } else {
         entry & KIND_MASK
     }
+}
+
+/// The run an inline-run entry holds.
+#[inline(always)]
+fn inline_run(entry: u64) -> u64 {
+    entry & !KIND_TABLE
 }
 
 #[inline]
@@ -120,6 +136,14 @@ fn make_run(first: u64, last: u64, gpa: u64, flags: u64) -> u64 {
 #[inline(always)]
 fn is_run(run: u64) -> bool {
     run & RUN_VALID != 0
+}
+
+/// A live run that covers `iova`'s page.
+#[inline(always)]
+fn run_covers(run: u64, iova: u64) -> bool {
+    // Keys are first page + 1, so this is the page's distance from the run's first page.
+    let into = (page_index(iova) + 1).wrapping_sub(run_key(run));
+    is_run(run) & (into <= run_len(run))
 }
 
 /// A run's sort key: its first page plus one.
@@ -316,8 +340,7 @@ fn scan_runs(arena: &Arena, block: usize, iova: u64) -> Option<u64> {
     at += usize::from(at_or_below(at + 1));
     // Slot 0 when none is: then its own check below fails.
     let run = slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire);
-    let inside = (page + 1).wrapping_sub(run_key(run)) <= run_len(run);
-    (is_run(run) && inside).then_some(run)
+    run_covers(run, iova).then_some(run)
 }
 
 /// The live runs of a block, in order, and how many there are.
@@ -468,13 +491,16 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
         let entry = entries
             .get(base | entry_index(iova, level))?
             .load(Ordering::Acquire);
-        if entry & KIND_TABLE != 0 && level > 0 {
+        if entry & KIND_MASK == KIND_TABLE && level > 0 {
             base = (entry & CHILD_MASK) as usize;
             level -= 1;
             continue;
         }
         if entry & KIND_LEAF == 0 {
             return None;
+        }
+        if entry & KIND_TABLE != 0 {
+            return run_covers(entry, iova).then_some(Found::Run(inline_run(entry)));
         }
         if entry & RUNS_FLAG != 0 {
             return scan_runs(arena, runs_block(entry), iova).map(Found::Run);
@@ -556,6 +582,16 @@ struct Piece {
     hi: u64,
     gpa: u64,
     flags: u64,
+}
+
+/// A run as a piece of its region (IOVAs relative to the region).
+fn run_piece(run: u64) -> Piece {
+    Piece {
+        lo: run_first(run) << PAGE_SHIFT,
+        hi: ((run_last(run) + 1) << PAGE_SHIFT) - 1,
+        gpa: run_gpa(run),
+        flags: run & (PERM_MASK | FIRST | LAST),
+    }
 }
 
 /// What a MAP would allocate: nodes, and runs blocks (which come from carved nodes).
@@ -757,6 +793,7 @@ impl TableWriter {
                     .block(runs_block(entry))
                     .iter()
                     .any(|slot| run_overlaps(slot.load(Ordering::Relaxed), first, last)),
+                KIND_INLINE => run_overlaps(entry, first, last),
                 _ => false,
             };
             if hit {
@@ -879,9 +916,10 @@ impl TableWriter {
     }
 
     /// Maps `piece`, the part of a mapping inside one 2 MiB region, under the level-1 entry
-    /// `index` of `node` (empty or a runs block): into a free slot of the block, a new block,
-    /// or, when no slot can hold it, a full node that takes over the block's runs. Returns
-    /// false, changing nothing, when an allocation failed (never after a dry run that fit).
+    /// `index` of `node` (empty, an inline run or a runs block): into the entry itself when
+    /// the region was empty, a free slot of the block, a new block, or, when no slot can hold
+    /// it, a full node that takes over the region's runs. Returns false, changing nothing,
+    /// when an allocation failed (never after a dry run that fit).
     #[allow(clippy::too_many_arguments)]
     fn map_region(
         &mut self,
@@ -902,6 +940,35 @@ impl TableWriter {
             )
         });
         let n = node.unwrap_or_default();
+        if kind(entry) == KIND_INLINE {
+            // The region's second run: both go to a block, or to a node.
+            let old = inline_run(entry);
+            if dry {
+                if run.is_some() {
+                    need.blocks += 1;
+                } else {
+                    need.nodes += 1;
+                }
+                return true;
+            }
+            let published = match run {
+                Some(run) => self.alloc_block(arena).map(|block| {
+                    let mut runs = [old, run];
+                    runs.sort_unstable_by_key(|&run| run_key(run));
+                    write_block(arena, block, &runs);
+                    runs_entry(block)
+                }),
+                None => self.alloc(arena).map(|child| {
+                    self.write_pages(arena, child, run_piece(old));
+                    self.write_pages(arena, child, piece);
+                    table_entry(child)
+                }),
+            };
+            // Nothing to retire: readers holding the old entry hold the run itself.
+            return published
+                .map(|entry| arena.store(n, index, entry))
+                .is_some();
+        }
         if kind(entry) == KIND_RUNS {
             let block = runs_block(entry);
             let slots = arena.block(block);
@@ -952,18 +1019,11 @@ impl TableWriter {
         }
         debug_assert_eq!(entry, 0);
         if dry {
-            if run.is_some() {
-                need.blocks += 1;
-            } else {
-                need.nodes += 1;
-            }
+            need.nodes += u64::from(run.is_none());
             return true;
         }
         let published = match run {
-            Some(run) => self.alloc_block(arena).map(|block| {
-                write_block(arena, block, &[run]);
-                runs_entry(block)
-            }),
+            Some(run) => Some(run | INLINE_RUN),
             None => self.alloc(arena).map(|child| {
                 self.write_pages(arena, child, piece);
                 table_entry(child)
@@ -982,14 +1042,7 @@ impl TableWriter {
         let child = self.alloc(arena)?;
         let (runs, live) = live_runs(arena.block(block));
         for &run in &runs[..live] {
-            let flags = run & (PERM_MASK | FIRST | LAST);
-            let piece = Piece {
-                lo: run_first(run) << PAGE_SHIFT,
-                hi: ((run_last(run) + 1) << PAGE_SHIFT) - 1,
-                gpa: run_gpa(run),
-                flags,
-            };
-            self.write_pages(arena, child, piece);
+            self.write_pages(arena, child, run_piece(run));
         }
         Some(child)
     }
@@ -1028,6 +1081,7 @@ impl TableWriter {
                         .is_none()
                         .then_some(0);
                 }
+                KIND_INLINE => return (!run_covers(entry, iova)).then_some(0),
                 _ => return Some(level),
             }
         }
@@ -1058,10 +1112,10 @@ impl TableWriter {
         }
         let run = piece.gpa < RUN_GPA_LIMIT;
         if missing > 0 {
-            // Table nodes for the levels between, then a block (or a node) for the page.
+            // Table nodes for the levels between, then an inline run (or a node) for the page.
             let need = Need {
                 nodes: u64::from(missing - 1) + u64::from(!run),
-                blocks: u64::from(run),
+                blocks: 0,
             };
             if !self.fits(arena, need) {
                 return Err(TableError::NoMemory);
@@ -1140,6 +1194,16 @@ impl TableWriter {
                         self.retired_blocks.push(block);
                         self.clear_path(arena, root, &path, 1);
                     }
+                    return Ok(1);
+                }
+                KIND_INLINE if level == 1 => {
+                    if !run_covers(entry, iova) {
+                        return Ok(0);
+                    }
+                    if run_len(entry) != 0 || entry & (FIRST | LAST) != FIRST | LAST {
+                        return Err(TableError::WouldSplit);
+                    }
+                    self.clear_path(arena, root, &path, 1);
                     return Ok(1);
                 }
                 _ => return Ok(0),
@@ -1228,6 +1292,16 @@ impl TableWriter {
                         self.retired_blocks.push(block);
                     }
                 }
+                KIND_INLINE => {
+                    let slot = node_base | ((index as u64) << level_shift(level));
+                    let first = page_index(start.max(slot));
+                    let last = page_index(end.min(slot | (span(level) - 1)));
+                    if run_overlaps(entry, first, last) {
+                        arena.store(node, index, 0);
+                        self.live[node as usize] -= 1;
+                        removed += u64::from(entry & FIRST != 0);
+                    }
+                }
                 _ => {}
             }
         }
@@ -1281,6 +1355,7 @@ impl TableWriter {
                         f(Leaf::of_run(run, slot));
                     }
                 }
+                KIND_INLINE => f(Leaf::of_run(inline_run(entry), slot)),
                 _ => {}
             }
         }
@@ -1324,7 +1399,8 @@ mod tests {
     fn map_lookup_unmap_4k() {
         let (arena, mut w, root) = table(64);
         w.map(&arena, root, m(0x1000, 0x2fff, 0x80_0000)).unwrap();
-        // One run of a runs block: the whole mapping's pages in the region.
+        // The region's only run, inline in its level-1 entry: the whole mapping's pages.
+        assert_eq!(w.nodes_in_use(), 3, "root, L2, L1: no block");
         let leaf = lookup(&arena, root, 4, 0x2abc).unwrap();
         assert_eq!(
             (leaf.base, leaf.end, leaf.gpa, leaf.first, leaf.last),
@@ -1346,11 +1422,11 @@ mod tests {
         assert_eq!(lookup(&arena, root, 4, 0x1000), None);
         assert_eq!(
             w.nodes_in_use(),
-            4,
-            "empty nodes and the block are retired, not yet reclaimed"
+            3,
+            "empty nodes are retired, not yet reclaimed"
         );
         w.reclaim(&arena);
-        assert_eq!(w.nodes_in_use(), 1, "the block's node went back too");
+        assert_eq!(w.nodes_in_use(), 1);
     }
 
     #[test]
@@ -1360,7 +1436,11 @@ mod tests {
         let end = 0x4000_0000 + 0x4020_0000 + 0xfff;
         w.map(&arena, root, m(0x4000_0000, end, 0x4000_0000))
             .unwrap();
-        assert_eq!(w.nodes_in_use(), 4, "root, L2, L1 and one L0 node");
+        assert_eq!(
+            w.nodes_in_use(),
+            3,
+            "root, L2, L1; the 4 KiB page is an inline run"
+        );
         let leaf = lookup(&arena, root, 4, 0x4123_4567).unwrap();
         assert_eq!((leaf.base, leaf.end), (0x4000_0000, 0x7fff_ffff));
         assert_eq!(leaf.gpa, 0x4000_0000);
@@ -1391,6 +1471,81 @@ mod tests {
         );
         let t = walk(&arena, root, 4, 0x3f_f010).unwrap();
         assert_eq!((t.gpa, t.left), (0x20_0010, 0xff0));
+    }
+
+    /// A region's only run sits in its level-1 entry; a second run moves both to a block, or
+    /// to a full node when the second's GPA no run can hold; single-page MAP and UNMAP of an
+    /// inline run touch nothing else.
+    #[test]
+    fn an_only_run_lives_in_the_level_1_entry() {
+        let (arena, mut w, root) = table(64);
+        let region = 0x4000_0000u64;
+        let entry = |w: &TableWriter| {
+            let l2 = child_of(arena.load(root, entry_index(region, 3)));
+            let l1 = child_of(arena.load(l2, entry_index(region, 2)));
+            assert_eq!(w.levels(), 4);
+            kind(arena.load(l1, entry_index(region, 1)))
+        };
+        let missing = w.page_free(&arena, root, region + 0x5000).unwrap();
+        w.map_page(&arena, root, region + 0x5000, 0x7000, RW, missing)
+            .unwrap();
+        assert_eq!(entry(&w), KIND_INLINE);
+        assert_eq!(w.nodes_in_use(), 3, "root, L2, L1: nothing for the region");
+        let t = walk(&arena, root, 4, region + 0x5008).unwrap();
+        assert_eq!((t.gpa, t.left), (0x7008, 0xff8));
+        assert_eq!(walk(&arena, root, 4, region + 0x4fff), None);
+        assert_eq!(walk(&arena, root, 4, region + 0x6000), None);
+        assert_eq!(w.page_free(&arena, root, region + 0x5000), None);
+        assert_eq!(w.page_free(&arena, root, region + 0x6000), Some(0));
+        // A second run, sorting first: both go to a new block.
+        w.map(&arena, root, m(region, region + 0x1fff, 0x10_0000))
+            .unwrap();
+        assert_eq!(entry(&w), KIND_RUNS);
+        assert_eq!(
+            w.retired_blocks(),
+            0,
+            "an inline run has no block to retire"
+        );
+        assert_eq!(
+            w.mappings(&arena, root),
+            vec![
+                m(region, region + 0x1fff, 0x10_0000),
+                m(region + 0x5000, region + 0x5fff, 0x7000)
+            ]
+        );
+        assert_eq!(w.unmap(&arena, root, region, region + 0x1fff), Ok(1));
+        // Single-page UNMAP of an inline run: the entry goes, and the emptied path with it.
+        assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(1));
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
+        w.map(&arena, root, m(region + 0x3000, region + 0x4fff, 0x9000))
+            .unwrap();
+        assert_eq!(entry(&w), KIND_INLINE);
+        assert_eq!(
+            w.unmap_page(&arena, root, region + 0x3000),
+            Err(TableError::WouldSplit),
+            "one page of a two-page run"
+        );
+        assert_eq!(w.unmap_page(&arena, root, region + 0x2000), Ok(0));
+        // A second run whose GPA no run can hold: a full node with both as 4 KiB leaves.
+        let high = RUN_GPA_LIMIT;
+        w.map(&arena, root, m(region + 0x8000, region + 0x8fff, high))
+            .unwrap();
+        assert_eq!(entry(&w), KIND_TABLE);
+        assert_eq!(walk(&arena, root, 4, region + 0x4008).unwrap().gpa, 0xa008);
+        assert_eq!(
+            walk(&arena, root, 4, region + 0x8008).unwrap().gpa,
+            high + 8
+        );
+        assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(2));
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
+        // Single-page UNMAP of a single-page inline run.
+        let missing = w.page_free(&arena, root, region).unwrap();
+        w.map_page(&arena, root, region, 0, RW, missing).unwrap();
+        assert_eq!(w.unmap_page(&arena, root, region), Ok(1));
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
     }
 
     #[test]
@@ -1442,7 +1597,12 @@ mod tests {
         }
         for (i, r) in runs.iter().enumerate() {
             w.map(&arena, root, *r).unwrap();
-            let nodes = if i < RUN_SLOTS { 4 } else { 5 };
+            // Inline, then a block (its carved node), then a full node (the block retired).
+            let nodes = match i {
+                0 => 3,
+                _ if i < RUN_SLOTS => 4,
+                _ => 5,
+            };
             assert_eq!(w.nodes_in_use(), nodes, "after run {}", i + 1);
             for r in &runs[..=i] {
                 for iova in (r.virt_start..r.virt_end).step_by(0x1000) {
@@ -1550,28 +1710,43 @@ mod tests {
     }
 
     /// Blocks come 64 to a node, and a MAP that needs a block or a node only succeeds when
-    /// one is left; a refused MAP changes nothing.
+    /// one is left; a refused MAP changes nothing. An inline run needs neither.
     #[test]
     fn blocks_and_nodes_are_counted_before_a_map() {
-        // Root, one L2 and one L1 node for the first 1 GiB, one node carved into blocks.
+        // Root, one L2 and one L1 node for the first 1 GiB, one node carved into blocks: two
+        // runs (pages 0 and 2) in each of 64 regions.
         let (arena, mut w, root) = table(4);
         for region in 0..BLOCKS_PER_NODE as u64 {
-            w.map(&arena, root, m(region << 21, (region << 21) + 0xfff, 0))
-                .unwrap();
+            for page in [0, 2] {
+                let iova = (region << 21) + (page << 12);
+                w.map(&arena, root, m(iova, iova + 0xfff, 0)).unwrap();
+            }
         }
         assert_eq!(w.nodes_in_use(), 4);
+        // The next region's first run is inline: no memory needed.
         let next = (BLOCKS_PER_NODE as u64) << 21;
         assert_eq!(w.page_free(&arena, root, next), Some(1));
+        w.map_page(&arena, root, next, 0, RW, 1).unwrap();
+        // Its second needs a block.
+        let second = next + 0x2000;
+        assert_eq!(w.page_free(&arena, root, second), Some(0));
         assert_eq!(
-            w.map_page(&arena, root, next, 0, RW, 1),
+            w.map_page(&arena, root, second, 0, RW, 0),
             Err(TableError::NoMemory)
         );
         assert_eq!(
-            w.map(&arena, root, m(next, next + 0xfff, 0)),
+            w.map(&arena, root, m(second, second + 0xfff, 0)),
             Err(TableError::NoMemory)
         );
-        // A ninth run needs a node for the conversion: refused as well.
-        for page in 1..RUN_SLOTS as u64 {
+        assert_eq!(
+            w.page_free(&arena, root, second),
+            Some(0),
+            "nothing changed"
+        );
+        assert_eq!(w.nodes_in_use(), 4);
+        // A ninth run needs a node for the conversion: refused as well. Runs that sort last
+        // fill the block in place (pages 4, 6, ..., 14).
+        for page in 2..RUN_SLOTS as u64 {
             w.map(&arena, root, m(page << 13, (page << 13) + 0xfff, 0))
                 .unwrap();
         }
@@ -1586,9 +1761,10 @@ mod tests {
         );
         assert_eq!(
             w.mappings(&arena, root).len(),
-            BLOCKS_PER_NODE + RUN_SLOTS - 1
+            2 * BLOCKS_PER_NODE + RUN_SLOTS - 2 + 1
         );
-        assert!(!w.any_mapped(&arena, root, next, next + 0xfff));
+        assert!(!w.any_mapped(&arena, root, second, second + 0xfff));
+        assert!(w.any_mapped(&arena, root, next, next + 0xfff));
         assert!(!w.any_mapped(&arena, root, 0x1000, 0x1fff));
         assert!(w.any_mapped(&arena, root, 0x1000, 0x2fff));
     }
@@ -1702,8 +1878,9 @@ mod tests {
 
     #[test]
     fn no_memory_leaves_nothing_behind() {
-        // Root + 3 nodes per 2 MiB-spanning 4 KiB mapping; 5 nodes cannot hold two far apart.
-        let (arena, mut w, root) = table(5);
+        // Root + 2 table nodes per far-apart 4 KiB mapping (the page is an inline run): 4
+        // nodes cannot hold two.
+        let (arena, mut w, root) = table(4);
         w.map(&arena, root, m(0x1000, 0x1fff, 0)).unwrap();
         let far = 1 << 40;
         assert_eq!(

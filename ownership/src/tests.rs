@@ -669,17 +669,17 @@ fn mapping_caps_are_nomem() {
 
 #[test]
 fn table_memory_cap_is_nomem_and_bounded() {
-    // 6 nodes: a root and two far-apart 4 KiB mappings, each with two table nodes and a runs
-    // block (the first carves a node into blocks, the second takes one of them).
+    // 5 nodes: a root and two far-apart 4 KiB mappings, each with two table nodes (the page
+    // is an inline run in the level-1 entry).
     let limits = Limits {
-        max_table_bytes: 6 * 4096,
+        max_table_bytes: 5 * 4096,
         ..Limits::default()
     };
     let mut m = Iommu::new(topology().limits(limits).build().unwrap());
     m.attach(1, 1, DomainKind::Paging).unwrap();
     let mut refused = 0;
     for i in 0..64u64 {
-        // One 4 KiB page per 512 GiB: every MAP needs two fresh nodes and a block.
+        // One 4 KiB page per 512 GiB: every MAP needs two fresh nodes.
         let iova = i << 39;
         match m.map(1, iova, iova + 0xfff, 0, RW) {
             Ok(()) => {}
@@ -688,7 +688,7 @@ fn table_memory_cap_is_nomem_and_bounded() {
         }
     }
     assert_eq!(refused, 62);
-    assert_eq!(m.stats().table_bytes, 6 * 4096);
+    assert_eq!(m.stats().table_bytes, 5 * 4096);
     assert_eq!(m.mappings(1).unwrap().len() as u64, m.stats().mappings);
     assert_eq!(
         m.attach(2, 2, DomainKind::Paging),
