@@ -494,6 +494,17 @@ fn walker<'a>(q: &'a [u64], dependent: bool, f: impl Fn(u64) -> u64 + 'a) -> Var
 
 /// Walks `q` in chunks of 64 from a moving position, `f` translating one chunk.
 fn chunked<'a>(q: &'a [u64], f: impl Fn(&[u64], &mut u64) + 'a) -> Variant<'a> {
+    // Fewer queries than a chunk (1 mapping): repeat them, so a chunk still holds 64.
+    let q: std::borrow::Cow<'a, [u64]> = if q.len() < 64 {
+        q.iter()
+            .copied()
+            .cycle()
+            .take(64)
+            .collect::<Vec<_>>()
+            .into()
+    } else {
+        q.into()
+    };
     let mut i = 0usize;
     Box::new(move |iters| {
         let mut sum = 0u64;
