@@ -1068,7 +1068,8 @@ impl TableWriter {
     /// Single-page fast path, first half: whether the 4 KiB page at `iova` is free, and if so
     /// where [`TableWriter::map_page`] starts building: the highest level whose entry on the
     /// page's path is empty (its nodes are missing below it), or 0 when the path exists down
-    /// to the page's node or runs block. `None` when a leaf or run already covers the page.
+    /// to the page's node, runs block or inline run. `None` when a leaf or run already covers
+    /// the page.
     pub fn page_free(&self, arena: &Arena, root: u32, iova: u64) -> Option<u32> {
         let mut node = root;
         for level in (1..self.levels).rev() {
@@ -1474,8 +1475,8 @@ mod tests {
     }
 
     /// A region's only run sits in its level-1 entry; a second run moves both to a block, or
-    /// to a full node when the second's GPA no run can hold; single-page MAP and UNMAP of an
-    /// inline run touch nothing else.
+    /// to a full node when the second's GPA no run can hold; MAP and UNMAP of an inline run,
+    /// single-page or ranged, allocate and retire nothing but path nodes.
     #[test]
     fn an_only_run_lives_in_the_level_1_entry() {
         let (arena, mut w, root) = table(64);
@@ -1514,7 +1515,7 @@ mod tests {
             ]
         );
         assert_eq!(w.unmap(&arena, root, region, region + 0x1fff), Ok(1));
-        // Single-page UNMAP of an inline run: the entry goes, and the emptied path with it.
+        // A range UNMAP over an inline run: the entry goes, and the emptied path with it.
         assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(1));
         w.reclaim(&arena);
         assert_eq!(w.nodes_in_use(), 1);
