@@ -23,8 +23,9 @@
 //! node and keep their runs sorted by first page, so a reader finds the one candidate run
 //! with a three-step binary search that has no branches. A block changes in place only in ways that
 //! keep the order: a run that sorts last fills the next free slot, and UNMAP turns a run into
-//! a tombstone that keeps its place (so UNMAP never allocates). Anything else writes a new
-//! block and swaps the level-1 entry, so a reader sees each mapping entirely or not at all.
+//! a tombstone that keeps its place (so UNMAP never allocates); an UNMAP that leaves one run
+//! moves it into the level-1 entry and retires the block. Anything else writes a new block
+//! and swaps the level-1 entry, so a reader sees each mapping entirely or not at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -1191,9 +1192,16 @@ impl TableWriter {
                         return Err(TableError::WouldSplit);
                     }
                     let page = page_index(iova);
-                    if tombstone_runs(arena, block, page, page).1 == 0 {
-                        self.retired_blocks.push(block);
-                        self.clear_path(arena, root, &path, 1);
+                    match tombstone_runs(arena, block, page, page).1 {
+                        0 => {
+                            self.retired_blocks.push(block);
+                            self.clear_path(arena, root, &path, 1);
+                        }
+                        1 => {
+                            let (node, index) = path[1];
+                            self.inline_last_run(arena, node, index, block);
+                        }
+                        _ => {}
                     }
                     return Ok(1);
                 }
@@ -1225,6 +1233,16 @@ impl TableWriter {
             }
             self.retired.push(node);
         }
+    }
+
+    /// After an UNMAP left one live run in `block`, the runs block under the level-1 entry
+    /// `index` of `node`: the run moves into the entry and the block waits for a grace period
+    /// (a reader that loaded the old entry still finds the run there). Allocates nothing.
+    fn inline_last_run(&mut self, arena: &Arena, node: u32, index: usize, block: usize) {
+        let (runs, live) = live_runs(arena.block(block));
+        debug_assert_eq!(live, 1, "one run left");
+        arena.store(node, index, runs[0] | INLINE_RUN);
+        self.retired_blocks.push(block);
     }
 
     /// Removes every mapping inside `[start, end]`, or nothing when a mapping crosses either
@@ -1287,10 +1305,14 @@ impl TableWriter {
                     // The caller checked both ends: a run the range touches lies inside it.
                     let (gone, left) = tombstone_runs(arena, block, first, last);
                     removed += gone;
-                    if left == 0 {
-                        arena.store(node, index, 0);
-                        self.live[node as usize] -= 1;
-                        self.retired_blocks.push(block);
+                    match left {
+                        0 => {
+                            arena.store(node, index, 0);
+                            self.live[node as usize] -= 1;
+                            self.retired_blocks.push(block);
+                        }
+                        1 => self.inline_last_run(arena, node, index, block),
+                        _ => {}
                     }
                 }
                 KIND_INLINE => {
@@ -1631,7 +1653,8 @@ mod tests {
     }
 
     /// Runs in a block come out in IOVA order whatever slots they took; single-page UNMAP
-    /// frees a slot, refuses to cut a run, and frees the block with its last run.
+    /// frees a slot, refuses to cut a run, and gives the block back when one run is left (it
+    /// moves into the level-1 entry).
     #[test]
     fn runs_block_slots_and_single_pages() {
         let (arena, mut w, root) = table(64);
@@ -1665,12 +1688,15 @@ mod tests {
     }
 
     /// Tombstones keep their place: a run appended after one, a run re-using its pages, and
-    /// runs inserted in descending order (Linux's allocator) all stay findable.
+    /// runs inserted in descending order (Linux's allocator) all stay findable. UNMAPs that
+    /// leave one run move it inline.
     #[test]
     fn tombstones_and_order() {
         let (arena, mut w, root) = table(64);
         let page = |p: u64| p << PAGE_SHIFT;
         let gpa_of = |iova: u64| walk(&arena, root, 4, iova).map(|t| t.gpa);
+        w.map(&arena, root, m(page(1), page(1) | 0xfff, 0x10_0000))
+            .unwrap();
         w.map(&arena, root, m(page(2), page(2) | 0xfff, 0x20_0000))
             .unwrap();
         w.map(&arena, root, m(page(5), page(6) | 0xfff, 0x50_0000))
@@ -1687,10 +1713,15 @@ mod tests {
         w.map(&arena, root, m(page(5), page(5) | 0xfff, 0x55_0000))
             .unwrap();
         assert_eq!(w.retired_blocks(), 1);
-        for (p, gpa) in [(2, 0x20_0000), (5, 0x55_0000), (6, 0x60_0000)] {
+        for (p, gpa) in [
+            (1, 0x10_0000),
+            (2, 0x20_0000),
+            (5, 0x55_0000),
+            (6, 0x60_0000),
+        ] {
             assert_eq!(gpa_of(page(p)), Some(gpa), "page {p}");
         }
-        for p in [0, 1, 3, 4, 7, 511] {
+        for p in [0, 3, 4, 7, 511] {
             assert_eq!(gpa_of(page(p)), None, "page {p}");
         }
         // Descending inserts into another region: every one a copy, all found.
@@ -1707,7 +1738,39 @@ mod tests {
             let want = (500..508).contains(&p).then_some(page(p));
             assert_eq!(gpa_of(region + page(p)), want, "page {p}");
         }
-        assert_eq!(w.mappings(&arena, root).len(), 11);
+        assert_eq!(w.mappings(&arena, root).len(), 12);
+        // UNMAPs that leave one run: it moves into the level-1 entry, the block is retired.
+        let l1_kind = |iova: u64| {
+            let l2 = child_of(arena.load(root, entry_index(iova, 3)));
+            let l1 = child_of(arena.load(l2, entry_index(iova, 2)));
+            kind(arena.load(l1, entry_index(iova, 1)))
+        };
+        let retired = w.retired_blocks();
+        assert_eq!(w.unmap(&arena, root, page(1), page(2) | 0xfff), Ok(2));
+        assert_eq!(l1_kind(0), KIND_RUNS, "two runs left");
+        assert_eq!(w.unmap_page(&arena, root, page(5)), Ok(1));
+        assert_eq!(l1_kind(0), KIND_INLINE, "single-page UNMAP");
+        assert_eq!(w.retired_blocks(), retired + 1);
+        assert_eq!(gpa_of(page(6)), Some(0x60_0000));
+        assert_eq!(gpa_of(page(5)), None);
+        assert_eq!(
+            w.unmap(&arena, root, region + page(500), region + page(506) | 0xfff),
+            Ok(7)
+        );
+        assert_eq!(l1_kind(region), KIND_INLINE, "range UNMAP");
+        assert_eq!(w.retired_blocks(), retired + 2);
+        assert_eq!(gpa_of(region + page(507)), Some(page(507)));
+        assert_eq!(
+            w.mappings(&arena, root),
+            vec![
+                m(page(6), page(6) | 0xfff, 0x60_0000),
+                m(region + page(507), region + page(507) | 0xfff, page(507))
+            ]
+        );
+        w.reclaim(&arena);
+        assert_eq!(w.unmap(&arena, root, 0, u64::MAX), Ok(2));
+        w.reclaim(&arena);
+        assert_eq!(w.nodes_in_use(), 1);
     }
 
     /// Blocks come 64 to a node, and a MAP that needs a block or a node only succeeds when
