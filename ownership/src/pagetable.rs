@@ -1754,7 +1754,12 @@ mod tests {
         assert_eq!(gpa_of(page(6)), Some(0x60_0000));
         assert_eq!(gpa_of(page(5)), None);
         assert_eq!(
-            w.unmap(&arena, root, region + page(500), region + page(506) | 0xfff),
+            w.unmap(
+                &arena,
+                root,
+                region + page(500),
+                (region + page(506)) | 0xfff
+            ),
             Ok(7)
         );
         assert_eq!(l1_kind(region), KIND_INLINE, "range UNMAP");
@@ -1764,7 +1769,7 @@ mod tests {
             w.mappings(&arena, root),
             vec![
                 m(page(6), page(6) | 0xfff, 0x60_0000),
-                m(region + page(507), region + page(507) | 0xfff, page(507))
+                m(region + page(507), (region + page(507)) | 0xfff, page(507))
             ]
         );
         w.reclaim(&arena);
