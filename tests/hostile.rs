@@ -1328,8 +1328,9 @@ fn a_memory_region_larger_than_its_file() {
     let mut regions = mem.vhost_regions().unwrap();
     regions[0].memory_size = 64 << 20;
     let table = conn.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions));
-    if table.is_ok() {
-        conn.start_queue(&q, 0).unwrap();
+    // Without REPLY_ACK a refused table shows only as the daemon ending the connection, which
+    // the next message may or may not find yet: both outcomes are fine, a SIGBUS is not.
+    if table.is_ok() && conn.start_queue(&q, 0).is_ok() {
         let buf = mem.alloc(64, 16).unwrap();
         q.post_raw(&[
             RawDesc::readable(32 << 20, 24).then(1),
