@@ -694,8 +694,8 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
                 iommu.unmap(DOMAIN, iova, iova + K4 - 1).unwrap();
             }
         };
-        // A page in a 1 GiB region of its own: each MAP allocates its L2 and L1 nodes and a
-        // runs block, each UNMAP retires them for a grace period.
+        // A page in a 1 GiB region of its own: each MAP allocates its L2 and L1 nodes (the page
+        // is an inline run in its level-1 entry), each UNMAP retires them for a grace period.
         let lone = 1u64 << 45;
         let mut variants: Vec<Variant<'_>> = vec![
             Box::new(|iters| {

@@ -344,6 +344,16 @@ fn scan_runs(arena: &Arena, block: usize, iova: u64) -> Option<u64> {
     run_covers(run, iova).then_some(run)
 }
 
+/// The run covering `iova`'s page under the level-1 entry `entry`, an inline run or a runs
+/// block (the writer's view; readers test the entry's bits themselves).
+fn region_run(arena: &Arena, entry: u64, iova: u64) -> Option<u64> {
+    if kind(entry) == KIND_INLINE {
+        run_covers(entry, iova).then_some(inline_run(entry))
+    } else {
+        scan_runs(arena, runs_block(entry), iova)
+    }
+}
+
 /// The live runs of a block, in order, and how many there are.
 fn live_runs(slots: &[AtomicU64]) -> ([u64; RUN_SLOTS], usize) {
     let mut runs = [NO_RUN; RUN_SLOTS];
@@ -941,40 +951,34 @@ impl TableWriter {
             )
         });
         let n = node.unwrap_or_default();
-        if kind(entry) == KIND_INLINE {
-            // The region's second run: both go to a block, or to a node.
-            let old = inline_run(entry);
-            if dry {
-                if run.is_some() {
-                    need.blocks += 1;
-                } else {
-                    need.nodes += 1;
+        // The region's runs so far: none, its inline run, or its block's.
+        let mut runs = [NO_RUN; RUN_SLOTS];
+        let (live, block) = match kind(entry) {
+            KIND_RUNS => {
+                let block = runs_block(entry);
+                let live;
+                (runs, live) = live_runs(arena.block(block));
+                (live, Some(block))
+            }
+            KIND_INLINE => {
+                runs[0] = inline_run(entry);
+                (1, None)
+            }
+            _ => {
+                debug_assert_eq!(entry, 0);
+                (0, None)
+            }
+        };
+        if let Some(run) = run.filter(|_| live < RUN_SLOTS) {
+            if live == 0 {
+                // The region's only run: into the entry itself.
+                if !dry {
+                    arena.store(n, index, run | INLINE_RUN);
+                    self.live[n as usize] += 1;
                 }
                 return true;
             }
-            let published = match run {
-                Some(run) => self.alloc_block(arena).map(|block| {
-                    let mut runs = [old, run];
-                    runs.sort_unstable_by_key(|&run| run_key(run));
-                    write_block(arena, block, &runs);
-                    runs_entry(block)
-                }),
-                None => self.alloc(arena).map(|child| {
-                    self.write_pages(arena, child, run_piece(old));
-                    self.write_pages(arena, child, piece);
-                    table_entry(child)
-                }),
-            };
-            // Nothing to retire: readers holding the old entry hold the run itself.
-            return published
-                .map(|entry| arena.store(n, index, entry))
-                .is_some();
-        }
-        if kind(entry) == KIND_RUNS {
-            let block = runs_block(entry);
-            let slots = arena.block(block);
-            let (mut runs, live) = live_runs(slots);
-            if let Some(run) = run.filter(|_| live < RUN_SLOTS) {
+            if let Some(slots) = block.map(|block| arena.block(block)) {
                 // In place when it sorts after every slot in use (tombstones included) and a
                 // slot is left after them: readers see the block before or after the store,
                 // both in order.
@@ -991,61 +995,41 @@ impl TableWriter {
                     }
                     return true;
                 }
-                // Otherwise a new block with the run in its place, swapped in whole.
-                if dry {
-                    need.blocks += 1;
-                    return true;
-                }
-                let Some(copy) = self.alloc_block(arena) else {
-                    return false;
-                };
-                runs[live] = run;
-                runs[..=live].sort_unstable_by_key(|&run| run_key(run));
-                write_block(arena, copy, &runs[..=live]);
-                arena.store(n, index, runs_entry(copy));
-                self.retired_blocks.push(block);
-                return true;
             }
+            // Otherwise a new block with the run in its place, swapped in whole.
             if dry {
-                need.nodes += 1;
+                need.blocks += 1;
                 return true;
             }
-            let Some(child) = self.expand_runs(arena, block) else {
+            let Some(copy) = self.alloc_block(arena) else {
                 return false;
             };
-            self.write_pages(arena, child, piece);
-            arena.store(n, index, table_entry(child));
-            self.retired_blocks.push(block);
+            runs[live] = run;
+            runs[..=live].sort_unstable_by_key(|&run| run_key(run));
+            write_block(arena, copy, &runs[..=live]);
+            arena.store(n, index, runs_entry(copy));
+            // A replaced inline run needs nothing: readers holding it hold the run itself.
+            self.retired_blocks.extend(block);
             return true;
         }
-        debug_assert_eq!(entry, 0);
+        // A full node with the region's runs and the piece as 4 KiB leaves.
         if dry {
-            need.nodes += u64::from(run.is_none());
+            need.nodes += 1;
             return true;
         }
-        let published = match run {
-            Some(run) => Some(run | INLINE_RUN),
-            None => self.alloc(arena).map(|child| {
-                self.write_pages(arena, child, piece);
-                table_entry(child)
-            }),
+        let Some(child) = self.alloc(arena) else {
+            return false;
         };
-        if let Some(entry) = published {
-            arena.store(n, index, entry);
-            self.live[n as usize] += 1;
-            return true;
-        }
-        false
-    }
-
-    /// A new level-0 node holding the runs of `block` as 4 KiB leaves, not yet linked.
-    fn expand_runs(&mut self, arena: &Arena, block: usize) -> Option<u32> {
-        let child = self.alloc(arena)?;
-        let (runs, live) = live_runs(arena.block(block));
         for &run in &runs[..live] {
             self.write_pages(arena, child, run_piece(run));
         }
-        Some(child)
+        self.write_pages(arena, child, piece);
+        arena.store(n, index, table_entry(child));
+        if entry == 0 {
+            self.live[n as usize] += 1;
+        }
+        self.retired_blocks.extend(block);
+        true
     }
 
     /// Writes `piece` as 4 KiB leaves into the level-0 node `node`.
@@ -1078,12 +1062,9 @@ impl TableWriter {
             match kind(entry) {
                 KIND_TABLE => node = child_of(entry),
                 KIND_LEAF => return None,
-                KIND_RUNS => {
-                    return scan_runs(arena, runs_block(entry), iova)
-                        .is_none()
-                        .then_some(0);
+                KIND_RUNS | KIND_INLINE => {
+                    return region_run(arena, entry, iova).is_none().then_some(0);
                 }
-                KIND_INLINE => return (!run_covers(entry, iova)).then_some(0),
                 _ => return Some(level),
             }
         }
@@ -1182,37 +1163,29 @@ impl TableWriter {
                     return Err(TableError::WouldSplit)
                 }
                 KIND_LEAF => break,
-                KIND_RUNS if level == 1 => {
-                    let block = runs_block(entry);
-                    let Some(run) = scan_runs(arena, block, iova) else {
+                KIND_RUNS | KIND_INLINE if level == 1 => {
+                    let Some(run) = region_run(arena, entry, iova) else {
                         return Ok(0);
                     };
                     // A longer run, or one page of a longer mapping.
                     if run_len(run) != 0 || run & (FIRST | LAST) != FIRST | LAST {
                         return Err(TableError::WouldSplit);
                     }
+                    // The runs left in the region: none beside an inline run.
+                    let block = (kind(entry) == KIND_RUNS).then(|| runs_block(entry));
                     let page = page_index(iova);
-                    match tombstone_runs(arena, block, page, page).1 {
-                        0 => {
-                            self.retired_blocks.push(block);
+                    let left = block.map_or(0, |block| tombstone_runs(arena, block, page, page).1);
+                    match (left, block) {
+                        (0, _) => {
+                            self.retired_blocks.extend(block);
                             self.clear_path(arena, root, &path, 1);
                         }
-                        1 => {
+                        (1, Some(block)) => {
                             let (node, index) = path[1];
                             self.inline_last_run(arena, node, index, block);
                         }
                         _ => {}
                     }
-                    return Ok(1);
-                }
-                KIND_INLINE if level == 1 => {
-                    if !run_covers(entry, iova) {
-                        return Ok(0);
-                    }
-                    if run_len(entry) != 0 || entry & (FIRST | LAST) != FIRST | LAST {
-                        return Err(TableError::WouldSplit);
-                    }
-                    self.clear_path(arena, root, &path, 1);
                     return Ok(1);
                 }
                 _ => return Ok(0),
@@ -1297,32 +1270,28 @@ impl TableWriter {
                         self.retired.push(child);
                     }
                 }
-                KIND_RUNS => {
+                KIND_RUNS | KIND_INLINE => {
                     let slot = node_base | ((index as u64) << level_shift(level));
                     let first = page_index(start.max(slot));
                     let last = page_index(end.min(slot | (span(level) - 1)));
-                    let block = runs_block(entry);
+                    let block = (kind(entry) == KIND_RUNS).then(|| runs_block(entry));
                     // The caller checked both ends: a run the range touches lies inside it.
-                    let (gone, left) = tombstone_runs(arena, block, first, last);
+                    let (gone, left) = match block {
+                        Some(block) => tombstone_runs(arena, block, first, last),
+                        None if run_overlaps(entry, first, last) => {
+                            (u64::from(entry & FIRST != 0), 0)
+                        }
+                        None => (0, 1),
+                    };
                     removed += gone;
-                    match left {
-                        0 => {
+                    match (left, block) {
+                        (0, _) => {
                             arena.store(node, index, 0);
                             self.live[node as usize] -= 1;
-                            self.retired_blocks.push(block);
+                            self.retired_blocks.extend(block);
                         }
-                        1 => self.inline_last_run(arena, node, index, block),
+                        (1, Some(block)) => self.inline_last_run(arena, node, index, block),
                         _ => {}
-                    }
-                }
-                KIND_INLINE => {
-                    let slot = node_base | ((index as u64) << level_shift(level));
-                    let first = page_index(start.max(slot));
-                    let last = page_index(end.min(slot | (span(level) - 1)));
-                    if run_overlaps(entry, first, last) {
-                        arena.store(node, index, 0);
-                        self.live[node as usize] -= 1;
-                        removed += u64::from(entry & FIRST != 0);
                     }
                 }
                 _ => {}

@@ -709,8 +709,9 @@ fn maps_alone_do_not_pile_up_replaced_blocks() {
     use_all(&mut m);
     m.attach(1, 1, DomainKind::Paging).unwrap();
     let t = m.translator();
-    // Eight pages per 2 MiB region, top-down as Linux allocates: every MAP after a region's
-    // first sorts before the block's runs, so it writes a new block.
+    // Eight pages per 2 MiB region, top-down as Linux allocates: a region's second MAP moves
+    // its inline run into a block, and every later one sorts before the block's runs, so it
+    // writes a new block.
     let iova = |i: u64| ((1 + i / 8) << 21) + ((7 - i % 8) << 12);
     let mut peak = 0;
     for i in 0..6000u64 {
