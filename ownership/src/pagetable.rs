@@ -329,14 +329,30 @@ impl Arena {
 /// sum into a vector reduction that costs more than the search.
 #[inline(always)]
 fn scan_runs(arena: &Arena, block: usize, iova: u64) -> Option<u64> {
+    scan_runs_from(arena, block, iova, middle_slot)
+}
+
+/// Loads the middle slot of a runs block: where its search starts.
+#[inline(always)]
+fn middle_slot(slots: &[AtomicU64; RUN_SLOTS]) -> u64 {
+    slots[RUN_SLOTS / 2].load(Ordering::Acquire)
+}
+
+/// [`scan_runs`], the block's middle slot loaded by `middle` (or loaded already).
+#[inline(always)]
+fn scan_runs_from(
+    arena: &Arena,
+    block: usize,
+    iova: u64,
+    middle: impl FnOnce(&[AtomicU64; RUN_SLOTS]) -> u64,
+) -> Option<u64> {
     let slots: &[AtomicU64; RUN_SLOTS] = arena.block(block).try_into().ok()?;
     let page = page_index(iova);
     // Keys are first page + 1: a slot is at or below the page when its key is at most
     // page + 1 (free slots have the greatest key and never are).
     let at_or_below =
         |at: usize| run_key(slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire)) <= page + 1;
-    let mut at = 0;
-    at += 4 * usize::from(at_or_below(at + 4));
+    let mut at = 4 * usize::from(run_key(middle(slots)) <= page + 1);
     at += 2 * usize::from(at_or_below(at + 2));
     at += usize::from(at_or_below(at + 1));
     // Slot 0 when none is: then its own check below fails.
@@ -507,16 +523,131 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
             level -= 1;
             continue;
         }
-        if entry & KIND_LEAF == 0 {
-            return None;
+        return walk_end(arena, entry, level, iova, middle_slot);
+    }
+}
+
+/// How a walk ends at `entry` of `level`, which is not a table it follows: empty, an inline
+/// run, a runs block (`middle` loads the block's middle slot, see [`scan_runs_from`]) or a leaf. A table entry here
+/// (at level 0: a corrupt tree) has bit 0 clear and ends the walk with nothing.
+#[inline(always)]
+fn walk_end(
+    arena: &Arena,
+    entry: u64,
+    level: u32,
+    iova: u64,
+    middle: impl FnOnce(&[AtomicU64; RUN_SLOTS]) -> u64,
+) -> Option<Found> {
+    if entry & KIND_LEAF == 0 {
+        return None;
+    }
+    if entry & KIND_TABLE != 0 {
+        return run_covers(entry, iova).then_some(Found::Run(inline_run(entry)));
+    }
+    if entry & RUNS_FLAG != 0 {
+        return scan_runs_from(arena, runs_block(entry), iova, middle).map(Found::Run);
+    }
+    Some(Found::Leaf { entry, level })
+}
+
+/// Walks at most [`GROUP`] at once in [`walk_group`].
+pub const GROUP: usize = 32;
+
+/// [`walk`] for several IOVAs at once (the first [`GROUP`] of `iovas`): calls `done(i, target)`
+/// with the walk's result for `iovas[i]`, in order. The same loads as one walk each, in stages across the group:
+/// every walk's level-1 entry first, then every walk's last line, then the ends. In a table
+/// larger than the cache each stage's misses overlap, where one walk after another waits on
+/// each walk's misses in turn whenever the kind of a level-1 entry is hard to predict (a mix
+/// of leaves, runs and tables). The caller checked every IOVA as for [`walk`].
+#[inline]
+pub fn walk_group(
+    arena: &Arena,
+    root: u32,
+    levels: u32,
+    iovas: &[u64],
+    done: impl FnMut(usize, Option<Target>),
+) {
+    match levels {
+        4 => walk_group_from(arena, root, 3, iovas, done),
+        3 => walk_group_from(arena, root, 2, iovas, done),
+        5 => walk_group_from(arena, root, 4, iovas, done),
+        6 => walk_group_from(arena, root, 5, iovas, done),
+        2 => walk_group_from(arena, root, 1, iovas, done),
+        _ => {
+            let mut done = done;
+            for (i, &iova) in iovas.iter().take(GROUP).enumerate() {
+                done(i, walk(arena, root, levels, iova));
+            }
         }
-        if entry & KIND_TABLE != 0 {
-            return run_covers(entry, iova).then_some(Found::Run(inline_run(entry)));
+    }
+}
+
+#[inline(always)]
+fn walk_group_from(
+    arena: &Arena,
+    root: u32,
+    top: u32,
+    iovas: &[u64],
+    mut done: impl FnMut(usize, Option<Target>),
+) {
+    let entries: &[AtomicU64] = &arena.entries;
+    let iovas = &iovas[..iovas.len().min(GROUP)];
+    // Stage 1: the upper levels, a few nodes that stay in the cache: where each walk's level-1
+    // entry is, or the entry above level 1 where it stops.
+    let mut stop = [(0u64, 0u32); GROUP];
+    let mut at = [0usize; GROUP];
+    for ((iova, stop), at) in iovas.iter().zip(stop.iter_mut()).zip(at.iter_mut()) {
+        let mut base = root as usize * FANOUT;
+        let mut level = top;
+        *stop = loop {
+            if level == 1 {
+                *at = base | entry_index(*iova, 1);
+                break (0, 1);
+            }
+            let entry = entries
+                .get(base | entry_index(*iova, level))
+                .map_or(0, |e| e.load(Ordering::Acquire));
+            if entry & KIND_MASK == KIND_TABLE {
+                base = (entry & CHILD_MASK) as usize;
+                level -= 1;
+                continue;
+            }
+            break (entry, level);
+        };
+    }
+    // Stage 2: every level-1 entry, in a loop that only loads, so that all the misses are in
+    // flight at once (a walk that stopped above loads entry 0 and drops it).
+    for (stop, &at) in stop.iter_mut().zip(at.iter()) {
+        let entry = entries.get(at).map_or(0, |e| e.load(Ordering::Acquire));
+        if stop.1 == 1 {
+            stop.0 = entry;
         }
-        if entry & RUNS_FLAG != 0 {
-            return scan_runs(arena, runs_block(entry), iova).map(Found::Run);
-        }
-        return Some(Found::Leaf { entry, level });
+    }
+    // Stage 3: the one line left to read, for the walks that go on: the level-0 entry under
+    // a level-1 table, or a runs block's middle slot (the first step of its search).
+    for ((iova, &(entry, level)), at) in iovas.iter().zip(stop.iter()).zip(at.iter_mut()) {
+        *at = if entry & KIND_MASK == KIND_TABLE && level == 1 {
+            (entry & CHILD_MASK) as usize | entry_index(*iova, 0)
+        } else if entry & KIND_MASK == KIND_LEAF && entry & RUNS_FLAG != 0 {
+            runs_block(entry) + RUN_SLOTS / 2
+        } else {
+            0
+        };
+    }
+    let mut last = [0u64; GROUP];
+    for (last, &at) in last.iter_mut().zip(at.iter()) {
+        *last = entries.get(at).map_or(0, |e| e.load(Ordering::Acquire));
+    }
+    // Stage 3: each walk's end, as `walk_from` ends it.
+    for (i, ((&iova, &(entry, level)), &last)) in
+        iovas.iter().zip(stop.iter()).zip(last.iter()).enumerate()
+    {
+        let found = if entry & KIND_MASK == KIND_TABLE && level == 1 {
+            walk_end(arena, last, 0, iova, middle_slot)
+        } else {
+            walk_end(arena, entry, level, iova, |_| last)
+        };
+        done(i, found.map(|found| found.target(iova)));
     }
 }
 
@@ -1807,6 +1938,74 @@ mod tests {
         assert!(w.any_mapped(&arena, root, 0x1000, 0x2fff));
     }
 
+    #[test]
+    fn a_grouped_walk_answers_as_single_walks() {
+        const GIB: u64 = 1 << 30;
+        const MIB2: u64 = 2 << 20;
+        // Every kind of end: a 1 GiB leaf, a 2 MiB leaf, an inline run, a runs block, a full
+        // level-0 node (ten runs in one region), a run above the runs' GPA limit, and holes.
+        let mut mappings = vec![
+            m(GIB, 2 * GIB - 1, 4 * GIB),
+            m(MIB2, 2 * MIB2 - 1, 8 * MIB2),
+            m(3 * MIB2 + 0x5000, 3 * MIB2 + 0x7fff, 0x30_0000),
+            m(5 * MIB2 + 0x1000, 5 * MIB2 + 0x1fff, 0x40_0000),
+            m(5 * MIB2 + 0x8000, 5 * MIB2 + 0xffff, 0x50_0000),
+            m(7 * MIB2 + 0x2000, 7 * MIB2 + 0x2fff, RUN_GPA_LIMIT + 0x1000),
+        ];
+        for k in 0..10 {
+            let start = 9 * MIB2 + k * 0x3000;
+            mappings.push(m(start, start + 0xfff, 0x60_0000 + k * 0x1000));
+        }
+        let probes: Vec<u64> = (0..24 * MIB2 / 0x1000)
+            .map(|page| page * 0x1000 + 0x18)
+            .chain([GIB + 0x1234_5678, 2 * GIB, u64::MAX - 7])
+            .collect();
+        for levels in 1..=6 {
+            let arena = Arena::new(64).unwrap();
+            let mut w = TableWriter::new(levels);
+            let root = w.new_root(&arena).unwrap();
+            let end = coverage_end(levels);
+            for mapping in mappings.iter().filter(|m| m.virt_end <= end) {
+                w.map(&arena, root, *mapping).unwrap();
+            }
+            let probes: Vec<u64> = probes.iter().copied().filter(|&p| p <= end).collect();
+            let mut found = 0;
+            for size in [GROUP, 7] {
+                for group in probes.chunks(size) {
+                    let mut seen = 0;
+                    walk_group(&arena, root, levels, group, |i, got| {
+                        assert_eq!(i, seen);
+                        seen += 1;
+                        let want = walk(&arena, root, levels, group[i]);
+                        assert_eq!(got, want, "{} levels, {:#x}", levels, group[i]);
+                        found += usize::from(got.is_some());
+                    });
+                    assert_eq!(seen, group.len());
+                }
+            }
+            let expected = mappings
+                .iter()
+                .filter(|m| m.virt_end <= end)
+                .map(|m| {
+                    probes
+                        .iter()
+                        .filter(|&&p| m.virt_start <= p && p <= m.virt_end)
+                        .count()
+                })
+                .sum::<usize>();
+            assert_eq!(found, 2 * expected, "{levels} levels");
+        }
+        // More IOVAs than a group: the first GROUP are walked.
+        let (arena, mut w, root) = table(16);
+        w.map(&arena, root, m(0, 0xfff, 0x9000)).unwrap();
+        let mut calls = 0;
+        walk_group(&arena, root, 4, &[0x10; GROUP + 3], |_, got| {
+            assert_eq!(got.map(|t| t.gpa), Some(0x9010));
+            calls += 1;
+        });
+        assert_eq!(calls, GROUP);
+    }
+
     mod prop {
         use super::*;
         use proptest::prelude::*;
@@ -1904,6 +2103,18 @@ mod tests {
                             }
                             (got, want) => prop_assert_eq!(got, want, "page {}", page),
                         }
+                    }
+                    // The grouped walk answers as one walk each (pages in a scattered order).
+                    let iovas: Vec<u64> =
+                        (0..1024u64).map(|k| base + (((k * 389) % 1024) << 12) + 0x10).collect();
+                    for group in iovas.chunks(GROUP) {
+                        let mut seen = 0;
+                        walk_group(&arena, root, 4, group, |i, got| {
+                            assert_eq!(i, seen);
+                            seen += 1;
+                            assert_eq!(got, walk(&arena, root, 4, group[i]), "{:#x}", group[i]);
+                        });
+                        prop_assert_eq!(seen, group.len());
                     }
                     prop_assert_eq!(w.mappings(&arena, root), model.values().copied().collect::<Vec<_>>());
                 }

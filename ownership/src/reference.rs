@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::pagetable::PERM_MASK;
+use crate::pagetable::{self, PERM_MASK};
 use crate::{
-    Access, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu, Mapping,
-    Requester, ResvRegion, Topology, Translation, Translator, PERM_MMIO, PERM_READ, PERM_WRITE,
+    Access, Dma, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu,
+    Mapping, Requester, ResvRegion, Topology, Translation, Translator, PERM_MMIO, PERM_READ,
+    PERM_WRITE,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -506,6 +507,47 @@ pub fn check_group_translations(
                     "endpoints of group {g} disagree at {iova:#x}: {results:?}"
                 ));
             }
+        }
+        for &e in members {
+            check_batch(r, t, e, probes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The batch call answers every access of a batch as one call each would: all `probes`
+/// (each read and write, lengths 1 and 3 pages) and an IOVA at the top of the 64-bit space,
+/// in a batch longer than one walk group.
+fn check_batch(r: &Reference, t: &Translator, e: EndpointId, probes: &[u64]) -> Result<(), String> {
+    let dmas: Vec<Dma> = [(Access::Read, 1), (Access::Write, 3 * 4096)]
+        .into_iter()
+        .flat_map(|(access, len)| {
+            probes
+                .iter()
+                .chain([u64::MAX - 7].iter())
+                .map(move |&iova| Dma { iova, len, access })
+        })
+        .cycle()
+        .take(3 * pagetable::GROUP + 1)
+        .collect();
+    let guard = t.read();
+    let Ok(view) = guard.endpoint(r.requester(e), e) else {
+        return Ok(());
+    };
+    let mut out = vec![Err(Fault::Unmapped); dmas.len() + 1];
+    let done = view.translate_batch(&dmas, &mut out);
+    if done != dmas.len() || out[dmas.len()] != Err(Fault::Unmapped) {
+        return Err(format!(
+            "endpoint {e:#x}: batch answered {done} of {}",
+            dmas.len()
+        ));
+    }
+    for (dma, got) in dmas.iter().zip(&out) {
+        let want = view.translate(dma.iova, dma.len, dma.access);
+        if *got != want {
+            return Err(format!(
+                "endpoint {e:#x}: batch answered {got:?} for {dma:?}, one call {want:?}"
+            ));
         }
     }
     Ok(())
