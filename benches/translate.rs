@@ -9,7 +9,9 @@
 //! 1. single-thread translate, 1 / 1K / 64K / 1M mappings, 4 KiB or mixed 4K/64K/2M mappings,
 //!    IOVAs walked in a random permutation or in order. Not criterion: criterion measures A
 //!    for a while, then B, and on a shared 2-CPU machine a burst of load in between skews the
-//!    ratio; here samples alternate A, B, A, B, ... (each after an untimed warm-up run);
+//!    ratio; here samples alternate A, B, A, B, ... (each after an untimed warm-up run). Ours
+//!    is measured per one-shot call, through an endpoint handle per 64 calls, and through the
+//!    handle's batch call (`EndpointView::translate_batch`, 64 accesses per call);
 //! 2. the writer alone: MAP+UNMAP pairs, ours vs the baseline;
 //! 3. readers translating while one writer thread does MAP/UNMAP pairs (none, paced, flat out);
 //! 4. memory per 4 KiB mapping at 1M mappings (each side built in a fresh child process:
@@ -38,8 +40,8 @@ use std::{
 };
 
 use ownership::{
-    Access, DomainKind, Iommu, Limits, Mapping, Requester, Topology, Translator, PERM_READ,
-    PERM_WRITE,
+    Access, Dma, DomainKind, Fault, Iommu, Limits, Mapping, Requester, Topology, Translator,
+    PERM_READ, PERM_WRITE,
 };
 
 // ---- a counting allocator (on only in the memory child processes) ------------------------
@@ -436,6 +438,8 @@ struct SingleRow {
     /// lock per 64.
     ours_handle: (f64, f64, f64),
     base_locked: (f64, f64, f64),
+    /// The handle's batch call, 64 accesses per call.
+    ours_batch: (f64, f64, f64),
     ours_guard64: Option<f64>,
     /// The handle with the tables on 4 KiB pages (no THP advice).
     ours_handle_small_pages: Option<f64>,
@@ -493,7 +497,7 @@ fn walker<'a>(q: &'a [u64], dependent: bool, f: impl Fn(u64) -> u64 + 'a) -> Var
 }
 
 /// Walks `q` in chunks of 64 from a moving position, `f` translating one chunk.
-fn chunked<'a>(q: &'a [u64], f: impl Fn(&[u64], &mut u64) + 'a) -> Variant<'a> {
+fn chunked<'a>(q: &'a [u64], mut f: impl FnMut(&[u64], &mut u64) + 'a) -> Variant<'a> {
     // Fewer queries than a chunk (1 mapping): repeat them, so a chunk still holds 64.
     let q: std::borrow::Cow<'a, [u64]> = if q.len() < 64 {
         q.iter()
@@ -575,6 +579,25 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                     assert_eq!(ours_translate(&t, iova), base_translate(&base, iova));
                     assert_ne!(ours_translate(&t, iova), u64::MAX);
                 }
+                // ...and the batch call with one call each.
+                {
+                    let guard = t.read();
+                    let view = guard.endpoint(Requester::DmaApi, EP).expect("endpoint");
+                    let dmas: Vec<Dma> = q
+                        .iter()
+                        .take(10_000)
+                        .map(|&iova| Dma {
+                            iova,
+                            len: 8,
+                            access: Access::Read,
+                        })
+                        .collect();
+                    let mut out = vec![Err(Fault::Unmapped); dmas.len()];
+                    assert_eq!(view.translate_batch(&dmas, &mut out), dmas.len());
+                    for (dma, got) in dmas.iter().zip(&out) {
+                        assert_eq!(*got, view.translate(dma.iova, dma.len, dma.access));
+                    }
+                }
                 let extra = sizes == Sizes::Small && random;
                 let mut small_pages: Option<Translator> = None;
                 let mut variants: Vec<Variant<'_>> = vec![
@@ -601,6 +624,32 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                         for &iova in chunk {
                             let r = Baseline::lookup(&map, iova, 8, Access::Read);
                             *sum = sum.wrapping_add(r.map_or(u64::MAX, |x| x.0));
+                        }
+                    }),
+                    // The handle's batch call: 64 accesses (a scatter-gather list) at once,
+                    // the caller's list and result buffers reused from call to call.
+                    chunked(&q, {
+                        let mut dmas = [Dma {
+                            iova: 0,
+                            len: 8,
+                            access: Access::Read,
+                        }; 64];
+                        let mut out = [Err(Fault::Unmapped); 64];
+                        let t = &t;
+                        move |chunk, sum| {
+                            let guard = t.read();
+                            match guard.endpoint(Requester::DmaApi, EP) {
+                                Ok(view) => {
+                                    for (dma, &iova) in dmas.iter_mut().zip(chunk) {
+                                        dma.iova = iova;
+                                    }
+                                    let n = view.translate_batch(&dmas[..chunk.len()], &mut out);
+                                    for r in &out[..n] {
+                                        *sum = sum.wrapping_add(r.map_or(u64::MAX, |x| x.gpa));
+                                    }
+                                }
+                                Err(_) => *sum = sum.wrapping_add(u64::MAX),
+                            }
                         }
                     }),
                 ];
@@ -637,15 +686,24 @@ fn single_thread(test: bool) -> Vec<SingleRow> {
                     base: quartiles(&res[1]),
                     ours_handle: quartiles(&res[2]),
                     base_locked: quartiles(&res[3]),
-                    ours_guard64: extra.then(|| quartiles(&res[4]).0),
-                    ours_dep: extra.then(|| quartiles(&res[5]).0),
-                    base_dep: extra.then(|| quartiles(&res[6]).0),
-                    ours_handle_small_pages: extra.then(|| quartiles(&res[7]).0),
+                    ours_batch: quartiles(&res[4]),
+                    ours_guard64: extra.then(|| quartiles(&res[5]).0),
+                    ours_dep: extra.then(|| quartiles(&res[6]).0),
+                    base_dep: extra.then(|| quartiles(&res[7]).0),
+                    ours_handle_small_pages: extra.then(|| quartiles(&res[8]).0),
                     table_per_mapping: table_bytes as f64 / n as f64,
                 };
                 eprintln!(
-                    "translate {tag}: ours {:.2} ns [{:.2}-{:.2}], baseline {:.2} ns [{:.2}-{:.2}]",
-                    row.ours.0, row.ours.1, row.ours.2, row.base.0, row.base.1, row.base.2
+                    "translate {tag}: ours {:.2} ns [{:.2}-{:.2}], baseline {:.2} ns [{:.2}-{:.2}], \
+                     handle {:.2}, batch {:.2}",
+                    row.ours.0,
+                    row.ours.1,
+                    row.ours.2,
+                    row.base.0,
+                    row.base.1,
+                    row.base.2,
+                    row.ours_handle.0,
+                    row.ours_batch.0
                 );
                 rows.push(row);
             }
@@ -1135,13 +1193,13 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
     println!();
     println!("== translate(), one thread: ns per call, median of interleaved samples [IQR] ==");
     println!(
-        "| mappings | sizes | IOVAs | ours, one call ns | RwLock<BTreeMap>, one call ns | baseline / ours | ours, handle per 64 ns | baseline, lock per 64 ns | baseline / ours | ours, one-shot calls in a guard per 64 | ours latency (dependent) | baseline latency (dependent) | ours, handle, tables on 4 KiB pages | ours table bytes/mapping |"
+        "| mappings | sizes | IOVAs | ours, one call ns | RwLock<BTreeMap>, one call ns | baseline / ours | ours, handle per 64 ns | baseline, lock per 64 ns | baseline / ours | ours, batch of 64 ns | baseline, lock per 64 / ours, batch | ours, one-shot calls in a guard per 64 | ours latency (dependent) | baseline latency (dependent) | ours, handle, tables on 4 KiB pages | ours table bytes/mapping |"
     );
-    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
     for r in single {
         println!(
-            "| {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {:.1} [{:.1}-{:.1}] | {:.1} [{:.1}-{:.1}] | {:.1}x | {:.1} [{:.1}-{:.1}] | {:.1}x | {} | {} | {} | {} | {:.1} |",
             fmt_n(r.n),
             if r.sizes == Sizes::Small { "4K" } else { "4K/64K/2M" },
             if r.random { "random" } else { "sequential" },
@@ -1159,6 +1217,10 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
             r.base_locked.1,
             r.base_locked.2,
             r.base_locked.0 / r.ours_handle.0,
+            r.ours_batch.0,
+            r.ours_batch.1,
+            r.ours_batch.2,
+            r.base_locked.0 / r.ours_batch.0,
             opt(r.ours_guard64),
             opt(r.ours_dep),
             opt(r.base_dep),
@@ -1273,21 +1335,24 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
             .filter(|r| r.n == 1 << 20 && r.sizes == Sizes::Mixed)
             .map(|r| {
                 format!(
-                    "mixed {} {:.1} / {:.1} ns",
+                    "mixed {} {:.1} / {:.1} / {:.1} ns",
                     if r.random { "random" } else { "sequential" },
                     r.ours.0,
-                    r.ours_handle.0
+                    r.ours_handle.0,
+                    r.ours_batch.0
                 )
             })
             .collect();
         println!(
             "- <= 20 ns median single-thread translate at 1M 4 KiB mappings, random IOVAs: one \
-             call {:.2} ns ({}), through an endpoint handle {:.2} ns ({}); for the record, one \
-             call / handle at 1M {}",
+             call {:.2} ns ({}), through an endpoint handle {:.2} ns ({}), in batches of 64 \
+             {:.2} ns ({}); for the record, one call / handle / batch at 1M {}",
             r.ours.0,
             verdict(r.ours.0 <= 20.0),
             r.ours_handle.0,
             verdict(r.ours_handle.0 <= 20.0),
+            r.ours_batch.0,
+            verdict(r.ours_batch.0 <= 20.0),
             mixed.join(", ")
         );
     }
