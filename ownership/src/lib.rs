@@ -177,6 +177,11 @@ pub enum Requester {
 /// model takes one.
 const RETIRED_BLOCKS_BACKLOG: usize = 1024;
 
+/// A new domain's tree covers IOVAs below 512 GiB (where the Linux DMA API puts them, below
+/// 4 GiB first); a MAP above adds levels up to what the input range needs. A walk costs a load
+/// per level.
+const START_LEVELS: u32 = 3;
+
 /// Owner cell values readers compare against.
 const OWNER_NONE: u64 = 0;
 const OWNER_DMA_API: u64 = u64::MAX;
@@ -213,17 +218,19 @@ pub struct Translation {
     pub mmio: bool,
 }
 
-/// Group state as readers see it: `tag | root << 2 | domain << 32`.
+/// Group state as readers see it: `tag | levels << 2 | root << 5 | domain << 32` (the root
+/// and the height of a paging domain's tree).
 const STATE_UNATTACHED: u64 = 0;
 const STATE_IDENTITY: u64 = 1;
 const STATE_PAGING: u64 = 2;
 
-fn encode_state(domain: DomainId, kind: DomainKind, root: u32) -> u64 {
+fn encode_state(domain: DomainId, kind: DomainKind, root: u32, levels: u32) -> u64 {
     let tag = match kind {
         DomainKind::Paging => STATE_PAGING,
         DomainKind::Identity => STATE_IDENTITY,
     };
-    tag | (u64::from(root) << 2) | (u64::from(domain) << 32)
+    debug_assert!(levels < 8 && u64::from(root) < pagetable::MAX_NODES);
+    tag | (u64::from(levels) << 2) | (u64::from(root) << 5) | (u64::from(domain) << 32)
 }
 
 #[derive(Debug, Default)]
@@ -253,7 +260,6 @@ const DENSE_LIMIT: EndpointId = 1 << 16;
 struct Shared {
     arena: Arena,
     readers: Readers,
-    levels: u32,
     input_start: u64,
     /// `input_end - input_start`: one compare checks the range.
     input_span: u64,
@@ -428,7 +434,6 @@ impl Iommu {
         let shared = Arc::new(Shared {
             arena,
             readers: Readers::default(),
-            levels,
             input_start,
             input_span: input_end - input_start,
             bypass: AtomicBool::new(false),
@@ -446,7 +451,7 @@ impl Iommu {
         Ok(Iommu {
             topo: Arc::new(topology),
             shared,
-            table: TableWriter::new(levels),
+            table: TableWriter::new(levels).with_start_levels(START_LEVELS),
             groups,
             domains: BTreeMap::new(),
             mappings: 0,
@@ -523,7 +528,8 @@ impl Iommu {
             None => STATE_UNATTACHED,
             Some(id) => {
                 let d = &self.domains[&id];
-                encode_state(id, d.kind, d.root.unwrap_or(0))
+                let root = d.root.unwrap_or(0);
+                encode_state(id, d.kind, root, self.table.height(root))
             }
         };
         self.shared.groups[group.0 as usize]
@@ -773,6 +779,63 @@ impl Iommu {
         if d.reserved.iter().any(|&(s, e)| s <= end && start <= e) {
             return Err(Error::ReservedOverlap { start, end });
         }
+        // A tree too low for the mapping grows first; readers see the new root only once the
+        // mapping is in (until then they walk the old tree, which stays part of the new one).
+        let in_domain = d.mappings;
+        let top = if end <= pagetable::coverage_end(self.table.height(root)) {
+            root
+        } else {
+            self.grow(root, end)?
+        };
+        let result = self.map_into(domain, in_domain, top, start, end, phys_start, perms);
+        if top != root {
+            match result {
+                Ok(()) => {
+                    let groups = match self.domains.get_mut(&domain) {
+                        Some(d) => {
+                            d.root = Some(top);
+                            d.groups.iter().copied().collect()
+                        }
+                        None => Vec::new(),
+                    };
+                    for group in groups {
+                        self.publish_group(group);
+                    }
+                }
+                Err(_) => self.table.ungrow(&self.shared.arena, top, root),
+            }
+        }
+        result
+    }
+
+    /// The root of `root`'s tree grown to reach `end` (see [`TableWriter::grow`]).
+    fn grow(&mut self, root: u32, end: u64) -> Result<u32, Error> {
+        match self.table.grow(&self.shared.arena, root, end) {
+            Ok(top) => Ok(top),
+            Err(_) if self.table.has_retired() => {
+                // Nodes retired earlier in a batch come back with a grace period.
+                self.synchronize();
+                self.table
+                    .grow(&self.shared.arena, root, end)
+                    .map_err(|_| Error::OutOfTableMemory)
+            }
+            Err(_) => Err(Error::OutOfTableMemory),
+        }
+    }
+
+    /// The part of [`Iommu::map`] after the argument checks, into the tree at `root` (which
+    /// reaches the mapping) of `domain`, which holds `in_domain` mappings.
+    #[allow(clippy::too_many_arguments)]
+    fn map_into(
+        &mut self,
+        domain: DomainId,
+        in_domain: u64,
+        root: u32,
+        start: u64,
+        end: u64,
+        phys_start: u64,
+        perms: u64,
+    ) -> Result<(), Error> {
         let arena = &self.shared.arena;
         // The common case (a 4 KiB page) walks once to check and once to insert.
         let page = end - start == pagetable::PAGE_MASK;
@@ -786,7 +849,7 @@ impl Iommu {
             None
         };
         let limits = self.topo.limits();
-        if d.mappings >= limits.max_mappings_per_domain || self.mappings >= limits.max_mappings {
+        if in_domain >= limits.max_mappings_per_domain || self.mappings >= limits.max_mappings {
             return Err(Error::TooManyMappings);
         }
         let mapping = Mapping {
@@ -1183,7 +1246,7 @@ impl EndpointView<'_> {
                 if !shared.in_range(iova) {
                     return Err(Fault::OutOfRange);
                 }
-                let target = pagetable::walk(&shared.arena, self.root(), shared.levels, iova);
+                let target = pagetable::walk(&shared.arena, self.root(), self.levels(), iova);
                 self.paged(target, len, access)
             }
             _ => self.unpaged(iova, len),
@@ -1220,7 +1283,7 @@ impl EndpointView<'_> {
             pagetable::walk_group(
                 &shared.arena,
                 self.root(),
-                shared.levels,
+                self.levels(),
                 walked,
                 |i, target| {
                     if let (Some(dma), Some(out)) = (dmas.get(i), out.get_mut(i)) {
@@ -1239,7 +1302,13 @@ impl EndpointView<'_> {
     /// The paging domain's root.
     #[inline(always)]
     fn root(&self) -> u32 {
-        ((self.state >> 2) & 0x3fff_ffff) as u32
+        ((self.state >> 5) & (pagetable::MAX_NODES - 1)) as u32
+    }
+
+    /// The height of the paging domain's tree.
+    #[inline(always)]
+    fn levels(&self) -> u32 {
+        ((self.state >> 2) & 0b111) as u32
     }
 
     #[inline(always)]

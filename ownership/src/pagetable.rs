@@ -7,6 +7,11 @@
 //! one MAP created, so a mapping is never split (spec U4) without a side index: the bits at the
 //! two ends of an UNMAP range tell whether it would cut a mapping.
 //!
+//! A tree is only as tall as its mappings need (a walk costs a load per level): it starts with
+//! the writer's start height and [`TableWriter::grow`] puts a new root above it, the old tree
+//! under its entry 0, when a MAP reaches higher. A reader that still holds the old root walks
+//! the old tree, which is still part of the new one, and finds nothing beyond it.
+//!
 //! A 2 MiB region holding only a few mappings does not get a 512-entry node: its level-1 entry
 //! points to a *runs block*, one 64-byte cache line of [`RUN_SLOTS`] slots, each holding one
 //! mapping's pages inside the region (first page, last page, GPA, permissions, first/last
@@ -230,7 +235,7 @@ fn span(level: u32) -> u64 {
 }
 
 /// The last IOVA a tree of `levels` levels covers.
-pub fn coverage_end(levels: u32) -> u64 {
+pub const fn coverage_end(levels: u32) -> u64 {
     match 1u64.checked_shl(level_shift(levels)) {
         Some(size) => size - 1,
         None => u64::MAX,
@@ -242,6 +247,9 @@ pub fn levels_for(input_end: u64) -> u32 {
     let bits = 64 - input_end.leading_zeros();
     bits.saturating_sub(PAGE_SHIFT).div_ceil(LEVEL_BITS).max(1)
 }
+
+/// The most nodes an arena holds: a root's index fits in 27 bits of a group's published state.
+pub const MAX_NODES: u64 = 1 << 27;
 
 /// Fixed-capacity node storage shared by the writer and all readers: one flat array of
 /// entries, node `i` at `[i * FANOUT, (i + 1) * FANOUT)`. It is allocated zeroed and the OS
@@ -256,7 +264,7 @@ impl Arena {
     /// An arena that will never hold more than `max_nodes` nodes, or None when the host will
     /// not reserve that much address space.
     pub fn new(max_nodes: u64) -> Option<Self> {
-        let capacity = max_nodes.clamp(1, 1 << 30) as u32;
+        let capacity = max_nodes.clamp(1, MAX_NODES) as u32;
         let entries = <[AtomicU64]>::new_box_zeroed_with_elems(capacity as usize * FANOUT).ok()?;
         Some(Arena { entries, capacity })
     }
@@ -487,9 +495,9 @@ impl Leaf {
 }
 
 /// Where the leaf entry or run covering `iova` sends it: the fast path's walk, kept small so
-/// that the cache misses of consecutive walks overlap. The caller has checked `iova` against
-/// the input range (which the tree covers) and is inside a read-side critical section (see
-/// [`crate::epoch`]) so no node it reads is recycled.
+/// that the cache misses of consecutive walks overlap. `levels` is the tree's height as
+/// published with `root`; an IOVA beyond the tree finds nothing. The caller is inside a
+/// read-side critical section (see [`crate::epoch`]) so no node it reads is recycled.
 #[inline(always)]
 pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Target> {
     find(arena, root, levels, iova).map(|found| found.target(iova))
@@ -511,6 +519,10 @@ fn find(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Found> {
 
 #[inline(always)]
 fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
+    // Beyond the tree (trees grow, and a reader may hold a root from before): nothing.
+    if iova > coverage_end(top + 1) {
+        return None;
+    }
     let entries: &[AtomicU64] = &arena.entries;
     let mut base = root as usize * FANOUT;
     let mut level = top;
@@ -554,11 +566,12 @@ fn walk_end(
 pub const GROUP: usize = 32;
 
 /// [`walk`] for several IOVAs at once (the first [`GROUP`] of `iovas`): calls `done(i, target)`
-/// with the walk's result for `iovas[i]`, in order. The same loads as one walk each, in stages across the group:
-/// every walk's level-1 entry first, then every walk's last line, then the ends. In a table
-/// larger than the cache each stage's misses overlap, where one walk after another waits on
-/// each walk's misses in turn whenever the kind of a level-1 entry is hard to predict (a mix
-/// of leaves, runs and tables). The caller checked every IOVA as for [`walk`].
+/// with the walk's result for `iovas[i]`, in order. The same loads as one walk each, in
+/// stages across the group: the upper levels of every walk, then every level-1 entry, then
+/// every walk's last line, then the ends. In a table larger than the cache the misses of a
+/// stage overlap, where one walk after another waits on each walk's misses in turn whenever
+/// the kind of a level-1 entry is hard to predict (a mix of leaves, runs and tables). The
+/// caller is inside a read-side critical section, as for [`walk`].
 #[inline]
 pub fn walk_group(
     arena: &Arena,
@@ -597,6 +610,11 @@ fn walk_group_from(
     let mut stop = [(0u64, 0u32); GROUP];
     let mut at = [0usize; GROUP];
     for ((iova, stop), at) in iovas.iter().zip(stop.iter_mut()).zip(at.iter_mut()) {
+        if *iova > coverage_end(top + 1) {
+            // Beyond the tree: an empty entry at level 0 (loads entry 0 in stage 4, unused).
+            *stop = (0, 0);
+            continue;
+        }
         let mut base = root as usize * FANOUT;
         let mut level = top;
         *stop = loop {
@@ -694,7 +712,12 @@ pub enum TableError {
 /// whole entries.
 #[derive(Debug)]
 pub struct TableWriter {
-    levels: u32,
+    /// The tallest tree: the input range's levels.
+    max_levels: u32,
+    /// A new tree's height; [`TableWriter::grow`] adds levels when a mapping needs them.
+    start_levels: u32,
+    /// Per node: the height of the tree it is the root of (meaningless for other nodes).
+    heights: Vec<u8>,
     /// Never-used indices start here.
     watermark: u32,
     free: Vec<u32>,
@@ -744,9 +767,12 @@ struct Need {
 }
 
 impl TableWriter {
+    /// A writer whose trees have `levels` levels, enough for the whole input range.
     pub fn new(levels: u32) -> Self {
         TableWriter {
-            levels,
+            max_levels: levels,
+            start_levels: levels,
+            heights: Vec::new(),
             watermark: 0,
             free: Vec::new(),
             retired: Vec::new(),
@@ -759,8 +785,22 @@ impl TableWriter {
         }
     }
 
-    pub fn levels(&self) -> u32 {
-        self.levels
+    /// New trees start with `levels` levels (at most the input range's) and grow when a
+    /// mapping needs more ([`TableWriter::grow`]).
+    pub fn with_start_levels(mut self, levels: u32) -> Self {
+        self.start_levels = levels.clamp(1, self.max_levels);
+        self
+    }
+
+    /// The height of the tree rooted at `root`.
+    #[inline]
+    pub fn height(&self, root: u32) -> u32 {
+        self.heights.get(root as usize).map_or(1, |&h| u32::from(h))
+    }
+
+    /// Whether the tree rooted at `root` reaches `iova`.
+    fn covers(&self, root: u32, iova: u64) -> bool {
+        iova <= coverage_end(self.height(root))
     }
 
     /// Nodes in use or waiting for reuse (a node carved into runs blocks counts whole).
@@ -838,6 +878,7 @@ impl TableWriter {
                 let index = self.watermark;
                 self.watermark += 1;
                 self.live.push(0);
+                self.heights.push(0);
                 self.free_map.push(0);
                 self.partial_at.push(0);
                 index
@@ -849,13 +890,61 @@ impl TableWriter {
 
     /// A new empty tree, or None when the arena is full.
     pub fn new_root(&mut self, arena: &Arena) -> Option<u32> {
-        self.alloc(arena)
+        let root = self.alloc(arena)?;
+        self.heights[root as usize] = self.start_levels as u8;
+        Some(root)
+    }
+
+    /// The root of a tree that reaches `end`: `root` itself when it does, else a new root
+    /// with the old tree under its entry 0, one node per level added. The old tree stays
+    /// intact and keeps working for readers that walk it with its own height; the caller
+    /// publishes the new root (or gives it back with [`TableWriter::ungrow`]). Nothing changes
+    /// when the nodes are not there.
+    pub fn grow(&mut self, arena: &Arena, root: u32, end: u64) -> Result<u32, TableError> {
+        let from = self.height(root);
+        let to = levels_for(end).clamp(from, self.max_levels);
+        let need = Need {
+            nodes: u64::from(to - from),
+            blocks: 0,
+        };
+        if !self.fits(arena, need) {
+            return Err(TableError::NoMemory);
+        }
+        let mut top = root;
+        for levels in from + 1..=to {
+            // Counted above: allocation cannot fail here.
+            let Some(node) = self.alloc(arena) else {
+                break;
+            };
+            arena.store(node, 0, table_entry(top));
+            self.live[node as usize] = 1;
+            self.heights[node as usize] = levels as u8;
+            top = node;
+        }
+        Ok(top)
+    }
+
+    /// Gives back the levels [`TableWriter::grow`] put above `root` under `top`, which no
+    /// reader has seen (never published): they are free at once.
+    pub fn ungrow(&mut self, arena: &Arena, top: u32, root: u32) {
+        let mut node = top;
+        while node != root && kind(arena.load(node, 0)) == KIND_TABLE {
+            let child = child_of(arena.load(node, 0));
+            debug_assert_eq!(
+                self.live[node as usize], 1,
+                "an unpublished level holds more"
+            );
+            arena.store(node, 0, 0);
+            self.live[node as usize] = 0;
+            self.free.push(node);
+            node = child;
+        }
     }
 
     /// Unlinks every node of the tree for reuse after the next grace period. The caller must
     /// already have made the root unreachable for new readers.
     pub fn retire_tree(&mut self, arena: &Arena, root: u32) {
-        self.retire_subtree(arena, root, self.levels - 1);
+        self.retire_subtree(arena, root, self.height(root) - 1);
     }
 
     fn retire_subtree(&mut self, arena: &Arena, node: u32, level: u32) {
@@ -912,8 +1001,9 @@ impl TableWriter {
 
     /// Whether any leaf intersects `[start, end]`.
     pub fn any_mapped(&self, arena: &Arena, root: u32, start: u64, end: u64) -> bool {
-        let end = end.min(coverage_end(self.levels));
-        start <= end && self.any_in(arena, root, self.levels - 1, start, end)
+        let levels = self.height(root);
+        let end = end.min(coverage_end(levels));
+        start <= end && self.any_in(arena, root, levels - 1, start, end)
     }
 
     fn any_in(&self, arena: &Arena, node: u32, level: u32, start: u64, end: u64) -> bool {
@@ -947,9 +1037,14 @@ impl TableWriter {
 
     /// Maps `[start, end]` to `phys` with `perms`. The caller has checked alignment to the
     /// 4 KiB base page and that nothing is mapped in the range. Either the whole mapping is
-    /// written or, for lack of nodes, nothing is.
+    /// written or, for lack of nodes, nothing is. The tree must reach the mapping (see
+    /// [`TableWriter::grow`]); one that does not is refused as if nodes were missing.
     pub fn map(&mut self, arena: &Arena, root: u32, m: Mapping) -> Result<(), TableError> {
-        let top = self.levels - 1;
+        if !self.covers(root, m.virt_end) {
+            debug_assert!(false, "a MAP beyond its tree");
+            return Err(TableError::NoMemory);
+        }
+        let top = self.height(root) - 1;
         let mut need = Need::default();
         // Cheap upper bound first (a runs block costs at most a node); count exactly only when
         // it does not fit.
@@ -1185,10 +1280,15 @@ impl TableWriter {
     /// where [`TableWriter::map_page`] starts building: the highest level whose entry on the
     /// page's path is empty (its nodes are missing below it), or 0 when the path exists down
     /// to the page's node, runs block or inline run. `None` when a leaf or run already covers
-    /// the page.
+    /// the page. The tree must reach the page (see [`TableWriter::grow`]): a page beyond it
+    /// counts as taken.
     pub fn page_free(&self, arena: &Arena, root: u32, iova: u64) -> Option<u32> {
+        if !self.covers(root, iova) {
+            debug_assert!(false, "a page beyond its tree");
+            return None;
+        }
         let mut node = root;
-        for level in (1..self.levels).rev() {
+        for level in (1..self.height(root)).rev() {
             let entry = arena.load(node, entry_index(iova, level));
             match kind(entry) {
                 KIND_TABLE => node = child_of(entry),
@@ -1220,7 +1320,12 @@ impl TableWriter {
             gpa: phys & ADDR_MASK,
             flags: (perms & PERM_MASK) | FIRST | LAST,
         };
-        if self.levels == 1 {
+        let levels = self.height(root);
+        if !self.covers(root, iova) {
+            debug_assert!(false, "a page beyond its tree");
+            return Err(TableError::NoMemory);
+        }
+        if levels == 1 {
             self.write_pages(arena, root, piece);
             return Ok(());
         }
@@ -1236,7 +1341,7 @@ impl TableWriter {
             }
         }
         let mut node = root;
-        for level in (2..self.levels).rev() {
+        for level in (2..levels).rev() {
             let index = entry_index(iova, level);
             let entry = arena.load(node, index);
             node = if kind(entry) == KIND_TABLE {
@@ -1277,9 +1382,13 @@ impl TableWriter {
     /// Single-page fast path of [`TableWriter::unmap`] for `[iova, iova + 4 KiB)`, `iova`
     /// page-aligned: the same answers, without the range walks.
     pub fn unmap_page(&mut self, arena: &Arena, root: u32, iova: u64) -> Result<u64, TableError> {
+        if !self.covers(root, iova) {
+            // Nothing is mapped beyond the tree.
+            return Ok(0);
+        }
         let mut path = [(0u32, 0usize); 8];
         let mut node = root;
-        let mut level = self.levels - 1;
+        let mut level = self.height(root) - 1;
         loop {
             let index = entry_index(iova, level);
             path[level as usize] = (node, index);
@@ -1329,7 +1438,7 @@ impl TableWriter {
     /// Clears the entry at `path[from]`, then every table node that leaves empty (never the
     /// root): `path[level]` is the (node, index) of the page's path at `level`.
     fn clear_path(&mut self, arena: &Arena, root: u32, path: &[(u32, usize)], from: usize) {
-        for &(node, index) in path.iter().take(self.levels as usize).skip(from) {
+        for &(node, index) in path.iter().take(self.height(root) as usize).skip(from) {
             arena.store(node, index, 0);
             self.live[node as usize] -= 1;
             if self.live[node as usize] > 0 || node == root {
@@ -1358,21 +1467,22 @@ impl TableWriter {
         start: u64,
         end: u64,
     ) -> Result<u64, TableError> {
-        let end = end.min(coverage_end(self.levels));
+        let levels = self.height(root);
+        let end = end.min(coverage_end(levels));
         if start > end {
             return Ok(0);
         }
-        if let Some(leaf) = lookup(arena, root, self.levels, start) {
+        if let Some(leaf) = lookup(arena, root, levels, start) {
             if leaf.base != start || !leaf.first {
                 return Err(TableError::WouldSplit);
             }
         }
-        if let Some(leaf) = lookup(arena, root, self.levels, end) {
+        if let Some(leaf) = lookup(arena, root, levels, end) {
             if leaf.end != end || !leaf.last {
                 return Err(TableError::WouldSplit);
             }
         }
-        Ok(self.clear(arena, root, self.levels - 1, start, end))
+        Ok(self.clear(arena, root, levels - 1, start, end))
     }
 
     fn clear(&mut self, arena: &Arena, node: u32, level: u32, start: u64, end: u64) -> u64 {
@@ -1435,7 +1545,7 @@ impl TableWriter {
     pub fn mappings(&self, arena: &Arena, root: u32) -> Vec<Mapping> {
         let mut out = Vec::new();
         let mut open: Option<Mapping> = None;
-        self.for_each_leaf(arena, root, self.levels - 1, 0, &mut |leaf| {
+        self.for_each_leaf(arena, root, self.height(root) - 1, 0, &mut |leaf| {
             if leaf.first {
                 open = Some(Mapping {
                     virt_start: leaf.base,
@@ -1606,7 +1716,7 @@ mod tests {
         let entry = |w: &TableWriter| {
             let l2 = child_of(arena.load(root, entry_index(region, 3)));
             let l1 = child_of(arena.load(l2, entry_index(region, 2)));
-            assert_eq!(w.levels(), 4);
+            assert_eq!(w.height(root), 4);
             kind(arena.load(l1, entry_index(region, 1)))
         };
         let missing = w.page_free(&arena, root, region + 0x5000).unwrap();

@@ -3,7 +3,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -698,6 +698,163 @@ fn table_memory_cap_is_nomem_and_bounded() {
     // Unmapping gives the memory back.
     m.unmap(1, 0, u64::MAX).unwrap();
     m.attach(2, 2, DomainKind::Paging).unwrap();
+}
+
+/// A new domain's tree has 3 levels; a MAP above 512 GiB adds a level under a new root that
+/// every group of the domain sees once the MAP is in, while a reader holding the old root keeps
+/// translating what it could. A refused MAP gives the new levels back.
+#[test]
+fn trees_grow_for_high_mappings() {
+    let limits = Limits {
+        max_mappings_per_domain: 2,
+        ..Limits::default()
+    };
+    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(1, 2, DomainKind::Paging).unwrap();
+    let t = m.translator();
+    m.map(1, 0, 0xfff, 0x5000, RW).unwrap();
+    assert_eq!(m.stats().table_bytes, 2 * 4096, "a root and a level-1 node");
+    // Page 0 of a 3-level tree, if a walk ignored the tree's height.
+    assert_eq!(read(&t, 1, 1 << 39), Err(Fault::Unmapped));
+    // In the next 2 MiB region: an inline run in the same level-1 node.
+    m.map(1, 0x20_0000, 0x20_0fff, 0x6000, RW).unwrap();
+    let high = 1u64 << 40;
+    assert_eq!(
+        m.map(1, high, high + 0xfff, 0x9000, RW),
+        Err(Error::TooManyMappings)
+    );
+    assert_eq!(
+        m.stats().table_bytes,
+        2 * 4096,
+        "the refused MAP's level is back"
+    );
+    m.unmap(1, 0x20_0000, 0x20_0fff).unwrap();
+    let guard = t.read();
+    let old = guard.endpoint(Requester::DmaApi, 1).unwrap();
+    m.map(1, high, high + 0xfff, 0x9000, RW).unwrap();
+    // The old root still translates its own range, and nothing beyond it.
+    assert_eq!(old.translate(8, 1, Access::Read).unwrap().gpa, 0x5008);
+    assert_eq!(old.translate(high, 1, Access::Read), Err(Fault::Unmapped));
+    drop(guard);
+    for e in [1, 2] {
+        assert_eq!(read(&t, e, high + 8).unwrap().gpa, 0x9008);
+        assert_eq!(read(&t, e, 8).unwrap().gpa, 0x5008);
+        assert_eq!(read(&t, e, 1 << 39), Err(Fault::Unmapped));
+    }
+    // A new root above the old one, and a level-2 and a level-1 node for the high page.
+    assert_eq!(m.stats().table_bytes, 5 * 4096);
+    assert_eq!(m.mappings(1).unwrap().len(), 2);
+    // Emptying the old tree retires it too; the root stays.
+    m.unmap(1, 0, 0xfff).unwrap();
+    m.unmap(1, high, high + 0xfff).unwrap();
+    assert_eq!(m.stats().table_bytes, 4096);
+    m.map(1, 0, 0xfff, 0x5000, RW).unwrap();
+    assert_eq!(read(&t, 2, 8).unwrap().gpa, 0x5008);
+    m.reset();
+    assert_eq!(m.stats().table_bytes, 0);
+}
+
+/// Readers translating low and high IOVAs while the writer builds domains whose trees grow
+/// (every round moves the group to a fresh domain with a 3-level tree, then maps above 512
+/// GiB): every answer is the right GPA or a fault, never a low mapping's GPA for a high IOVA.
+#[test]
+fn readers_stay_right_while_trees_grow() {
+    let mut m = iommu();
+    use_all(&mut m);
+    let high = 1u64 << 40;
+    let gpa = move |iova: u64| {
+        let page = (iova % high) / PAGE;
+        (if iova >= high { 2 << 30 } else { 1 << 30 }) + page * PAGE
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Hits on low and on high IOVAs, all readers.
+    let hits = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (t, stop, hits) = (m.translator(), stop.clone(), hits.clone());
+            std::thread::spawn(move || {
+                // Low then high, then high then low: the writer's grace periods wait for the
+                // readers, and a fixed order could lock a reader's phase to the writer's.
+                let mut order = [(0, 0), (1, high)];
+                while !stop.load(Ordering::Relaxed) {
+                    order.reverse();
+                    for (k, base) in order {
+                        for page in 0..4 {
+                            let iova = base + page * PAGE;
+                            match read(&t, 1, iova + 8) {
+                                Ok(tr) => {
+                                    assert_eq!(tr.gpa, gpa(iova) + 8, "{iova:#x}");
+                                    hits[k].fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(Fault::Unmapped | Fault::NoDomain) => {}
+                                Err(f) => panic!("{f:?} at {iova:#x}"),
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = m.translator();
+    let started = std::time::Instant::now();
+    // At least 400 rounds, and until the readers have seen high mappings (they may start late).
+    for round in 0u32.. {
+        let seen = hits.iter().all(|h| h.load(Ordering::Relaxed) >= 1000);
+        if round >= 400 && (seen || started.elapsed().as_secs() >= 20) {
+            break;
+        }
+        let domain = 1 + round % 2;
+        m.attach(domain, 1, DomainKind::Paging).unwrap();
+        for base in [0, high] {
+            for page in 0..4 {
+                let iova = base + page * PAGE;
+                m.map(domain, iova, iova + PAGE - 1, gpa(iova), RW).unwrap();
+            }
+        }
+        assert_eq!(read(&t, 1, high + 8).unwrap().gpa, gpa(high) + 8);
+        assert_eq!(read(&t, 1, 8).unwrap().gpa, gpa(0) + 8);
+        m.unmap(domain, 0, u64::MAX).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(
+        hits.iter().all(|h| h.load(Ordering::Relaxed) > 0),
+        "{hits:?}"
+    );
+    m.reset();
+    assert_eq!(m.stats().table_bytes, 0);
+}
+
+/// Growing needs nodes: a MAP that cannot have them, for the new level or for the mapping
+/// below it, is NOMEM and leaves the tree as it was.
+#[test]
+fn a_tree_that_cannot_grow_refuses_the_map() {
+    for nodes in [2, 3] {
+        let limits = Limits {
+            max_table_bytes: nodes * 4096,
+            ..Limits::default()
+        };
+        let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+        use_all(&mut m);
+        m.attach(1, 1, DomainKind::Paging).unwrap();
+        m.map(1, 0, 0xfff, 0x5000, RW).unwrap();
+        let high = 1u64 << 40;
+        assert_eq!(
+            m.map(1, high, high + 0xfff, 0x9000, RW),
+            Err(Error::OutOfTableMemory),
+            "{nodes} nodes"
+        );
+        assert_eq!(m.stats().table_bytes, 2 * 4096, "{nodes} nodes");
+        let t = m.translator();
+        assert_eq!(read(&t, 1, 8).unwrap().gpa, 0x5008);
+        assert_eq!(read(&t, 1, high), Err(Fault::Unmapped));
+        // What is left still serves MAPs the tree reaches (an inline run in the next region).
+        m.map(1, 0x20_0000, 0x20_0fff, 0x6000, RW).unwrap();
+    }
 }
 
 /// Runs blocks a MAP replaces wait for a grace period; a stream of MAPs alone (no UNMAP to

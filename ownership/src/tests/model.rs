@@ -60,6 +60,8 @@ fn iova() -> impl Strategy<Value = u64> {
         1 => Just(1u64 << 30),
         1 => (0u64..24).prop_map(|p| p * PAGE + 0x800),
         1 => Just((1u64 << 48) - PAGE),
+        // Either side of where a new domain's 3-level tree ends (it grows for the second).
+        1 => prop_oneof![Just((1u64 << 39) - PAGE), Just(1u64 << 39)],
     ]
 }
 
@@ -155,6 +157,10 @@ fn check_invariants(m: &Iommu, r: &Reference, t: &Translator) -> Result<(), Test
         16 * PAGE,
         2 << 20,
         (1 << 30) + PAGE,
+        (1 << 39) - 8,
+        // Page 0 and page 1 GiB of a 3-level tree, if a walk ignored the tree's height.
+        1 << 39,
+        (1 << 39) + (1 << 30),
         INPUT_END - 7,
     ];
     check_group_translations(r, t, &probes).map_err(TestCaseError::fail)?;
