@@ -517,7 +517,7 @@ pub fn check_group_translations(
 
 /// The batch call answers every access of a batch as one call each would: all `probes`
 /// (each read and write, lengths 1 and 3 pages) and an IOVA at the top of the 64-bit space,
-/// in a batch longer than one walk group.
+/// in a batch one access longer than a walk group.
 fn check_batch(r: &Reference, t: &Translator, e: EndpointId, probes: &[u64]) -> Result<(), String> {
     let dmas: Vec<Dma> = [(Access::Read, 1), (Access::Write, 3 * 4096)]
         .into_iter()
@@ -528,7 +528,7 @@ fn check_batch(r: &Reference, t: &Translator, e: EndpointId, probes: &[u64]) -> 
                 .map(move |&iova| Dma { iova, len, access })
         })
         .cycle()
-        .take(3 * pagetable::GROUP + 1)
+        .take(pagetable::GROUP + 1)
         .collect();
     let guard = t.read();
     let Ok(view) = guard.endpoint(r.requester(e), e) else {
