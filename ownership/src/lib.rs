@@ -782,12 +782,18 @@ impl Iommu {
         // A tree too low for the mapping grows first; readers see the new root only once the
         // mapping is in (until then they walk the old tree, which stays part of the new one).
         let in_domain = d.mappings;
+        let mapping = Mapping {
+            virt_start: start,
+            virt_end: end,
+            phys_start,
+            perms: perms & pagetable::PERM_MASK,
+        };
         let top = if end <= pagetable::coverage_end(self.table.height(root)) {
             root
         } else {
-            self.grow(root, end)?
+            self.table_update(|table, arena| table.grow(arena, root, end))?
         };
-        let result = self.map_into(domain, in_domain, top, start, end, phys_start, perms);
+        let result = self.map_into(domain, in_domain, top, mapping);
         if top != root {
             match result {
                 Ok(()) => {
@@ -808,16 +814,17 @@ impl Iommu {
         result
     }
 
-    /// The root of `root`'s tree grown to reach `end` (see [`TableWriter::grow`]).
-    fn grow(&mut self, root: u32, end: u64) -> Result<u32, Error> {
-        match self.table.grow(&self.shared.arena, root, end) {
-            Ok(top) => Ok(top),
+    /// Runs a page-table update that allocates; when nodes are short and some wait for a grace
+    /// period (retired earlier in a batch), takes one and tries once more.
+    fn table_update<T>(
+        &mut self,
+        update: impl Fn(&mut TableWriter, &Arena) -> Result<T, TableError>,
+    ) -> Result<T, Error> {
+        match update(&mut self.table, &self.shared.arena) {
+            Ok(done) => Ok(done),
             Err(_) if self.table.has_retired() => {
-                // Nodes retired earlier in a batch come back with a grace period.
                 self.synchronize();
-                self.table
-                    .grow(&self.shared.arena, root, end)
-                    .map_err(|_| Error::OutOfTableMemory)
+                update(&mut self.table, &self.shared.arena).map_err(|_| Error::OutOfTableMemory)
             }
             Err(_) => Err(Error::OutOfTableMemory),
         }
@@ -825,17 +832,14 @@ impl Iommu {
 
     /// The part of [`Iommu::map`] after the argument checks, into the tree at `root` (which
     /// reaches the mapping) of `domain`, which holds `in_domain` mappings.
-    #[allow(clippy::too_many_arguments)]
     fn map_into(
         &mut self,
         domain: DomainId,
         in_domain: u64,
         root: u32,
-        start: u64,
-        end: u64,
-        phys_start: u64,
-        perms: u64,
+        mapping: Mapping,
     ) -> Result<(), Error> {
+        let (start, end) = (mapping.virt_start, mapping.virt_end);
         let arena = &self.shared.arena;
         // The common case (a 4 KiB page) walks once to check and once to insert.
         let page = end - start == pagetable::PAGE_MASK;
@@ -852,24 +856,13 @@ impl Iommu {
         if in_domain >= limits.max_mappings_per_domain || self.mappings >= limits.max_mappings {
             return Err(Error::TooManyMappings);
         }
-        let mapping = Mapping {
-            virt_start: start,
-            virt_end: end,
-            phys_start,
-            perms: perms & pagetable::PERM_MASK,
-        };
-        let insert = |table: &mut TableWriter, arena: &Arena| match page_nodes {
-            Some(nodes) => table.map_page(arena, root, start, phys_start, mapping.perms, nodes),
-            None => table.map(arena, root, mapping),
-        };
-        if insert(&mut self.table, arena).is_err() {
-            // Nodes retired earlier in a batch come back with a grace period.
-            if !self.table.has_retired() {
-                return Err(Error::OutOfTableMemory);
+        self.table_update(|table, arena| match page_nodes {
+            Some(nodes) => {
+                let (phys, perms) = (mapping.phys_start, mapping.perms);
+                table.map_page(arena, root, start, phys, perms, nodes)
             }
-            self.synchronize();
-            insert(&mut self.table, &self.shared.arena).map_err(|_| Error::OutOfTableMemory)?;
-        }
+            None => table.map(arena, root, mapping),
+        })?;
         self.mappings += 1;
         if let Some(d) = self.domains.get_mut(&domain) {
             d.mappings += 1;

@@ -540,8 +540,9 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
 }
 
 /// How a walk ends at `entry` of `level`, which is not a table it follows: empty, an inline
-/// run, a runs block (`middle` loads the block's middle slot, see [`scan_runs_from`]) or a leaf. A table entry here
-/// (at level 0: a corrupt tree) has bit 0 clear and ends the walk with nothing.
+/// run, a runs block (`middle` loads the block's middle slot, see [`scan_runs_from`]) or a
+/// leaf. A table entry here (at level 0: a corrupt tree) has bit 0 clear and ends the walk
+/// with nothing.
 #[inline(always)]
 fn walk_end(
     arena: &Arena,
@@ -611,7 +612,7 @@ fn walk_group_from(
     let mut at = [0usize; GROUP];
     for ((iova, stop), at) in iovas.iter().zip(stop.iter_mut()).zip(at.iter_mut()) {
         if *iova > coverage_end(top + 1) {
-            // Beyond the tree: an empty entry at level 0 (loads entry 0 in stage 4, unused).
+            // Beyond the tree: an empty entry at level 0 (stage 3 loads entry 0 for it, unused).
             *stop = (0, 0);
             continue;
         }
@@ -642,7 +643,8 @@ fn walk_group_from(
         }
     }
     // Stage 3: the one line left to read, for the walks that go on: the level-0 entry under
-    // a level-1 table, or a runs block's middle slot (the first step of its search).
+    // a level-1 table, or a runs block's middle slot (the first step of its search). Where it
+    // is first, then a loop that only loads, as in stage 2.
     for ((iova, &(entry, level)), at) in iovas.iter().zip(stop.iter()).zip(at.iter_mut()) {
         *at = if entry & KIND_MASK == KIND_TABLE && level == 1 {
             (entry & CHILD_MASK) as usize | entry_index(*iova, 0)
@@ -656,7 +658,7 @@ fn walk_group_from(
     for (last, &at) in last.iter_mut().zip(at.iter()) {
         *last = entries.get(at).map_or(0, |e| e.load(Ordering::Acquire));
     }
-    // Stage 3: each walk's end, as `walk_from` ends it.
+    // Stage 4: each walk's end, as `walk_from` ends it.
     for (i, ((&iova, &(entry, level)), &last)) in
         iovas.iter().zip(stop.iter()).zip(last.iter()).enumerate()
     {
