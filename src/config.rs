@@ -13,6 +13,10 @@ use virtio::{
 
 use crate::{device::MAX_PROBE_REGIONS, seccomp::SeccompMode};
 
+/// The most page-table memory an arena holds, in MiB.
+const MAX_TABLE_MIB: u64 =
+    (ownership::pagetable::MAX_NODES * ownership::pagetable::NODE_BYTES) >> 20;
+
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_RING_F_INDIRECT_DESC.
@@ -140,8 +144,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_mappings_per_domain)]
     pub max_mappings_per_domain: u64,
 
-    /// Page-table memory over all domains, in MiB (NOMEM beyond).
-    #[arg(long, value_name = "MIB", default_value_t = Limits::default().max_table_bytes >> 20)]
+    /// Page-table memory over all domains, in MiB (NOMEM beyond); at most 524288 (512 GiB,
+    /// the most page-table nodes a domain's published root can name).
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = Limits::default().max_table_bytes >> 20,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TABLE_MIB)
+    )]
     pub max_table_mib: u64,
 
     /// Fault records kept while the guest posts no event buffers (oldest dropped beyond).
@@ -547,6 +557,24 @@ mod tests {
             "maybe",
         ];
         assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn table_memory_is_bounded_by_what_a_root_can_name() {
+        let parse = |mib: &str| {
+            let argv = [
+                "vhost-device-iommu",
+                "-s",
+                "/tmp/x.sock",
+                "--max-table-mib",
+                mib,
+            ];
+            Cli::try_parse_from(argv)
+        };
+        assert!(parse("0").is_err());
+        assert!(parse("524289").is_err());
+        let c = DaemonConfig::try_from(args(&["--max-table-mib", "524288"])).unwrap();
+        assert_eq!(c.topology.limits().max_table_bytes, 512 << 30);
     }
 
     #[test]
