@@ -61,7 +61,8 @@ pub struct Limits {
     pub max_mappings_per_domain: u64,
     /// Mappings over all domains.
     pub max_mappings: u64,
-    /// Page-table memory over all domains, in bytes (4 KiB per table node).
+    /// Page-table memory over all domains, in bytes (4 KiB per table node). The page tables
+    /// never use more than `pagetable::MAX_NODES` nodes (512 GiB), whatever this says.
     pub max_table_bytes: u64,
 }
 
