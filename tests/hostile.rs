@@ -182,6 +182,33 @@ fn mappings_per_domain_cap_is_nomem_and_counted() {
     assert_eq!(stats["mappings"], 9, "{stats}");
 }
 
+/// A MAP of (nearly) the whole input range at a GPA no big leaf can take needs a level-1 node
+/// per GiB, far more than the tables may hold: NOMEM at once, within the quick timeout (it
+/// used to count its 2^27 regions one by one: about a second in a release build, more than
+/// the timeout in a debug one), and the daemon goes on serving.
+#[test]
+fn a_map_of_the_whole_input_range_is_nomem_at_once() {
+    let d = Daemon::start(&[]);
+    let mut dev = d.connect_with(quick());
+    use_dma_api(&d, EP);
+    assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
+    assert_eq!(status_of(&mut dev, &map(1, 0, PAGE - 1, 0)), Status::Ok);
+    // From 4 GiB up (below is the x86 MSI window, which no MAP may cover).
+    let whole = map(1, 1 << 32, INPUT_END, 0x2000);
+    for _ in 0..3 {
+        assert_eq!(status_of(&mut dev, &whole), Status::NoMem);
+    }
+    assert_eq!(
+        translate(&d, EP, 5)["gpa"],
+        5,
+        "the earlier mapping is intact"
+    );
+    assert_eq!(translate(&d, EP, 1 << 40)["fault"], "unmapped");
+    let stats = d.stats();
+    assert_eq!(stats["requests"]["map"]["nomem"], 3, "{stats}");
+    assert_eq!(stats["mappings"], 1, "{stats}");
+}
+
 #[test]
 fn total_mappings_cap_is_nomem_and_counted() {
     let d = Daemon::start(&["--max-mappings", "10"]);

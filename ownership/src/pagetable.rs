@@ -1057,6 +1057,10 @@ impl TableWriter {
             })
             .sum();
         if bound > self.available(arena) {
+            // A lower bound next: a MAP far too big for what is left is refused without a walk.
+            if top >= MAX_LEAF_LEVEL && self.gib_nodes_at_least(&m) > self.available(arena) {
+                return Err(TableError::NoMemory);
+            }
             self.walk_map(
                 arena,
                 Some(root),
@@ -1084,9 +1088,32 @@ impl TableWriter {
         Ok(())
     }
 
+    /// At least how many nodes a MAP of `m` allocates in a tree with 1 GiB leaves: every 1 GiB
+    /// span it touches needs a level-1 node unless one 1 GiB leaf maps the whole span, and the
+    /// nodes in use could already be some of those level-1 nodes.
+    fn gib_nodes_at_least(&self, m: &Mapping) -> u64 {
+        let shift = level_shift(MAX_LEAF_LEVEL);
+        let touched = (m.virt_end >> shift) - (m.virt_start >> shift) + 1;
+        // Spans the mapping covers whole: from the first aligned start to the last aligned end.
+        let first =
+            (m.virt_start >> shift) + u64::from(m.virt_start & (span(MAX_LEAF_LEVEL) - 1) != 0);
+        let last = m.virt_end.wrapping_add(1) >> shift;
+        let whole = if m.virt_end == u64::MAX {
+            (1u64 << (64 - shift)).saturating_sub(first)
+        } else {
+            last.saturating_sub(first)
+        };
+        // Whole spans all start at GPAs with the same offset into a 1 GiB page.
+        let aligned = m.phys_start.wrapping_sub(m.virt_start) & (span(MAX_LEAF_LEVEL) - 1) == 0;
+        let leaves = if aligned { whole } else { 0 };
+        (touched - leaves).saturating_sub(self.nodes_in_use())
+    }
+
     /// Maps `[start, end]` (inside this node's span) under `node`. With `dry`, only counts the
     /// nodes and blocks that would be allocated (`node` None = a node that would be new, hence
-    /// empty).
+    /// empty), and stops as soon as they no longer fit: a MAP too big for what is left costs
+    /// a walk bounded by the arena, not by the mapping (a 256 TiB MAP of 4 KiB-aligned
+    /// addresses used to walk all its 2 MiB regions).
     #[allow(clippy::too_many_arguments)]
     fn walk_map(
         &mut self,
@@ -1102,6 +1129,9 @@ impl TableWriter {
         let size = span(level);
         let node_base = start & !(span(level + 1).wrapping_sub(1));
         for index in entry_index(start, level)..=entry_index(end, level) {
+            if dry && !self.fits(arena, *need) {
+                return;
+            }
             let slot = node_base | ((index as u64) << level_shift(level));
             let slot_end = slot | (size - 1);
             let lo = start.max(slot);
@@ -2048,6 +2078,55 @@ mod tests {
         assert!(w.any_mapped(&arena, root, next, next + 0xfff));
         assert!(!w.any_mapped(&arena, root, 0x1000, 0x1fff));
         assert!(w.any_mapped(&arena, root, 0x1000, 0x2fff));
+    }
+
+    /// A MAP far bigger than the nodes left is refused at once and changes nothing; one that
+    /// needs exactly the nodes left still fits.
+    #[test]
+    fn a_map_too_big_for_the_tables_is_refused_and_one_that_fits_is_not() {
+        const GIB: u64 = 1 << 30;
+        const MIB2: u64 = 2 << 20;
+        // Root, a level-2 node, and k level-1 nodes for k GiB mapped at a GPA that no 1 GiB
+        // or 2 MiB leaf can hold (each region gets an inline run).
+        for k in [1u64, 3, 7] {
+            let (arena, mut w, root) = table(2 + k);
+            let m = |gib: u64| m(0, gib * GIB - 1, 0x1000);
+            assert_eq!(w.map(&arena, root, m(k + 1)), Err(TableError::NoMemory));
+            assert_eq!(w.nodes_in_use(), 1);
+            assert!(w.mappings(&arena, root).is_empty());
+            w.map(&arena, root, m(k)).unwrap();
+            assert_eq!(w.nodes_in_use(), 2 + k);
+            assert_eq!(
+                lookup(&arena, root, 4, k * GIB - 1).unwrap().gpa,
+                0x1000 + (k * GIB - MIB2)
+            );
+        }
+        // Level-1 nodes that exist already count: pages in the first and last GiB, outside
+        // the MAP, leave it one level-1 node to allocate, and exactly one node is left.
+        let (arena, mut w, root) = table(5);
+        w.map(&arena, root, m(0, 0xfff, 0x1000)).unwrap();
+        w.map(&arena, root, m(3 * GIB - 0x1000, 3 * GIB - 1, 0x1000))
+            .unwrap();
+        assert_eq!(w.nodes_in_use(), 4);
+        w.map(&arena, root, m(MIB2, 3 * GIB - MIB2 - 1, 0x1000))
+            .unwrap();
+        assert_eq!(w.nodes_in_use(), 5);
+        // The whole 48-bit space, and the top half of a 64-bit one: refused, nothing changed.
+        let (arena, mut w, root) = table(64);
+        let whole = m(0, (1 << 48) - 1, 0x1000);
+        assert_eq!(w.map(&arena, root, whole), Err(TableError::NoMemory));
+        assert_eq!(w.nodes_in_use(), 1);
+        let arena = Arena::new(64).unwrap();
+        let mut w = TableWriter::new(6);
+        let root = w.new_root(&arena).unwrap();
+        let top = m(1 << 63, u64::MAX, 0x1000);
+        assert_eq!(w.map(&arena, root, top), Err(TableError::NoMemory));
+        assert_eq!(w.nodes_in_use(), 1);
+        // At a 1 GiB-aligned GPA the same 48-bit MAP is 1 GiB leaves under level-2 nodes.
+        let (arena, mut w, root) = table(1 + 512);
+        w.map(&arena, root, m(0, (1 << 48) - 1, 0)).unwrap();
+        assert_eq!(w.nodes_in_use(), 1 + 512);
+        assert_eq!(lookup(&arena, root, 4, (1 << 47) + 5).unwrap().gpa, 1 << 47);
     }
 
     #[test]
