@@ -723,6 +723,9 @@ struct WriterRow {
     base: f64,
     /// Ours in a populated region with one idle translator registered.
     ours_idle_reader: f64,
+    /// Ours, with the daemon's default table cap: a MAP of 4 GiB..256 TiB at a GPA no big
+    /// leaf can take, refused (NOMEM).
+    ours_refused_huge: f64,
 }
 
 fn writer_alone(test: bool) -> Vec<WriterRow> {
@@ -755,6 +758,18 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
         // A page in a 1 GiB region of its own: each MAP allocates its L2 and L1 nodes (the page
         // is an inline run in its level-1 entry), each UNMAP retires them for a grace period.
         let lone = 1u64 << 45;
+        // The daemon's default limits, one page mapped: a hostile MAP of (nearly) the whole
+        // 48-bit input range needs far more nodes than are left.
+        let capped = RefCell::new({
+            let topo = Topology::builder()
+                .endpoints([EP])
+                .build()
+                .expect("topology");
+            let mut m = Iommu::new(topo);
+            m.attach(DOMAIN, EP, DomainKind::Paging).expect("attach");
+            m.map(DOMAIN, 0, K4 - 1, 0, RW).expect("map");
+            m
+        });
         let mut variants: Vec<Variant<'_>> = vec![
             Box::new(|iters| {
                 pairs(&mut iommu.borrow_mut(), iters);
@@ -795,6 +810,14 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
                 drop(translator);
                 0
             }),
+            Box::new(|iters| {
+                let mut m = capped.borrow_mut();
+                for _ in 0..iters {
+                    let refused = m.map(DOMAIN, 1 << 32, (1 << 48) - 1, 0x2000, RW);
+                    assert!(refused.is_err());
+                }
+                0
+            }),
         ];
         let res = interleaved(&mut variants, samples, sample_ms);
         rows.push(WriterRow {
@@ -803,6 +826,7 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
             ours_churn: quartiles(&res[1]).0,
             base: quartiles(&res[2]).0,
             ours_idle_reader: quartiles(&res[3]).0,
+            ours_refused_huge: quartiles(&res[4]).0,
         });
     }
     rows
@@ -1230,17 +1254,18 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
     }
     println!();
     println!("== the writer alone: one MAP+UNMAP pair, ns (4K pages, no reader translating) ==");
-    println!("| mappings | ours, populated region | ours, pair frees + re-allocates nodes | ours, one idle translator registered | RwLock<BTreeMap> | ours / baseline |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| mappings | ours, populated region | ours, pair frees + re-allocates nodes | ours, one idle translator registered | RwLock<BTreeMap> | ours / baseline | ours, a refused 256 TiB MAP (default table cap) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for r in writer {
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
             fmt_n(r.n),
             r.ours,
             r.ours_churn,
             r.ours_idle_reader,
             r.base,
-            r.ours / r.base
+            r.ours / r.base,
+            r.ours_refused_huge
         );
     }
     println!();
