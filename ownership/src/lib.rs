@@ -540,8 +540,8 @@ impl Iommu {
     // ---- guest face ----------------------------------------------------------------------
 
     /// ATTACH: attaches `endpoint`, and with it its whole group, to `domain` (created on first
-    /// use). Singleton groups take [`Self::attach_device`], multi-endpoint groups
-    /// [`Self::attach_device_shared`]: the difference is explicit, as in the seed thread.
+    /// use). Singleton groups take `attach_device`, multi-endpoint groups
+    /// `attach_device_shared`: the difference is explicit, as in the seed thread.
     pub fn attach(
         &mut self,
         domain: DomainId,
