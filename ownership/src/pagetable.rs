@@ -1058,7 +1058,7 @@ impl TableWriter {
             .sum();
         if bound > self.available(arena) {
             // A lower bound next: a MAP far too big for what is left is refused without a walk.
-            if top >= MAX_LEAF_LEVEL && self.gib_nodes_at_least(&m) > self.available(arena) {
+            if self.nodes_at_least(&m, top) > self.available(arena) {
                 return Err(TableError::NoMemory);
             }
             self.walk_map(
@@ -1088,25 +1088,38 @@ impl TableWriter {
         Ok(())
     }
 
-    /// At least how many nodes a MAP of `m` allocates in a tree with 1 GiB leaves: every 1 GiB
-    /// span it touches needs a level-1 node unless one 1 GiB leaf maps the whole span, and the
-    /// nodes in use could already be some of those level-1 nodes.
-    fn gib_nodes_at_least(&self, m: &Mapping) -> u64 {
-        let shift = level_shift(MAX_LEAF_LEVEL);
-        let touched = (m.virt_end >> shift) - (m.virt_start >> shift) + 1;
-        // Spans the mapping covers whole: from the first aligned start to the last aligned end.
-        let first =
-            (m.virt_start >> shift) + u64::from(m.virt_start & (span(MAX_LEAF_LEVEL) - 1) != 0);
-        let last = m.virt_end.wrapping_add(1) >> shift;
-        let whole = if m.virt_end == u64::MAX {
-            (1u64 << (64 - shift)).saturating_sub(first)
-        } else {
-            last.saturating_sub(first)
-        };
-        // Whole spans all start at GPAs with the same offset into a 1 GiB page.
-        let aligned = m.phys_start.wrapping_sub(m.virt_start) & (span(MAX_LEAF_LEVEL) - 1) == 0;
-        let leaves = if aligned { whole } else { 0 };
-        (touched - leaves).saturating_sub(self.nodes_in_use())
+    /// At least how many nodes a MAP of `m` allocates below the root of a tree whose root is at
+    /// level `top`: every span of a level-`l` entry it touches (l >= 2) needs a level-`l - 1`
+    /// node, unless one leaf maps that span whole (1 GiB leaves, at level 2), and the nodes in
+    /// use could already be some of those nodes. Level-0 nodes are not counted: a 2 MiB
+    /// region may take a leaf, an inline run or a runs block instead.
+    fn nodes_at_least(&self, m: &Mapping, top: u32) -> u64 {
+        let mut need = 0u64;
+        for level in 2..=top {
+            let shift = level_shift(level);
+            let touched = (m.virt_end >> shift) - (m.virt_start >> shift) + 1;
+            let leaves = if level <= MAX_LEAF_LEVEL {
+                // Spans covered whole, from the first aligned start to the last aligned end;
+                // they all start at GPAs with the same offset into a page of that size.
+                let size_mask = span(level) - 1;
+                let first = (m.virt_start >> shift) + u64::from(m.virt_start & size_mask != 0);
+                let past_last = if m.virt_end == u64::MAX {
+                    1u64 << (64 - shift)
+                } else {
+                    (m.virt_end + 1) >> shift
+                };
+                let aligned = m.phys_start.wrapping_sub(m.virt_start) & size_mask == 0;
+                if aligned {
+                    past_last.saturating_sub(first)
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            need = need.saturating_add(touched - leaves);
+        }
+        need.saturating_sub(self.nodes_in_use())
     }
 
     /// Maps `[start, end]` (inside this node's span) under `node`. With `dry`, only counts the
