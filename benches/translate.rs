@@ -724,8 +724,9 @@ struct WriterRow {
     /// Ours in a populated region with one idle translator registered.
     ours_idle_reader: f64,
     /// Ours, with the daemon's default table cap: a MAP of 4 GiB..256 TiB at a GPA no big
-    /// leaf can take, refused (NOMEM).
+    /// leaf can take, refused (NOMEM); and one of 65,500 GiB, just too big for the cap.
     ours_refused_huge: f64,
+    ours_refused_near_cap: f64,
 }
 
 fn writer_alone(test: bool) -> Vec<WriterRow> {
@@ -818,6 +819,16 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
                 }
                 0
             }),
+            // 65,500 level-1 nodes plus 128 level-2 nodes against 65,536 (65,400 GiB fits).
+            Box::new(|iters| {
+                let mut m = capped.borrow_mut();
+                let end = (1u64 << 32) + 65_500 * (1 << 30) - 1;
+                for _ in 0..iters {
+                    let refused = m.map(DOMAIN, 1 << 32, end, 0x2000, RW);
+                    assert!(refused.is_err());
+                }
+                0
+            }),
         ];
         let res = interleaved(&mut variants, samples, sample_ms);
         rows.push(WriterRow {
@@ -827,6 +838,7 @@ fn writer_alone(test: bool) -> Vec<WriterRow> {
             base: quartiles(&res[2]).0,
             ours_idle_reader: quartiles(&res[3]).0,
             ours_refused_huge: quartiles(&res[4]).0,
+            ours_refused_near_cap: quartiles(&res[5]).0,
         });
     }
     rows
@@ -1254,18 +1266,19 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
     }
     println!();
     println!("== the writer alone: one MAP+UNMAP pair, ns (4K pages, no reader translating) ==");
-    println!("| mappings | ours, populated region | ours, pair frees + re-allocates nodes | ours, one idle translator registered | RwLock<BTreeMap> | ours / baseline | ours, a refused 256 TiB MAP (default table cap) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| mappings | ours, populated region | ours, pair frees + re-allocates nodes | ours, one idle translator registered | RwLock<BTreeMap> | ours / baseline | ours, a refused 256 TiB MAP (default table cap) | ours, a refused 65,500 GiB MAP (default table cap) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in writer {
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
             fmt_n(r.n),
             r.ours,
             r.ours_churn,
             r.ours_idle_reader,
             r.base,
             r.ours / r.base,
-            r.ours_refused_huge
+            r.ours_refused_huge,
+            r.ours_refused_near_cap
         );
     }
     println!();
