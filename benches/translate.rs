@@ -12,7 +12,8 @@
 //!    ratio; here samples alternate A, B, A, B, ... (each after an untimed warm-up run). Ours
 //!    is measured per one-shot call, through an endpoint handle per 64 calls, and through the
 //!    handle's batch call (`EndpointView::translate_batch`, 64 accesses per call);
-//! 2. the writer alone: MAP+UNMAP pairs, ours vs the baseline;
+//! 2. the writer alone: MAP+UNMAP pairs, ours vs the baseline, and two MAPs too big for the
+//!    daemon's default table cap (ours refuses them; how long that takes);
 //! 3. readers translating while one writer thread does MAP/UNMAP pairs (none, paced, flat out);
 //! 4. memory per 4 KiB mapping at 1M mappings (each side built in a fresh child process:
 //!    heap bytes from a counting allocator, RSS from /proc/self/statm).
