@@ -1265,12 +1265,11 @@ impl EndpointView<'_> {
             .chunks(pagetable::GROUP)
             .zip(out.chunks_mut(pagetable::GROUP))
         {
-            // An IOVA out of range is walked as the range's first one and its result dropped.
-            let mut iovas = [shared.input_start; pagetable::GROUP];
+            // Any IOVA is safe to walk (beyond the tree a walk finds nothing); one out of range
+            // gets its fault below whatever the walk found.
+            let mut iovas = [0; pagetable::GROUP];
             for (iova, dma) in iovas.iter_mut().zip(dmas) {
-                if shared.in_range(dma.iova) {
-                    *iova = dma.iova;
-                }
+                *iova = dma.iova;
             }
             let walked = &iovas[..dmas.len()];
             pagetable::walk_group(
