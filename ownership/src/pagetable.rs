@@ -801,7 +801,8 @@ impl TableWriter {
     }
 
     /// Whether the tree rooted at `root` reaches `iova`.
-    fn covers(&self, root: u32, iova: u64) -> bool {
+    #[inline]
+    pub fn covers(&self, root: u32, iova: u64) -> bool {
         iova <= coverage_end(self.height(root))
     }
 
@@ -903,6 +904,9 @@ impl TableWriter {
     /// publishes the new root (or gives it back with [`TableWriter::ungrow`]). Nothing changes
     /// when the nodes are not there.
     pub fn grow(&mut self, arena: &Arena, root: u32, end: u64) -> Result<u32, TableError> {
+        if self.covers(root, end) {
+            return Ok(root);
+        }
         let from = self.height(root);
         let to = levels_for(end).clamp(from, self.max_levels);
         let need = Need {
