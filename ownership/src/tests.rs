@@ -28,6 +28,10 @@ fn iommu() -> Iommu {
     Iommu::new(topology().build().unwrap())
 }
 
+fn iommu_with(limits: Limits) -> Iommu {
+    Iommu::new(topology().limits(limits).build().unwrap())
+}
+
 /// Translates a read of one byte as the DMA-API user of the endpoint's group.
 fn read(t: &Translator, endpoint: EndpointId, iova: u64) -> Result<Translation, Fault> {
     t.translate(Requester::DmaApi, endpoint, iova, 1, Access::Read)
@@ -627,11 +631,10 @@ fn only_the_owner_may_translate() {
 
 #[test]
 fn domain_cap_is_nomem_and_ids_are_reusable() {
-    let limits = Limits {
+    let mut m = iommu_with(Limits {
         max_domains: 2,
         ..Limits::default()
-    };
-    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    });
     m.attach(1, 1, DomainKind::Paging).unwrap();
     m.attach(2, 2, DomainKind::Identity).unwrap();
     assert_eq!(
@@ -649,12 +652,11 @@ fn domain_cap_is_nomem_and_ids_are_reusable() {
 
 #[test]
 fn mapping_caps_are_nomem() {
-    let limits = Limits {
+    let mut m = iommu_with(Limits {
         max_mappings_per_domain: 2,
         max_mappings: 3,
         ..Limits::default()
-    };
-    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    });
     m.attach(1, 1, DomainKind::Paging).unwrap();
     m.attach(2, 2, DomainKind::Paging).unwrap();
     m.map(1, 0, 0xfff, 0, RW).unwrap();
@@ -671,11 +673,10 @@ fn mapping_caps_are_nomem() {
 fn table_memory_cap_is_nomem_and_bounded() {
     // 5 nodes: a root and two far-apart 4 KiB mappings, each with two table nodes (the page
     // is an inline run in the level-1 entry).
-    let limits = Limits {
+    let mut m = iommu_with(Limits {
         max_table_bytes: 5 * 4096,
         ..Limits::default()
-    };
-    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    });
     m.attach(1, 1, DomainKind::Paging).unwrap();
     let mut refused = 0;
     for i in 0..64u64 {
@@ -705,11 +706,10 @@ fn table_memory_cap_is_nomem_and_bounded() {
 /// translating what it could. A refused MAP gives the new levels back.
 #[test]
 fn trees_grow_for_high_mappings() {
-    let limits = Limits {
+    let mut m = iommu_with(Limits {
         max_mappings_per_domain: 2,
         ..Limits::default()
-    };
-    let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+    });
     use_all(&mut m);
     m.attach(1, 1, DomainKind::Paging).unwrap();
     m.attach(1, 2, DomainKind::Paging).unwrap();
@@ -834,11 +834,10 @@ fn readers_stay_right_while_trees_grow() {
 #[test]
 fn a_tree_that_cannot_grow_refuses_the_map() {
     for nodes in [2, 3] {
-        let limits = Limits {
+        let mut m = iommu_with(Limits {
             max_table_bytes: nodes * 4096,
             ..Limits::default()
-        };
-        let mut m = Iommu::new(topology().limits(limits).build().unwrap());
+        });
         use_all(&mut m);
         m.attach(1, 1, DomainKind::Paging).unwrap();
         m.map(1, 0, 0xfff, 0x5000, RW).unwrap();
