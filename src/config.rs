@@ -2,7 +2,7 @@
 //! (`TryFrom<ServeArgs> for DaemonConfig`) into the device's features, config space and
 //! topology.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use ownership::{EndpointId, Limits, ResvKind, ResvRegion, Topology, TopologyError};
@@ -11,7 +11,11 @@ use virtio::{
     Config, F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE,
 };
 
-use crate::{device::MAX_PROBE_REGIONS, seccomp::SeccompMode};
+use crate::{
+    device::MAX_PROBE_REGIONS,
+    seccomp::SeccompMode,
+    viot::{build_viot, PciBdf, ViotError, ViotPciRange},
+};
 
 /// The most page-table memory an arena holds, in MiB.
 const MAX_TABLE_MIB: u64 =
@@ -80,8 +84,8 @@ pub struct ServeArgs {
     pub control_socket: Option<PathBuf>,
 
     /// Permission bits of the sockets the daemon creates (octal).
-    #[arg(long, value_name = "MODE", default_value = "600")]
-    pub socket_mode: String,
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub socket_mode: u32,
 
     /// Endpoints the IOMMU translates: PCI BDFs (00:05.0), raw IDs (0x28, 40) or ranges of
     /// either (00:00.0-00:1f.7). A PCI endpoint's ID is its requester ID.
@@ -91,34 +95,34 @@ pub struct ServeArgs {
         value_delimiter = ',',
         default_value = "00:00.0-00:1f.7"
     )]
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EndpointRange>,
 
     /// Endpoints the platform cannot isolate from each other (one IOMMU group), e.g.
     /// 00:06.0,00:06.1 or 00:06.0-00:06.7. Repeat for several groups. Every other endpoint is
     /// a group of its own.
     #[arg(long, value_name = "LIST")]
-    pub group: Vec<String>,
+    pub group: Vec<EndpointList>,
 
     /// A reserved IOVA region reported by PROBE: START-END[:msi|:reserved][@ENDPOINTS]
     /// (inclusive end; default kind reserved; default all endpoints). Repeatable.
     #[arg(long, value_name = "REGION")]
-    pub reserved: Vec<String>,
+    pub reserved: Vec<ReservedRegion>,
 
     /// Do not report x86's MSI doorbell (0xfee00000-0xfeefffff) as an MSI region.
     #[arg(long)]
     pub no_msi_region: bool,
 
     /// Page sizes the device maps; the lowest set bit is the granule (at least 4 KiB).
-    #[arg(long, value_name = "MASK", default_value = "0x1000")]
-    pub page_size_mask: String,
+    #[arg(long, value_name = "MASK", default_value = "0x1000", value_parser = parse_u64)]
+    pub page_size_mask: u64,
 
     /// IOVAs the device translates, START-END inclusive.
-    #[arg(long, value_name = "RANGE", default_value = "0-0xffffffffffff")]
-    pub input_range: String,
+    #[arg(long, value_name = "RANGE", default_value = "0-0xffffffffffff", value_parser = parse_range)]
+    pub input_range: (u64, u64),
 
     /// Domain IDs the guest may use, START-END inclusive.
-    #[arg(long, value_name = "RANGE", default_value = "0-0xffffffff")]
-    pub domain_range: String,
+    #[arg(long, value_name = "RANGE", default_value = "0-0xffffffff", value_parser = parse_domain_range)]
+    pub domain_range: (u32, u32),
 
     /// Start with config `bypass` = 1: unattached endpoints reach guest memory untranslated.
     #[arg(long)]
@@ -163,8 +167,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
 
-    /// Largest virtqueue size offered to the frontend.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    /// Largest virtqueue size offered to the frontend (a power of two, 2 to 32768).
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
     pub queue_size: u16,
 
     /// Once the sockets exist, confine every thread to the system calls serving needs (a
@@ -194,9 +198,10 @@ impl Switch {
 /// Options of `viot`.
 #[derive(Args, Debug, Clone)]
 pub struct ViotArgs {
-    /// PCI address of the virtio-iommu device (the -device ... addr= given to QEMU).
+    /// PCI address of the virtio-iommu device (the -device ... addr= given to QEMU), on
+    /// segment 0.
     #[arg(long, value_name = "BDF", default_value = "00:04.0")]
-    pub iommu: String,
+    pub iommu: PciBdf,
 
     /// PCI endpoint ranges the IOMMU translates (BDF or BDF-BDF), comma-separated. Keep
     /// devices whose DMA the VMM emulates itself out of them.
@@ -206,38 +211,94 @@ pub struct ViotArgs {
         value_delimiter = ',',
         default_value = "00:00.0-00:1f.7"
     )]
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<ViotPciRange>,
 
     /// Where to write the table.
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
 }
 
-/// What is wrong with the command line.
+/// What is wrong with the command line. Value errors (one option's value) reach the user
+/// through clap, which names the option; the rest name the options involved themselves.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("invalid number {0:?}")]
+    #[error("invalid number {0:?} (expected decimal, or hex with 0x)")]
     Number(String),
     #[error("invalid PCI address {0:?} (expected [SEGMENT:]BUS:DEV.FN, e.g. 00:05.0)")]
     Bdf(String),
+    #[error("invalid endpoint {0:?} (expected a PCI address such as 00:05.0, or a 32-bit ID)")]
+    Endpoint(String),
     #[error("invalid range {0:?} (expected START-END, inclusive)")]
     Range(String),
+    #[error("invalid domain range {0:?} (expected START-END within 0-0xffffffff)")]
+    DomainRange(String),
     #[error("invalid reserved region {0:?} (expected START-END[:msi|:reserved][@ENDPOINTS])")]
     Region(String),
-    #[error("invalid socket mode {0:?} (expected octal, e.g. 600)")]
+    #[error("invalid socket mode {0:?} (expected octal, at most 777, e.g. 600)")]
     Mode(String),
     #[error("endpoint range {0:?} names more than 65536 endpoints")]
     TooManyEndpoints(String),
-    #[error("endpoint {0:#x} has more than {MAX_PROBE_REGIONS} reserved regions")]
+    #[error("queue size {0:?} is not a power of two between 2 and 32768")]
+    QueueSize(String),
+    #[error("{0:?} is on PCI segment {1}; the VIOT's virtio-pci IOMMU node is on segment 0")]
+    IommuSegment(String, u16),
+    #[error("invalid PCI range {0:?} (expected BDF or BDF-BDF on one segment, first <= last)")]
+    PciRange(String),
+    #[error(
+        "endpoint {} has more than {MAX_PROBE_REGIONS} reserved regions \
+         (--reserved, and x86's MSI region unless --no-msi-region)",
+        endpoint_bdf(*.0)
+    )]
     TooManyRegions(EndpointId),
-    #[error("probe_size {probe_size} cannot hold {needed} bytes of properties")]
+    #[error(
+        "--probe-size {probe_size} cannot hold the {needed} bytes of PROBE properties of the \
+         reserved regions (--reserved, and x86's MSI region unless --no-msi-region)"
+    )]
     ProbeSize { probe_size: u32, needed: usize },
-    #[error("queue size {0} is not a power of two between 2 and 32768")]
-    QueueSize(u16),
-    #[error("topology: {0}")]
-    Topology(#[from] TopologyError),
-    #[error("config space: {0}")]
-    ConfigSpace(String),
+    #[error("{flags}: {source}")]
+    Topology {
+        flags: &'static str,
+        source: TopologyError,
+    },
+    #[error("config space ({flags}): {source}")]
+    ConfigSpace {
+        flags: &'static str,
+        source: virtio::ConfigError,
+    },
+}
+
+impl From<TopologyError> for ConfigError {
+    fn from(source: TopologyError) -> Self {
+        use TopologyError as T;
+        let flags = match &source {
+            T::EmptyPageSizeMask | T::GranuleTooSmall(_) => "--page-size-mask",
+            T::EmptyInputRange { .. } => "--input-range",
+            T::EmptyDomainRange { .. } => "--domain-range",
+            T::NoEndpoints | T::DuplicateEndpoint(_) => "--endpoints",
+            T::EmptyGroup(_) | T::EndpointInTwoGroups(_) => "--group",
+            T::GroupMemberUnknown(_) => "--group, --endpoints",
+            T::EmptyRegion { .. } | T::RegionEndpointUnknown(_) => "--reserved",
+            T::OverlappingRegions(_) | T::TwoMsiRegions(_) => "--reserved, --no-msi-region",
+            T::ZeroLimit("max_domains") => "--max-domains",
+            T::ZeroLimit("max_mappings_per_domain") => "--max-mappings-per-domain",
+            T::ZeroLimit("max_mappings") => "--max-mappings",
+            T::ZeroLimit(_) | T::TableMemory(_) => "--max-table-mib",
+        };
+        ConfigError::Topology { flags, source }
+    }
+}
+
+impl From<virtio::ConfigError> for ConfigError {
+    fn from(source: virtio::ConfigError) -> Self {
+        use virtio::ConfigError as C;
+        let flags = match source {
+            C::PageSizeMaskZero => "--page-size-mask",
+            C::InputRange { .. } => "--input-range",
+            C::DomainRange { .. } => "--domain-range",
+            C::Bypass(_) => "--bypass",
+        };
+        ConfigError::ConfigSpace { flags, source }
+    }
 }
 
 /// The validated daemon configuration.
@@ -302,14 +363,29 @@ pub fn parse_bdf(s: &str) -> Result<(u16, u16), ConfigError> {
     ))
 }
 
-/// An endpoint ID: a BDF (its segment in bits 16-31) or a raw number.
-fn parse_endpoint(s: &str) -> Result<EndpointId, ConfigError> {
+/// An endpoint ID, wherever a user names one (the command line, the control socket): a PCI
+/// address `[SEGMENT:]BUS:DEV.FN` (the ID is `segment << 16 | requester ID`, as the VIOT this
+/// program writes maps them) or a raw 32-bit number (`40`, `0x28`).
+pub fn parse_endpoint(s: &str) -> Result<EndpointId, ConfigError> {
     if s.contains(':') {
         let (segment, rid) = parse_bdf(s)?;
         Ok((u32::from(segment) << 16) | u32::from(rid))
     } else {
-        let n = parse_u64(s)?;
-        u32::try_from(n).map_err(|_| ConfigError::Number(s.to_string()))
+        parse_u64(s)
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| ConfigError::Endpoint(s.to_string()))
+    }
+}
+
+/// An endpoint ID as the PCI address it names under [`parse_endpoint`]'s mapping:
+/// `BUS:DEV.FN` on segment 0 (`00:05.0` for 0x28), `SEGMENT:BUS:DEV.FN` above.
+pub fn endpoint_bdf(id: EndpointId) -> String {
+    let (segment, rid) = ((id >> 16) as u16, PciBdf::from_u16(id as u16));
+    if segment == 0 {
+        rid.to_string()
+    } else {
+        format!("{segment:04x}:{rid}")
     }
 }
 
@@ -325,78 +401,166 @@ pub fn parse_range(s: &str) -> Result<(u64, u64), ConfigError> {
     Ok((a, b))
 }
 
-/// Endpoints of one list item: a single endpoint or an inclusive range.
-fn parse_endpoint_item(s: &str) -> Result<Vec<EndpointId>, ConfigError> {
-    let s = s.trim();
-    let (a, b) = match s.split_once('-') {
-        Some((a, b)) => (parse_endpoint(a)?, parse_endpoint(b)?),
-        None => {
-            let e = parse_endpoint(s)?;
-            (e, e)
-        }
-    };
-    if a > b {
-        return Err(ConfigError::Range(s.to_string()));
+/// `START-END` (inclusive) of 32-bit domain IDs.
+fn parse_domain_range(s: &str) -> Result<(u32, u32), ConfigError> {
+    let (a, b) = parse_range(s)?;
+    match (u32::try_from(a), u32::try_from(b)) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        _ => Err(ConfigError::DomainRange(s.to_string())),
     }
-    if b - a >= 1 << 16 {
-        return Err(ConfigError::TooManyEndpoints(s.to_string()));
-    }
-    Ok((a..=b).collect())
 }
 
-/// Endpoints of a comma-separated list.
-pub fn parse_endpoint_list(items: &[String]) -> Result<Vec<EndpointId>, ConfigError> {
-    let mut out = Vec::new();
-    for item in items.iter().flat_map(|i| i.split(',')) {
-        if !item.trim().is_empty() {
-            out.extend(parse_endpoint_item(item)?);
-        }
-    }
-    Ok(out)
+/// Octal permission bits, at most 0o777.
+fn parse_mode(s: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| ConfigError::Mode(s.to_string()))
 }
 
-/// `START-END[:msi|:reserved][@ENDPOINTS]`.
-fn parse_region(s: &str) -> Result<(ResvRegion, Option<Vec<EndpointId>>), ConfigError> {
-    let err = || ConfigError::Region(s.to_string());
-    let (spec, endpoints) = match s.split_once('@') {
-        Some((spec, eps)) => (spec, Some(parse_endpoint_list(&[eps.to_string()])?)),
-        None => (s, None),
-    };
-    let (range, kind) = match spec.split_once(':') {
-        Some((range, "msi")) => (range, ResvKind::Msi),
-        Some((range, "reserved")) => (range, ResvKind::Reserved),
-        Some(_) => return Err(err()),
-        None => (spec, ResvKind::Reserved),
-    };
-    let (start, end) = parse_range(range).map_err(|_| err())?;
-    Ok((ResvRegion { kind, start, end }, endpoints))
+/// A virtqueue size: a power of two from 2 to 32768 (virtio 1.2, 2.7).
+fn parse_queue_size(s: &str) -> Result<u16, ConfigError> {
+    parse_u64(s)
+        .ok()
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|n| n.is_power_of_two() && (2..=32768).contains(n))
+        .ok_or_else(|| ConfigError::QueueSize(s.to_string()))
+}
+
+/// An inclusive range of endpoint IDs: one endpoint (`00:05.0`, `40`) or `FIRST-LAST` of
+/// either form, at most 65536 endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointRange {
+    pub first: EndpointId,
+    pub last: EndpointId,
+}
+
+impl EndpointRange {
+    pub fn ids(self) -> std::ops::RangeInclusive<EndpointId> {
+        self.first..=self.last
+    }
+}
+
+impl FromStr for EndpointRange {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let s = s.trim();
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (parse_endpoint(a.trim())?, parse_endpoint(b.trim())?),
+            None => {
+                let e = parse_endpoint(s)?;
+                (e, e)
+            }
+        };
+        if first > last {
+            return Err(ConfigError::Range(s.to_string()));
+        }
+        if last - first >= 1 << 16 {
+            return Err(ConfigError::TooManyEndpoints(s.to_string()));
+        }
+        Ok(EndpointRange { first, last })
+    }
+}
+
+/// A comma-separated list of endpoints and endpoint ranges (`--group`, a region's
+/// `@ENDPOINTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointList(pub Vec<EndpointRange>);
+
+impl EndpointList {
+    pub fn ids(&self) -> Vec<EndpointId> {
+        self.0.iter().flat_map(|r| r.ids()).collect()
+    }
+}
+
+impl FromStr for EndpointList {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        s.split(',')
+            .filter(|item| !item.trim().is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(EndpointList)
+    }
+}
+
+/// `--reserved START-END[:msi|:reserved][@ENDPOINTS]`: a reserved region for the endpoints
+/// listed, or for all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservedRegion {
+    pub region: ResvRegion,
+    pub endpoints: Option<EndpointList>,
+}
+
+impl FromStr for ReservedRegion {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let err = || ConfigError::Region(s.to_string());
+        let (spec, endpoints) = match s.split_once('@') {
+            Some((spec, eps)) => (spec, Some(eps.parse()?)),
+            None => (s, None),
+        };
+        let (range, kind) = match spec.split_once(':') {
+            Some((range, "msi")) => (range, ResvKind::Msi),
+            Some((range, "reserved")) => (range, ResvKind::Reserved),
+            Some(_) => return Err(err()),
+            None => (spec, ResvKind::Reserved),
+        };
+        let (start, end) = parse_range(range).map_err(|_| err())?;
+        Ok(ReservedRegion {
+            region: ResvRegion { kind, start, end },
+            endpoints,
+        })
+    }
+}
+
+/// A PCI address on segment 0 (`viot --iommu`: the VIOT's virtio-pci IOMMU node).
+impl FromStr for PciBdf {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match parse_bdf(s)? {
+            (0, rid) => Ok(PciBdf::from_u16(rid)),
+            (segment, _) => Err(ConfigError::IommuSegment(s.to_string(), segment)),
+        }
+    }
+}
+
+/// `BDF` or `BDF-BDF` on one segment, endpoint ID = BDF (`viot --endpoints`).
+impl FromStr for ViotPciRange {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let item = s.trim();
+        let (a, b) = item.split_once('-').unwrap_or((item, item));
+        let ((sa, a), (sb, b)) = (parse_bdf(a)?, parse_bdf(b)?);
+        if sa != sb || a > b {
+            return Err(ConfigError::PciRange(item.to_string()));
+        }
+        Ok(ViotPciRange::identity(
+            sa,
+            PciBdf::from_u16(a),
+            PciBdf::from_u16(b),
+        ))
+    }
 }
 
 impl TryFrom<ServeArgs> for DaemonConfig {
     type Error = ConfigError;
 
+    /// The checks that involve more than one option (clap has checked each value).
     fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
-        let socket_mode = u32::from_str_radix(&args.socket_mode, 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| ConfigError::Mode(args.socket_mode.clone()))?;
-        let page_size_mask = parse_u64(&args.page_size_mask)?;
-        let (input_start, input_end) = parse_range(&args.input_range)?;
-        let (domain_start, domain_end) = parse_range(&args.domain_range)?;
-        let domain_range = (
-            u32::try_from(domain_start)
-                .map_err(|_| ConfigError::Range(args.domain_range.clone()))?,
-            u32::try_from(domain_end).map_err(|_| ConfigError::Range(args.domain_range.clone()))?,
-        );
-        if !args.queue_size.is_power_of_two() || args.queue_size < 2 || args.queue_size > 32768 {
-            return Err(ConfigError::QueueSize(args.queue_size));
-        }
+        let (input_start, input_end) = args.input_range;
+        let domain_range = args.domain_range;
 
         let mut builder = Topology::builder()
-            .page_size_mask(page_size_mask)
+            .page_size_mask(args.page_size_mask)
             .input_range(input_start, input_end)
             .domain_range(domain_range.0, domain_range.1)
-            .endpoints(parse_endpoint_list(&args.endpoints)?)
+            .endpoints(args.endpoints.iter().flat_map(|r| r.ids()))
             .limits(Limits {
                 max_domains: args.max_domains,
                 max_mappings_per_domain: args.max_mappings_per_domain,
@@ -404,18 +568,17 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 max_table_bytes: args.max_table_mib.saturating_mul(1 << 20),
             });
         for group in &args.group {
-            builder = builder.group(parse_endpoint_list(std::slice::from_ref(group))?);
+            builder = builder.group(group.ids());
         }
         if !args.no_msi_region {
             builder = builder.region_all(ownership::X86_MSI_REGION);
         }
-        for region in &args.reserved {
-            let (region, endpoints) = parse_region(region)?;
-            match endpoints {
-                None => builder = builder.region_all(region),
-                Some(eps) => {
-                    for e in eps {
-                        builder = builder.region(e, region);
+        for reserved in &args.reserved {
+            match &reserved.endpoints {
+                None => builder = builder.region_all(reserved.region),
+                Some(list) => {
+                    for e in list.ids() {
+                        builder = builder.region(e, reserved.region);
                     }
                 }
             }
@@ -449,7 +612,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             features |= F_MMIO;
         }
         let config = Config {
-            page_size_mask,
+            page_size_mask: args.page_size_mask,
             input_range_start: input_start,
             input_range_end: input_end,
             domain_range_start: domain_range.0,
@@ -457,14 +620,12 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             probe_size: args.probe_size,
             bypass: u8::from(args.bypass),
         };
-        config
-            .validate()
-            .map_err(|e| ConfigError::ConfigSpace(e.to_string()))?;
+        config.validate()?;
 
         Ok(DaemonConfig {
             socket_path: args.socket_path,
             control_socket: args.control_socket,
-            socket_mode,
+            socket_mode: args.socket_mode,
             topology,
             features,
             config,
@@ -479,33 +640,8 @@ impl TryFrom<ServeArgs> for DaemonConfig {
 
 impl ViotArgs {
     /// The VIOT these options describe.
-    pub fn table(&self) -> Result<Vec<u8>, String> {
-        use crate::viot::{build_viot, PciBdf, ViotPciRange};
-        let (segment, iommu) = parse_bdf(&self.iommu).map_err(|e| e.to_string())?;
-        if segment != 0 {
-            return Err(format!(
-                "--iommu {}: only segment 0 is supported",
-                self.iommu
-            ));
-        }
-        let mut ranges = Vec::new();
-        for item in self.endpoints.iter().flat_map(|e| e.split(',')) {
-            let item = item.trim();
-            let (a, b) = item.split_once('-').unwrap_or((item, item));
-            let ((sa, a), (sb, b)) = (
-                parse_bdf(a).map_err(|e| e.to_string())?,
-                parse_bdf(b).map_err(|e| e.to_string())?,
-            );
-            if sa != sb || a > b {
-                return Err(format!("--endpoints {item}: not a range on one segment"));
-            }
-            ranges.push(ViotPciRange::identity(
-                sa,
-                PciBdf::from_u16(a),
-                PciBdf::from_u16(b),
-            ));
-        }
-        build_viot(PciBdf::from_u16(iommu), &ranges).map_err(|e| e.to_string())
+    pub fn table(&self) -> Result<Vec<u8>, ViotError> {
+        build_viot(self.iommu, &self.endpoints)
     }
 }
 
@@ -513,10 +649,14 @@ impl ViotArgs {
 mod tests {
     use super::*;
 
-    fn args(extra: &[&str]) -> ServeArgs {
+    fn try_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
         let mut argv = vec!["vhost-device-iommu", "--socket-path", "/tmp/x.sock"];
         argv.extend_from_slice(extra);
-        Cli::try_parse_from(argv).unwrap().serve.unwrap()
+        Ok(Cli::try_parse_from(argv)?.serve.unwrap())
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        try_args(extra).unwrap()
     }
 
     #[test]
@@ -604,43 +744,170 @@ mod tests {
     }
 
     #[test]
-    fn bad_input_is_a_clear_error() {
+    fn endpoints_read_as_bdfs_or_ids_and_print_as_bdfs() {
+        assert_eq!(parse_endpoint("00:05.0"), Ok(0x28));
+        assert_eq!(parse_endpoint("0000:00:05.0"), Ok(0x28));
+        assert_eq!(parse_endpoint("0001:02:03.4"), Ok(0x1_021c));
+        assert_eq!(parse_endpoint("40"), Ok(40));
+        assert_eq!(parse_endpoint("0x28"), Ok(0x28));
+        assert_eq!(parse_endpoint("0xffffffff"), Ok(u32::MAX));
+        assert_eq!(
+            parse_endpoint("0x100000000"),
+            Err(ConfigError::Endpoint("0x100000000".into()))
+        );
+        assert_eq!(
+            parse_endpoint("00:20.0"),
+            Err(ConfigError::Bdf("00:20.0".into()))
+        );
+        assert_eq!(endpoint_bdf(0x28), "00:05.0");
+        assert_eq!(endpoint_bdf(0x100), "01:00.0");
+        assert_eq!(endpoint_bdf(0x1_021c), "0001:02:03.4");
+        for id in [
+            0,
+            7,
+            0x28,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0x1_021c,
+            u32::MAX,
+        ] {
+            assert_eq!(parse_endpoint(&endpoint_bdf(id)), Ok(id), "{id:#x}");
+        }
+        assert_eq!(
+            "00:06.0-00:06.7"
+                .parse::<EndpointRange>()
+                .unwrap()
+                .ids()
+                .count(),
+            8
+        );
+        assert_eq!(
+            " 00:06.0, ,00:07.0 ".parse::<EndpointList>().unwrap().ids(),
+            vec![0x30, 0x38]
+        );
+    }
+
+    #[test]
+    fn value_errors_are_clap_errors_naming_the_option() {
+        for (extra, flag) in [
+            (&["--page-size-mask", "zz"][..], "--page-size-mask <MASK>"),
+            (&["--input-range", "5-4"], "--input-range <RANGE>"),
+            (&["--input-range", "0-zz"], "--input-range <RANGE>"),
+            (
+                &["--domain-range", "0-0x100000000"],
+                "--domain-range <RANGE>",
+            ),
+            (&["--socket-mode", "999"], "--socket-mode <MODE>"),
+            (&["--reserved", "1-2:weird"], "--reserved <REGION>"),
+            (&["--reserved", "1-2@00:20.0"], "--reserved <REGION>"),
+            (&["--queue-size", "100"], "--queue-size <N>"),
+            (&["--queue-size", "65536"], "--queue-size <N>"),
+            (&["--endpoints", "0-0x20000"], "--endpoints <LIST>"),
+            (&["--endpoints", "00:05.0,zz"], "--endpoints <LIST>"),
+            (&["--group", "00:06.0-00:05.0"], "--group <LIST>"),
+        ] {
+            let e = try_args(extra).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{extra:?}"
+            );
+            let text = e.to_string();
+            assert!(text.contains(&format!("for '{flag}'")), "{extra:?}: {text}");
+        }
+        let e = try_args(&["--page-size-mask", "zz"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "error: invalid value 'zz' for '--page-size-mask <MASK>': invalid number"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cross_option_errors_name_the_options() {
         let bad = |extra: &[&str]| DaemonConfig::try_from(args(extra)).unwrap_err();
+        let e = bad(&["--page-size-mask", "0x800"]);
         assert_eq!(
-            bad(&["--page-size-mask", "zz"]),
-            ConfigError::Number("zz".into())
+            e,
+            ConfigError::Topology {
+                flags: "--page-size-mask",
+                source: TopologyError::GranuleTooSmall(0x800)
+            }
         );
-        assert_eq!(
-            bad(&["--page-size-mask", "0x800"]),
-            ConfigError::Topology(TopologyError::GranuleTooSmall(0x800))
-        );
-        assert_eq!(
-            bad(&["--input-range", "5-4"]),
-            ConfigError::Range("5-4".into())
-        );
-        assert_eq!(
-            bad(&["--socket-mode", "999"]),
-            ConfigError::Mode("999".into())
-        );
-        assert_eq!(
-            bad(&["--reserved", "1-2:weird"]),
-            ConfigError::Region("1-2:weird".into())
-        );
+        assert!(e.to_string().starts_with("--page-size-mask: granule 0x800"));
         assert!(matches!(
             bad(&["--probe-size", "8"]),
             ConfigError::ProbeSize { .. }
         ));
-        assert_eq!(bad(&["--queue-size", "100"]), ConfigError::QueueSize(100));
-        assert_eq!(
-            bad(&["--endpoints", "0-0x20000"]),
-            ConfigError::TooManyEndpoints("0-0x20000".into())
-        );
+        assert!(bad(&["--probe-size", "8"])
+            .to_string()
+            .contains("--probe-size 8"));
+        for (extra, flags) in [
+            (&["--group", "01:00.0"][..], "--group, --endpoints"),
+            (
+                &["--group", "00:06.0", "--group", "00:06.0,00:06.1"],
+                "--group",
+            ),
+            (&["--group", ""], "--group"),
+            (&["--endpoints", "00:05.0,0x28"], "--endpoints"),
+            (
+                &["--reserved", "0xfee00000-0xfee00fff:msi"],
+                "--reserved, --no-msi-region",
+            ),
+            (&["--reserved", "1-2@01:00.0"], "--reserved"),
+            (&["--max-domains", "0"], "--max-domains"),
+            (&["--max-mappings", "0"], "--max-mappings"),
+            (
+                &["--max-mappings-per-domain", "0"],
+                "--max-mappings-per-domain",
+            ),
+        ] {
+            match bad(extra) {
+                ConfigError::Topology { flags: f, .. } => assert_eq!(f, flags, "{extra:?}"),
+                other => panic!("{extra:?}: {other:?}"),
+            }
+        }
+        let many: Vec<String> = (0..=MAX_PROBE_REGIONS as u64)
+            .map(|i| format!("{:#x}-{:#x}@00:05.0", i << 12, (i << 12) + 0xfff))
+            .collect();
+        let mut extra = vec!["--probe-size", "4096"];
+        for r in &many {
+            extra.extend(["--reserved", r.as_str()]);
+        }
+        let e = bad(&extra);
+        assert_eq!(e, ConfigError::TooManyRegions(0x28));
+        assert!(e.to_string().contains("endpoint 00:05.0"), "{e}");
     }
 
     #[test]
     fn viot_subcommand_needs_no_socket() {
         let cli = Cli::try_parse_from(["vhost-device-iommu", "viot", "-o", "/tmp/v.bin"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Viot(_))));
+        let Some(Command::Viot(viot)) = cli.command else {
+            panic!("not viot");
+        };
+        assert_eq!(viot.iommu, PciBdf::new(0, 4, 0).unwrap());
+        assert!(viot.table().is_ok());
         assert!(Cli::try_parse_from(["vhost-device-iommu", "--bypass"]).is_err());
+        for (extra, flag) in [
+            (&["--iommu", "00:20.0"][..], "--iommu <BDF>"),
+            (&["--iommu", "0001:00:04.0"], "--iommu <BDF>"),
+            (
+                &["--endpoints", "00:05.0-0001:00:06.0"],
+                "--endpoints <LIST>",
+            ),
+            (&["--endpoints", "00:06.0-00:05.0"], "--endpoints <LIST>"),
+        ] {
+            let argv = ["vhost-device-iommu", "viot", "-o", "/tmp/v.bin"]
+                .iter()
+                .chain(extra)
+                .copied();
+            let e = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(e.contains(&format!("for '{flag}'")), "{extra:?}: {e}");
+        }
     }
 }

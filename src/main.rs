@@ -1,22 +1,39 @@
 //! `vhost-device-iommu`: serve a virtio-iommu over vhost-user, or write its ACPI VIOT table.
 
-use std::process::ExitCode;
+use std::{io, path::PathBuf, process::ExitCode};
 
-use clap::Parser;
-use log::error;
+use clap::{CommandFactory, Parser};
+use thiserror::Error;
 use vhost_device_iommu::{
-    config::{Cli, Command, DaemonConfig, ServeArgs, ViotArgs},
-    server,
+    config::{Cli, Command, ConfigError, DaemonConfig, ServeArgs, ViotArgs},
+    server::{self, ServerError},
+    viot::ViotError,
 };
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    let config = DaemonConfig::try_from(args).map_err(|e| e.to_string())?;
-    server::run(config).map_err(|e| e.to_string())
+/// Everything that can stop the program, one layer each.
+#[derive(Debug, Error)]
+enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("viot: {0}")]
+    Viot(#[from] ViotError),
+    #[error("{}: {source}", path.display())]
+    Output { path: PathBuf, source: io::Error },
 }
 
-fn write_viot(args: ViotArgs) -> Result<(), String> {
+fn serve(args: ServeArgs) -> Result<(), Error> {
+    let config = DaemonConfig::try_from(args)?;
+    Ok(server::run(config)?)
+}
+
+fn write_viot(args: ViotArgs) -> Result<(), Error> {
     let table = args.table()?;
-    std::fs::write(&args.output, &table).map_err(|e| format!("{}: {e}", args.output.display()))?;
+    std::fs::write(&args.output, &table).map_err(|source| Error::Output {
+        path: args.output.clone(),
+        source,
+    })?;
     log::info!("wrote {} bytes to {}", table.len(), args.output.display());
     Ok(())
 }
@@ -24,22 +41,24 @@ fn write_viot(args: ViotArgs) -> Result<(), String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Viot(args)) => write_viot(args),
-        Some(Command::Serve(args)) => serve(args),
-        None => match cli.serve {
-            Some(args) => serve(args),
-            None => {
-                use clap::CommandFactory;
-                let _ = Cli::command().print_help();
-                Err("--socket-path is required".into())
-            }
-        },
+    let result = match (cli.command, cli.serve) {
+        (Some(Command::Viot(args)), _) => write_viot(args),
+        (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(args),
+        (None, None) => {
+            // Unreachable through clap (--socket-path is required), kept so that a change to
+            // the definition cannot start a daemon with nothing to serve.
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "--socket-path is required",
+                )
+                .exit()
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
+            // One line, on stderr, whatever RUST_LOG says.
             eprintln!("vhost-device-iommu: {e}");
             ExitCode::FAILURE
         }
