@@ -2,9 +2,9 @@
 //! (`TryFrom<ServeArgs> for DaemonConfig`) into the device's features, config space and
 //! topology.
 
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{os::unix::io::RawFd, path::PathBuf, str::FromStr, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use ownership::{EndpointId, Limits, ResvKind, ResvRegion, Topology, TopologyError};
 use thiserror::Error;
 use virtio::{
@@ -74,10 +74,16 @@ pub enum Command {
 
 /// Options of `serve`.
 #[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("listen").required(true).args(["socket_path", "fd"])))]
 pub struct ServeArgs {
     /// vhost-user socket to listen on (the VMM connects to it).
     #[arg(short = 's', long, value_name = "PATH")]
-    pub socket_path: PathBuf,
+    pub socket_path: Option<PathBuf>,
+
+    /// Serve on this inherited file descriptor, a listening Unix stream socket handed over by a
+    /// management layer, instead of creating --socket-path. The daemon never unlinks its path.
+    #[arg(long, value_name = "FD", value_parser = clap::value_parser!(RawFd).range(0..))]
+    pub fd: Option<RawFd>,
 
     /// Control socket (line-oriented JSON: stats, domains, translate, claim, release).
     #[arg(long, value_name = "PATH")]
@@ -244,6 +250,8 @@ pub enum ConfigError {
     IommuSegment(String, u16),
     #[error("invalid PCI range {0:?} (expected BDF or BDF-BDF on one segment, first <= last)")]
     PciRange(String),
+    #[error("exactly one of --socket-path and --fd is required")]
+    Listen,
     #[error(
         "endpoint {} has more than {MAX_PROBE_REGIONS} reserved regions \
          (--reserved, and x86's MSI region unless --no-msi-region)",
@@ -301,10 +309,29 @@ impl From<virtio::ConfigError> for ConfigError {
     }
 }
 
+/// Where the vhost-user frontends come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A socket the daemon creates at this path (and removes at exit).
+    Path(PathBuf),
+    /// A listening socket inherited as this file descriptor (`--fd`); its path, if any,
+    /// belongs to whoever created it.
+    Fd(RawFd),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Path(path) => write!(f, "{}", path.display()),
+            Listen::Fd(fd) => write!(f, "fd {fd}"),
+        }
+    }
+}
+
 /// The validated daemon configuration.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
-    pub socket_path: PathBuf,
+    pub listen: Listen,
     pub control_socket: Option<PathBuf>,
     pub socket_mode: u32,
     pub topology: Topology,
@@ -553,6 +580,12 @@ impl TryFrom<ServeArgs> for DaemonConfig {
 
     /// The checks that involve more than one option (clap has checked each value).
     fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
+        let listen = match (args.socket_path, args.fd) {
+            (Some(path), None) => Listen::Path(path),
+            (None, Some(fd)) => Listen::Fd(fd),
+            // clap allows exactly one of the two; a ServeArgs built otherwise may not.
+            _ => return Err(ConfigError::Listen),
+        };
         let (input_start, input_end) = args.input_range;
         let domain_range = args.domain_range;
 
@@ -623,7 +656,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         config.validate()?;
 
         Ok(DaemonConfig {
-            socket_path: args.socket_path,
+            listen,
             control_socket: args.control_socket,
             socket_mode: args.socket_mode,
             topology,
@@ -675,6 +708,37 @@ mod tests {
         assert_eq!(c.features & F_MMIO, 0);
         assert_ne!(c.features & F_BYPASS_CONFIG, 0);
         assert!(c.ring_fast_path);
+    }
+
+    #[test]
+    fn fd_or_socket_path_exactly_one() {
+        let c = DaemonConfig::try_from(args(&[])).unwrap();
+        assert_eq!(c.listen, Listen::Path("/tmp/x.sock".into()));
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv);
+        let cli = parse(&["vhost-device-iommu", "--fd", "3"]).unwrap();
+        let c = DaemonConfig::try_from(cli.serve.unwrap()).unwrap();
+        assert_eq!(c.listen, Listen::Fd(3));
+        assert_eq!(c.listen.to_string(), "fd 3");
+        let both = parse(&["vhost-device-iommu", "--fd", "3", "-s", "/tmp/x"]).unwrap_err();
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let neither = parse(&["vhost-device-iommu", "--bypass"]).unwrap_err();
+        assert_eq!(
+            neither.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert!(parse(&["vhost-device-iommu", "--fd", "-1"]).is_err());
+        let cli = parse(&["vhost-device-iommu", "serve", "--fd", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Serve(ServeArgs { fd: Some(4), .. }))
+        ));
+        // A ServeArgs not from clap gets a typed error, not a daemon with nothing to serve.
+        let mut hand = args(&[]);
+        hand.fd = Some(3);
+        assert_eq!(
+            DaemonConfig::try_from(hand).unwrap_err(),
+            ConfigError::Listen
+        );
     }
 
     #[test]

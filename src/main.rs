@@ -45,12 +45,12 @@ fn main() -> ExitCode {
         (Some(Command::Viot(args)), _) => write_viot(args),
         (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(args),
         (None, None) => {
-            // Unreachable through clap (--socket-path is required), kept so that a change to
-            // the definition cannot start a daemon with nothing to serve.
+            // Unreachable through clap (one of --socket-path and --fd is required), kept so
+            // that a change to the definition cannot start a daemon with nothing to serve.
             Cli::command()
                 .error(
                     clap::error::ErrorKind::MissingRequiredArgument,
-                    "--socket-path is required",
+                    "one of --socket-path and --fd is required",
                 )
                 .exit()
         }

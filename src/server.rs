@@ -4,7 +4,7 @@ use std::{
     fs, io,
     os::unix::{
         fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
-        io::AsRawFd,
+        io::{AsRawFd, FromRawFd, OwnedFd, RawFd},
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::{
     backend::{Device, IommuBackend, FAULT_EVENT},
-    config::DaemonConfig,
+    config::{DaemonConfig, Listen},
     control,
 };
 
@@ -41,6 +41,89 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("seccomp: {0}")]
     Seccomp(#[from] crate::seccomp::Error),
+    #[error("--fd {fd}: {problem}")]
+    InheritedFd { fd: RawFd, problem: FdProblem },
+}
+
+/// Why an `--fd` descriptor cannot be served on.
+#[derive(Debug, Error)]
+pub enum FdProblem {
+    #[error("not an open file descriptor")]
+    NotOpen,
+    #[error("not a socket")]
+    NotASocket,
+    #[error("not a Unix domain socket")]
+    NotUnix,
+    #[error("not a stream socket")]
+    NotStream,
+    #[error("the socket is not listening (listen(2) it before handing it over)")]
+    NotListening,
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+/// An integer socket option of `fd` at level SOL_SOCKET.
+fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to `value`, which outlives the call; a
+    // descriptor that is not a socket is an error return.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes over the listening socket a management layer handed over as `fd` (`--fd`), after
+/// checking that it is one: open, a Unix stream socket, listening. The socket is made
+/// blocking (a non-blocking one would make the accept loop spin) and close-on-exec. Its
+/// path, if it has one, is left alone, now and at exit.
+///
+/// Call it once, before the process opens any descriptor of its own: until then the number
+/// can only name what was inherited.
+pub fn inherited_listener(fd: RawFd) -> Result<UnixListener, ServerError> {
+    let fail = |problem| ServerError::InheritedFd { fd, problem };
+    // SAFETY: F_GETFD takes no argument and only reads the descriptor table.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(fail(FdProblem::NotOpen));
+    }
+    let option = |option| {
+        socket_option(fd, option).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTSOCK) => fail(FdProblem::NotASocket),
+            _ => fail(FdProblem::Io(e)),
+        })
+    };
+    if option(libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(fail(FdProblem::NotUnix));
+    }
+    if option(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(fail(FdProblem::NotStream));
+    }
+    if option(libc::SO_ACCEPTCONN)? == 0 {
+        return Err(fail(FdProblem::NotListening));
+    }
+    // SAFETY: F_SETFD with an int argument only changes the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(fail(FdProblem::Io(io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` is open (checked above) and was inherited: nothing in this process owns
+    // it, and the caller adopts it once.
+    let listener = UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    listener
+        .set_nonblocking(false)
+        .map_err(|e| fail(FdProblem::Io(e)))?;
+    Ok(listener)
 }
 
 /// Creates a listening socket at `path` with `mode`, atomically: it is bound inside a private
@@ -80,19 +163,36 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ServerError> 
     result.map_err(fail)
 }
 
-/// Serves frontends until SIGINT/SIGTERM (which end the process after cleanup).
+/// Serves frontends until SIGINT/SIGTERM (which end the process after cleanup). On an error,
+/// the sockets this process created are removed before it is returned.
 pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
-    let device = Device::new(&config).map_err(ServerError::Device)?;
-    let listener = bind_socket(&config.socket_path, config.socket_mode)?;
-    let mut sockets = vec![config.socket_path.clone()];
+    let mut created = Vec::new();
+    let result = serve(&config, &mut created);
+    for path in &created {
+        let _ = fs::remove_file(path);
+    }
+    result
+}
+
+fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), ServerError> {
+    // An inherited socket first, while its number can name nothing else.
+    let listener = match &config.listen {
+        Listen::Fd(fd) => inherited_listener(*fd)?,
+        Listen::Path(path) => {
+            let listener = bind_socket(path, config.socket_mode)?;
+            created.push(path.clone());
+            listener
+        }
+    };
+    let device = Device::new(config).map_err(ServerError::Device)?;
     if let Some(path) = &config.control_socket {
         let control = bind_socket(path, config.socket_mode)?;
+        created.push(path.clone());
         control::spawn(control, device.clone()).map_err(ServerError::Device)?;
-        sockets.push(path.clone());
         info!("control socket on {}", path.display());
     }
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
-    spawn_signal_thread(sockets, current.clone(), device.clone())?;
+    spawn_signal_thread(created.clone(), current.clone(), device.clone())?;
     // Least privilege: the sockets exist; from here on, only what serving needs (every thread).
     crate::seccomp::apply(config.seccomp)?;
 
@@ -114,7 +214,7 @@ pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
                 )
                 .map_err(ServerError::Device)?;
         }
-        info!("waiting for a frontend on {}", config.socket_path.display());
+        info!("waiting for a frontend on {}", config.listen);
         daemon
             .start(&mut listener)
             .map_err(|e| ServerError::VhostUser(e.to_string()))?;
@@ -137,7 +237,7 @@ pub fn run(config: DaemonConfig) -> Result<(), ServerError> {
 }
 
 /// On SIGINT/SIGTERM: stop serving, account for fault records still waiting, remove the
-/// sockets, exit 0.
+/// sockets this process created, exit 0.
 fn spawn_signal_thread(
     sockets: Vec<PathBuf>,
     current: Arc<Mutex<Option<ShutdownHandle>>>,
