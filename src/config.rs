@@ -62,6 +62,10 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub serve: Option<ServeArgs>,
+    /// Print the backend's capabilities as JSON (the vhost-user backend program convention)
+    /// and exit; every other argument is ignored.
+    #[arg(long)]
+    pub print_capabilities: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -678,6 +682,53 @@ impl ViotArgs {
     }
 }
 
+/// Whether `args` (the program's arguments, without its name) ask for
+/// `--print-capabilities`. The convention says every other argument is then ignored, so this
+/// looks before clap checks anything; an argument after `--` is an operand, not the option.
+pub fn wants_capabilities<I, S>(args: I) -> bool
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    args.into_iter()
+        .map_while(|a| (a.as_ref() != "--").then_some(a))
+        .any(|a| a.as_ref() == "--print-capabilities")
+}
+
+/// The vhost-user backend capabilities (QEMU's docs/interop/vhost-user.rst, "Backend program
+/// conventions"; the schema is vhost-user.json's `VHostUserBackendCapabilities`).
+///
+/// `type`: the schema's `VHostUserBackendType` lists no IOMMU, so no management layer can
+/// select this backend by a listed type; rather than claim one it is not, the daemon names
+/// what it is, `iommu` (virtio's name for device ID 23). `features`: as for the listed types,
+/// the command-line options the backend supports beyond the convention's own (`--socket-path`,
+/// `--fd`, `--print-capabilities`), read from the CLI definition so that the list cannot
+/// drift from it.
+pub fn capabilities() -> Capabilities {
+    use clap::CommandFactory;
+    const CONVENTION: [&str; 3] = ["socket-path", "fd", "print-capabilities"];
+    let command = Cli::command();
+    let features = command
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .filter_map(|a| a.get_long())
+        .filter(|long| !CONVENTION.contains(long) && !["help", "version"].contains(long))
+        .map(str::to_string)
+        .collect();
+    Capabilities {
+        kind: "iommu",
+        features,
+    }
+}
+
+/// What `--print-capabilities` prints (fields in the convention's order).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub features: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -972,6 +1023,45 @@ mod tests {
                 .copied();
             let e = Cli::try_parse_from(argv).unwrap_err().to_string();
             assert!(e.contains(&format!("for '{flag}'")), "{extra:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn print_capabilities_is_found_before_any_other_check() {
+        assert!(wants_capabilities(["--print-capabilities"]));
+        assert!(wants_capabilities([
+            "--page-size-mask",
+            "zz",
+            "--print-capabilities"
+        ]));
+        assert!(wants_capabilities(["viot", "--print-capabilities"]));
+        assert!(!wants_capabilities([
+            "-s",
+            "x",
+            "--",
+            "--print-capabilities"
+        ]));
+        assert!(!wants_capabilities(["--print-capabilities=1"]));
+        assert!(!wants_capabilities(Vec::<String>::new()));
+        let caps = serde_json::to_value(capabilities()).unwrap();
+        assert_eq!(caps["type"], "iommu");
+        let features: Vec<&str> = caps["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        for f in [
+            "control-socket",
+            "endpoints",
+            "group",
+            "reserved",
+            "seccomp",
+        ] {
+            assert!(features.contains(&f), "{f} in {features:?}");
+        }
+        for f in ["socket-path", "fd", "print-capabilities", "help", "version"] {
+            assert!(!features.contains(&f), "{f} in {features:?}");
         }
     }
 }

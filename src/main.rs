@@ -5,7 +5,7 @@ use std::{io, path::PathBuf, process::ExitCode};
 use clap::{CommandFactory, Parser};
 use thiserror::Error;
 use vhost_device_iommu::{
-    config::{Cli, Command, ConfigError, DaemonConfig, ServeArgs, ViotArgs},
+    config::{self, Cli, Command, ConfigError, DaemonConfig, ServeArgs, ViotArgs},
     server::{self, ServerError},
     viot::ViotError,
 };
@@ -39,6 +39,18 @@ fn write_viot(args: ViotArgs) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    if config::wants_capabilities(std::env::args_os().skip(1)) {
+        return match serde_json::to_string_pretty(&config::capabilities()) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vhost-device-iommu: --print-capabilities: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match (cli.command, cli.serve) {

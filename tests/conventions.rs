@@ -1,7 +1,7 @@
 //! The vhost-user backend program conventions (QEMU's docs/interop/vhost-user.rst, "Backend
 //! program conventions") and the command line's errors, on the real binary: `--fd` with a
-//! listening socket handed over as a management layer does, and a table of bad invocations
-//! with the option each error must name.
+//! listening socket handed over as a management layer does, `--print-capabilities`, and a
+//! table of bad invocations with the option each error must name.
 
 mod common;
 
@@ -190,6 +190,55 @@ fn run(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+#[test]
+fn print_capabilities_prints_the_conventions_json_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("never.sock");
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    let mut outputs = Vec::new();
+    for args in [
+        &["--print-capabilities"][..],
+        // Every other argument is ignored, bad ones included, and nothing is served.
+        &[
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--print-capabilities",
+        ],
+        &["--page-size-mask", "zz", "--print-capabilities"],
+        &["viot", "--print-capabilities"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {out:?}");
+        outputs.push(String::from_utf8(out.stdout).unwrap());
+    }
+    assert!(!socket.exists());
+    assert!(outputs.iter().all(|o| *o == outputs[0]));
+    let text = &outputs[0];
+    assert!(
+        text.starts_with("{\n  \"type\": \"iommu\",\n  \"features\": ["),
+        "{text}"
+    );
+    let caps: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(caps.as_object().unwrap().len(), 2, "{caps}");
+    let features: Vec<&str> = caps["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(features.len() >= 20, "{features:?}");
+    for f in &features {
+        assert!(
+            help.contains(&format!("--{f} ")) || help.contains(&format!("--{f}\n")),
+            "{f}"
+        );
+    }
+    // An operand after `--` is not the option.
+    let out = run(&["--", "--print-capabilities"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 /// Bad invocations: the exit status, and what stderr must say (the option it names first).
