@@ -9,8 +9,13 @@
 //! - `claim` / `release` `{group | endpoint, cookie}`: the exclusive DMA owner (host face);
 //! - `use_dma_api` / `unuse_dma_api` `{endpoint}`: shared DMA-API users.
 //!
-//! Numbers are JSON numbers or strings (`"0x1000"`). Replies carry `"ok": true|false`; an error
-//! reply has `"error"`, a refused translation `"fault"`. Clients and line lengths are bounded.
+//! Numbers are JSON numbers or strings (`"0x1000"`). An `endpoint` is also a PCI address
+//! (`"00:05.0"`, `"0000:00:05.0"`), read by the command line's parser
+//! ([`crate::config::parse_endpoint`]). Replies that name endpoints give their IDs and, beside
+//! them, the same IDs as PCI addresses ([`crate::config::endpoint_bdf`]): `bdfs` beside a
+//! domain's or group's `endpoints`, `attached_bdfs` beside a group's `attached`, and `bdf`
+//! beside the `endpoint` a reply echoes. Replies carry `"ok": true|false`; an error reply has
+//! `"error"`, a refused translation `"fault"`. Clients and line lengths are bounded.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -24,10 +29,15 @@ use std::{
 };
 
 use log::{debug, warn};
-use ownership::{Access, DomainKind, Fault, GroupId, Requester};
+use ownership::{Access, DomainKind, EndpointId, Fault, GroupId, Requester};
 use serde_json::{json, Value};
 
-use crate::{backend::Device, log_limited, translate::TranslationService};
+use crate::{
+    backend::Device,
+    config::{endpoint_bdf, parse_endpoint},
+    log_limited,
+    translate::TranslationService,
+};
 
 /// Clients served at once; more are refused with an error line.
 pub const MAX_CLIENTS: usize = 16;
@@ -141,6 +151,32 @@ fn u32_field(request: &Value, key: &str) -> Result<u32, String> {
     u32::try_from(required(request, key)?).map_err(|_| format!("{key}: out of range"))
 }
 
+/// An endpoint ID from a JSON number, or a string as the command line takes it: a PCI address
+/// (`"00:05.0"`) or a number (`"40"`, `"0x28"`).
+fn endpoint(request: &Value, key: &str) -> Result<Option<EndpointId>, String> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| format!("{key}: not a 32-bit endpoint ID")),
+        Some(Value::String(s)) => parse_endpoint(s)
+            .map(Some)
+            .map_err(|e| format!("{key}: {e}")),
+        Some(_) => Err(format!("{key}: expected an endpoint ID or a PCI address")),
+    }
+}
+
+fn required_endpoint(request: &Value) -> Result<EndpointId, String> {
+    endpoint(request, "endpoint")?.ok_or_else(|| "missing \"endpoint\"".to_string())
+}
+
+/// Endpoint IDs as PCI addresses, for the `bdfs` beside an `endpoints` list.
+fn bdfs(ids: &[EndpointId]) -> Vec<String> {
+    ids.iter().map(|&id| endpoint_bdf(id)).collect()
+}
+
 /// A fault's name on the control socket.
 pub fn fault_name(fault: Fault) -> &'static str {
     match fault {
@@ -204,6 +240,7 @@ impl Session<'_> {
                     "kind": match d.kind { DomainKind::Paging => "paging", DomainKind::Identity => "identity" },
                     "groups": d.groups.iter().map(|g| g.0).collect::<Vec<_>>(),
                     "endpoints": d.endpoints,
+                    "bdfs": bdfs(&d.endpoints),
                     "mappings": d.mappings,
                 })
             })
@@ -218,11 +255,14 @@ impl Session<'_> {
             .map(GroupId)
             .map(|g| {
                 let (domain, attached) = iommu.group_attachment(g).unwrap_or((None, vec![]));
+                let members = topo.group_members(g);
                 json!({
                     "group": g.0,
-                    "endpoints": topo.group_members(g),
+                    "endpoints": members,
+                    "bdfs": bdfs(members),
                     "domain": domain,
                     "attached": attached,
+                    "attached_bdfs": bdfs(&attached),
                     "owner": iommu.dma_owner(g),
                 })
             })
@@ -256,7 +296,7 @@ impl Session<'_> {
     }
 
     fn translate(&mut self, request: &Value) -> Result<Value, String> {
-        let endpoint = u32_field(request, "endpoint")?;
+        let endpoint = required_endpoint(request)?;
         let iova = required(request, "iova")?;
         let len = number(request, "len")?.unwrap_or(1);
         let access = match request.get("access").and_then(Value::as_str) {
@@ -272,12 +312,16 @@ impl Session<'_> {
         let service = self
             .service
             .get_or_insert_with(|| device.translation_service());
+        let bdf = endpoint_bdf(endpoint);
         Ok(
             match service.translate(requester, endpoint, iova, len, access) {
                 Ok(t) => json!({
                     "ok": true, "gpa": t.gpa, "len": t.len, "domain": t.domain, "mmio": t.mmio,
+                    "endpoint": endpoint, "bdf": bdf,
                 }),
-                Err(fault) => json!({ "ok": false, "fault": fault_name(fault) }),
+                Err(fault) => json!({
+                    "ok": false, "fault": fault_name(fault), "endpoint": endpoint, "bdf": bdf,
+                }),
             },
         )
     }
@@ -288,7 +332,7 @@ impl Session<'_> {
                 .map(GroupId)
                 .map_err(|_| "group: out of range".to_string());
         }
-        let endpoint = u32_field(request, "endpoint")?;
+        let endpoint = required_endpoint(request)?;
         self.device
             .iommu()
             .group(endpoint)
@@ -309,7 +353,7 @@ impl Session<'_> {
     }
 
     fn dma_api(&self, cmd: &str, request: &Value) -> Result<Value, String> {
-        let endpoint = u32_field(request, "endpoint")?;
+        let endpoint = required_endpoint(request)?;
         let mut iommu = self.device.iommu();
         let result = if cmd == "use_dma_api" {
             iommu.use_dma_api(endpoint)
@@ -317,6 +361,6 @@ impl Session<'_> {
             iommu.unuse_dma_api(endpoint)
         };
         result.map_err(|e| e.to_string())?;
-        Ok(json!({ "ok": true }))
+        Ok(json!({ "ok": true, "endpoint": endpoint, "bdf": endpoint_bdf(endpoint) }))
     }
 }

@@ -122,10 +122,10 @@ fn fd_serves_frontend_after_frontend_and_leaves_the_path_alone() {
             status_of(&mut dev, &map(1, 0x1000, 0x1fff, 0x8000)),
             Status::Ok
         );
-        control(&ctl, json!({"cmd": "use_dma_api", "endpoint": EP}));
+        control(&ctl, json!({"cmd": "use_dma_api", "endpoint": "00:05.0"}));
         let t = control(
             &ctl,
-            json!({"cmd": "translate", "endpoint": EP, "iova": 0x1010}),
+            json!({"cmd": "translate", "endpoint": "00:05.0", "iova": 0x1010}),
         );
         assert_eq!(t["gpa"], 0x8010, "{t}");
     }
