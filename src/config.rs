@@ -74,6 +74,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write the ACPI VIOT table that tells the guest which endpoints the IOMMU translates.
     Viot(ViotArgs),
+    /// Send one request to a running daemon's control socket and print the JSON reply.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// Options of `serve`.
@@ -89,7 +91,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FD", value_parser = clap::value_parser!(RawFd).range(0..))]
     pub fd: Option<RawFd>,
 
-    /// Control socket (line-oriented JSON: stats, domains, translate, claim, release).
+    /// Control socket (line-oriented JSON: stats, domains, translate, claim, release; see the
+    /// ctl subcommand).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 

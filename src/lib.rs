@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod events;
 pub mod hugepages;

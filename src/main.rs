@@ -1,11 +1,13 @@
-//! `vhost-device-iommu`: serve a virtio-iommu over vhost-user, or write its ACPI VIOT table.
+//! `vhost-device-iommu`: serve a virtio-iommu over vhost-user, write its ACPI VIOT table, or
+//! talk to a running daemon's control socket.
 
-use std::{io, path::PathBuf, process::ExitCode};
+use std::{io, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser};
 use thiserror::Error;
 use vhost_device_iommu::{
     config::{self, Cli, Command, ConfigError, DaemonConfig, ServeArgs, ViotArgs},
+    ctl::{self, CtlArgs, CtlError},
     server::{self, ServerError},
     viot::ViotError,
 };
@@ -21,6 +23,8 @@ enum Error {
     Viot(#[from] ViotError),
     #[error("{}: {source}", path.display())]
     Output { path: PathBuf, source: io::Error },
+    #[error("ctl: {0}")]
+    Ctl(#[from] CtlError),
 }
 
 fn serve(args: ServeArgs) -> Result<(), Error> {
@@ -36,6 +40,20 @@ fn write_viot(args: ViotArgs) -> Result<(), Error> {
     })?;
     log::info!("wrote {} bytes to {}", table.len(), args.output.display());
     Ok(())
+}
+
+fn control(args: CtlArgs) -> Result<(), Error> {
+    let request = args.request.to_json();
+    let timeout = Duration::from_secs(args.timeout);
+    let reply = ctl::request(&args.control_socket, &request, timeout)?;
+    // The reply is the command's output, refusals included: a script reads the fault there.
+    let text = if args.compact {
+        reply.to_string()
+    } else {
+        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+    };
+    println!("{text}");
+    Ok(ctl::check(&request, &reply)?)
 }
 
 fn main() -> ExitCode {
@@ -55,6 +73,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.command, cli.serve) {
         (Some(Command::Viot(args)), _) => write_viot(args),
+        (Some(Command::Ctl(args)), _) => control(args),
         (Some(Command::Serve(args)), _) | (None, Some(args)) => serve(args),
         (None, None) => {
             // Unreachable through clap (one of --socket-path and --fd is required), kept so

@@ -269,6 +269,11 @@ fn every_bad_invocation_names_its_option() {
         (&["--bypass"], 2, &["--socket-path <PATH>|--fd <FD>"]),
         (&["viot", "-o", v, "--iommu", "0001:00:04.0"], 2, &["'--iommu <BDF>'", "segment 1"]),
         (&["viot", "-o", v, "--endpoints", "00:06.0-00:05.0"], 2, &["'--endpoints <LIST>'"]),
+        (&["ctl", "-c", s, "translate", "00:05.0", "zz"], 2, &["'<IOVA>'"]),
+        (&["ctl", "-c", s, "translate", "00:20.0", "0"], 2, &["'<ENDPOINT>'"]),
+        (&["ctl", "-c", s, "claim", "00:05.0"], 2, &["--cookie <COOKIE>"]),
+        (&["ctl", "-c", s, "--timeout", "0", "stats"], 2, &["'--timeout <SECONDS>'"]),
+        (&["ctl", "-c", s, "raw", "{"], 2, &["'<JSON>'", "not JSON"]),
         // Checks across options: status 1, one line naming the options involved.
         (&["-s", s, "--probe-size", "8"], 1, &["--probe-size 8 cannot hold", "--reserved"]),
         (&["-s", s, "--page-size-mask", "0x800"], 1, &["--page-size-mask: granule 0x800"]),

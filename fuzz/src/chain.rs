@@ -105,7 +105,7 @@ pub fn daemon_config(args: &[&str]) -> DaemonConfig {
     let cli = Cli::try_parse_from(argv).expect("fuzz config parses");
     let serve = match cli.command {
         Some(Command::Serve(s)) => s,
-        Some(Command::Viot(_)) => unreachable!(),
+        Some(_) => unreachable!("fuzz configs are serve arguments"),
         None => cli.serve.expect("serve arguments"),
     };
     DaemonConfig::try_from(serve).expect("fuzz config is valid")
