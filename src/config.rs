@@ -48,6 +48,16 @@ Examples:
 ";
 
 /// A virtio-iommu device (virtio ID 23) served over vhost-user.
+///
+/// The daemon follows QEMU's vhost-user backend program conventions: it serves frontend
+/// after frontend on --socket-path or on a listening socket handed over with --fd, prints its
+/// capabilities with --print-capabilities, and ends cleanly on SIGTERM, removing the sockets
+/// it created (never an --fd socket's path). The ctl subcommand talks to a running daemon's
+/// control socket.
+///
+/// Exit status: 0 on success (a daemon, after SIGINT or SIGTERM); 2 when clap rejects the
+/// command line (an unknown option, a malformed value); 1 on any other error, options that
+/// contradict each other included, with one line on stderr.
 #[derive(Parser, Debug)]
 #[command(
     name = "vhost-device-iommu",
