@@ -1095,6 +1095,12 @@ impl Iommu {
 ///
 /// Each translator has its own read-side slot; it is `Send` but not `Sync` (move it to the
 /// thread that uses it, or clone one per thread). Cloning registers a new slot.
+///
+/// Nothing a reader does waits for the writer: translating, entering and leaving sections,
+/// cloning and dropping translators are free to happen inside a section a grace period waits
+/// for (see [`epoch`]). Dropping a translator ends its open section, if a guard was leaked
+/// (`std::mem::forget`); until then a leaked guard is a section that never ends, and grace
+/// periods wait for it.
 #[derive(Debug)]
 pub struct Translator {
     shared: Arc<Shared>,
@@ -1112,6 +1118,8 @@ impl Clone for Translator {
 
 impl Drop for Translator {
     fn drop(&mut self) {
+        // No guard borrows the translator any more; one leaked earlier leaves its section
+        // open, and this ends it for grace periods too.
         self.shared.readers.unregister(&self.slot);
     }
 }

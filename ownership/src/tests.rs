@@ -4,7 +4,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        mpsc, Arc, Mutex,
     },
     time::Duration,
 };
@@ -1079,6 +1079,183 @@ fn no_unmap_completes_under_a_reader_that_holds_its_translation() {
         hits.iter().all(|&h| h > 0),
         "readers saw mappings: {hits:?}"
     );
+}
+
+// ---- grace periods never wait on a reader that is not in a section ------------------------
+
+/// How long a step that must not block may take before the test calls it stuck. The stuck
+/// thread is left behind (the test binary exits without it).
+const STUCK: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a thread of its own; its answer arrives on the returned channel.
+fn spawn_step<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
+}
+
+/// The answer of a step started by [`spawn_step`], or a test failure naming it if it has not
+/// come within [`STUCK`].
+fn finish<T>(what: &str, step: &mpsc::Receiver<T>) -> T {
+    match step.recv_timeout(STUCK) {
+        Ok(answer) => answer,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still blocked after {STUCK:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+/// A model behind a mutex (the daemon's writer lock) with endpoint 1 in domain 1, pages 1 and
+/// 2 mapped to 0x9000 and 0xa000.
+fn shared_model() -> Arc<Mutex<Iommu>> {
+    let mut m = iommu();
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    m.map(1, 0x2000, 0x2fff, 0xa000, RW).unwrap();
+    Arc::new(Mutex::new(m))
+}
+
+/// A DMA master may clone, create and drop translators inside a read section while the writer
+/// (holding the model) waits for that very section: none of it waits for the writer, and the
+/// writer still waits for the section.
+#[test]
+fn translators_come_and_go_inside_a_section_the_writer_waits_for() {
+    let model = shared_model();
+    let (translator, spare) = {
+        let m = model.lock().unwrap();
+        (m.translator(), m.translator())
+    };
+    let (steps_tx, steps) = mpsc::channel();
+    let (go, gate) = mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        let guard = translator.read();
+        let page1 = |g: &ReadGuard| g.translate(Requester::DmaApi, 1, 0x1000, 1, Access::Read);
+        assert_eq!(page1(&guard).unwrap().gpa, 0x9000);
+        steps_tx.send("entered").unwrap();
+        // The section sees the writer's unlinking store (it only delays node reuse and the
+        // UNMAP's completion): from then on the writer is in, or about to be in, its wait.
+        while page1(&guard).is_ok() {
+            std::thread::yield_now();
+        }
+        steps_tx.send("unlinked").unwrap();
+        gate.recv().unwrap();
+        let clone = translator.clone();
+        steps_tx.send("clone a translator").unwrap();
+        // A translator created now sees the UNMAP in progress, and what is still mapped.
+        assert_eq!(read(&clone, 1, 0x1000), Err(Fault::Unmapped));
+        assert_eq!(read(&clone, 1, 0x2000).unwrap().gpa, 0xa000);
+        let inner = clone.read();
+        assert_eq!(
+            inner
+                .translate(Requester::DmaApi, 1, 0x2000, 1, Access::Read)
+                .unwrap()
+                .gpa,
+            0xa000
+        );
+        drop(inner);
+        let kept = clone.clone();
+        steps_tx.send("clone a clone").unwrap();
+        drop(clone);
+        steps_tx.send("drop a clone").unwrap();
+        drop(spare);
+        steps_tx
+            .send("drop a translator made before the section")
+            .unwrap();
+        gate.recv().unwrap();
+        drop(guard);
+        kept
+    });
+    assert_eq!(finish("enter a section", &steps), "entered");
+    let unmap = {
+        let model = model.clone();
+        spawn_step(move || model.lock().unwrap().unmap(1, 0x1000, 0x1fff))
+    };
+    assert_eq!(finish("the writer's unlinking store", &steps), "unlinked");
+    // Let the writer get well into its wait for the section.
+    std::thread::sleep(Duration::from_millis(100));
+    go.send(()).unwrap();
+    for step in [
+        "clone a translator",
+        "clone a clone",
+        "drop a clone",
+        "drop a translator made before the section",
+    ] {
+        assert_eq!(finish(step, &steps), step);
+    }
+    assert!(
+        unmap.try_recv().is_err(),
+        "UNMAP completed while a reader held the mapping"
+    );
+    go.send(()).unwrap();
+    assert_eq!(finish("UNMAP once the section ended", &unmap), Ok(1));
+    let kept = reader.join().unwrap();
+    // The translator created inside the section is an ordinary idle reader.
+    let unmap = {
+        let model = model.clone();
+        spawn_step(move || model.lock().unwrap().unmap(1, 0x2000, 0x2fff))
+    };
+    assert_eq!(finish("UNMAP with idle readers", &unmap), Ok(1));
+    assert_eq!(read(&kept, 1, 0x2000), Err(Fault::Unmapped));
+}
+
+/// A thread that leaks a guard (its section never ends) and exits drops its translator: that
+/// ends the section, also for a grace period already waiting for it, and no later grace period
+/// waits for it.
+#[test]
+fn a_guard_leaked_by_a_thread_that_exits_holds_no_grace_period() {
+    let model = shared_model();
+    let leak = |t: Translator| {
+        let (entered_tx, entered) = mpsc::channel();
+        let (exit, exit_rx) = mpsc::channel::<()>();
+        let (exited_tx, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            std::mem::forget(t.read());
+            entered_tx.send(()).unwrap();
+            exit_rx.recv().unwrap();
+            drop(t);
+            exited_tx.send(()).unwrap();
+        });
+        finish("leak a guard", &entered);
+        (exit, exited)
+    };
+    // The thread leaks its guard and lives on while the writer waits for its section.
+    let (exit, exited) = leak(model.lock().unwrap().translator());
+    let unmap = {
+        let model = model.clone();
+        spawn_step(move || model.lock().unwrap().unmap(1, 0x1000, 0x1fff))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        unmap.try_recv().is_err(),
+        "UNMAP completed while a section was open"
+    );
+    exit.send(()).unwrap();
+    finish(
+        "drop a translator whose section the writer waits for",
+        &exited,
+    );
+    assert_eq!(finish("UNMAP after the translator's drop", &unmap), Ok(1));
+    // Another thread leaks a guard and exits before any grace period starts.
+    let (exit, exited) = leak(model.lock().unwrap().translator());
+    exit.send(()).unwrap();
+    finish("drop a translator with a leaked guard", &exited);
+    // Later grace periods of every kind complete.
+    let later = {
+        let model = model.clone();
+        spawn_step(move || {
+            let mut m = model.lock().unwrap();
+            let unmapped = m.unmap(1, 0x2000, 0x2fff);
+            m.attach(2, 1, DomainKind::Paging).unwrap();
+            m.detach(2, 1).unwrap();
+            m.set_bypass(true);
+            m.set_bypass(false);
+            m.reset();
+            unmapped
+        })
+    };
+    assert_eq!(finish("grace periods after the leak", &later), Ok(1));
 }
 
 mod isolation;
