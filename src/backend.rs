@@ -14,7 +14,7 @@ use std::{
 };
 
 use log::{debug, info, warn};
-use ownership::Iommu;
+use ownership::{Iommu, TranslatorSource};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio::{Config, FaultRecord, RequestType, Status, FAULT_SIZE, NUM_QUEUES, TAIL_SIZE};
@@ -54,6 +54,8 @@ pub const MAX_WRITABLE: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Device {
     iommu: Mutex<Iommu>,
+    /// Translators without the model's lock, which grace periods hold.
+    translators: TranslatorSource,
     config: Mutex<Config>,
     initial: Config,
     offered: u64,
@@ -88,6 +90,7 @@ impl Device {
             Err(e) => log::info!("page tables stay on small pages (madvise: {e})"),
         }
         Ok(Arc::new(Device {
+            translators: iommu.translator_source(),
             iommu: Mutex::new(iommu),
             config: Mutex::new(config.config),
             initial: config.config,
@@ -125,9 +128,10 @@ impl Device {
         self.offered
     }
 
-    /// A fast-path handle for one thread, reporting faults to this device's event queue.
+    /// A fast-path handle for one thread, reporting faults to this device's event queue. Never
+    /// waits for the model (a thread inside a read section may ask for one).
     pub fn translation_service(&self) -> TranslationService {
-        TranslationService::new(self.iommu().translator(), self.faults.clone())
+        TranslationService::new(self.translators.translator(), self.faults.clone())
     }
 
     /// Device reset: every attachment and domain dropped, waiting fault records dropped;

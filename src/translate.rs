@@ -89,6 +89,33 @@ pub fn fault_record(
 mod tests {
     use super::*;
 
+    /// A DMA master asks for a translation service while the writer holds the model (as it
+    /// does across a grace period, which may be waiting for that master's section): the
+    /// service comes without the model's lock.
+    #[test]
+    fn a_service_comes_without_the_model() {
+        use clap::Parser;
+        let argv = ["vhost-device-iommu", "--socket-path", "/nonexistent/x.sock"];
+        let args = crate::config::Cli::try_parse_from(argv)
+            .unwrap()
+            .serve
+            .unwrap();
+        let config = crate::config::DaemonConfig::try_from(args).unwrap();
+        let device = crate::backend::Device::new(&config).unwrap();
+        let model = device.iommu();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asker = device.clone();
+        std::thread::spawn(move || {
+            let service = asker.translation_service();
+            let answer = service.translate(Requester::DmaApi, 0x28, 0x1000, 1, Access::Read);
+            let _ = tx.send(answer);
+        });
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(model);
+        // No DMA-API user on the endpoint: refused, but answered.
+        assert_eq!(answer, Ok(Err(Fault::NotOwner)));
+    }
+
     #[test]
     fn records_for_guest_visible_faults_only() {
         let r = fault_record(Fault::Unmapped, 0x28, 0x1000, Access::Write).unwrap();

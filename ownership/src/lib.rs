@@ -471,6 +471,14 @@ impl Iommu {
         Translator::new(self.shared.clone())
     }
 
+    /// Makes translators without the model, for threads that must not wait for the writer
+    /// (the model's lock is held across grace periods).
+    pub fn translator_source(&self) -> TranslatorSource {
+        TranslatorSource {
+            shared: self.shared.clone(),
+        }
+    }
+
     fn group_of(&self, endpoint: EndpointId) -> Result<GroupId, Error> {
         self.topo
             .endpoint(endpoint)
@@ -1108,6 +1116,20 @@ pub struct Translator {
     depth: Cell<u32>,
     /// The epoch the outermost open section entered at.
     entered: Cell<u64>,
+}
+
+/// Makes [`Translator`]s for one model without access to it: a DMA master holding one never
+/// waits for the writer to get a translator (see [`Iommu::translator_source`]).
+#[derive(Clone, Debug)]
+pub struct TranslatorSource {
+    shared: Arc<Shared>,
+}
+
+impl TranslatorSource {
+    /// A fast-path handle for one reader thread, as [`Iommu::translator`].
+    pub fn translator(&self) -> Translator {
+        Translator::new(self.shared.clone())
+    }
 }
 
 impl Clone for Translator {

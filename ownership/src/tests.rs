@@ -1123,9 +1123,9 @@ fn shared_model() -> Arc<Mutex<Iommu>> {
 #[test]
 fn translators_come_and_go_inside_a_section_the_writer_waits_for() {
     let model = shared_model();
-    let (translator, spare) = {
+    let (translator, spare, source) = {
         let m = model.lock().unwrap();
-        (m.translator(), m.translator())
+        (m.translator(), m.translator(), m.translator_source())
     };
     let (steps_tx, steps) = mpsc::channel();
     let (go, gate) = mpsc::channel::<()>();
@@ -1157,6 +1157,10 @@ fn translators_come_and_go_inside_a_section_the_writer_waits_for() {
         drop(inner);
         let kept = clone.clone();
         steps_tx.send("clone a clone").unwrap();
+        let made = source.translator();
+        assert_eq!(read(&made, 1, 0x2000).unwrap().gpa, 0xa000);
+        drop(made);
+        steps_tx.send("make a translator from a source").unwrap();
         drop(clone);
         steps_tx.send("drop a clone").unwrap();
         drop(spare);
@@ -1179,6 +1183,7 @@ fn translators_come_and_go_inside_a_section_the_writer_waits_for() {
     for step in [
         "clone a translator",
         "clone a clone",
+        "make a translator from a source",
         "drop a clone",
         "drop a translator made before the section",
     ] {
