@@ -1265,3 +1265,4 @@ fn a_guard_leaked_by_a_thread_that_exits_holds_no_grace_period() {
 
 mod isolation;
 mod model;
+mod stress;
