@@ -63,15 +63,21 @@ const DEAD: u64 = u64::MAX;
 #[derive(Debug, Default)]
 pub struct Readers {
     epoch: AtomicU64,
+    /// Apart, so that grace periods write nothing next to what readers read but the epoch.
+    registry: Box<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
     /// Registered slots, and unregistered ones not pruned yet. Held only to add, prune or copy
     /// entries: a reader registering never waits for a grace period.
-    registry: Mutex<Vec<Arc<Slot>>>,
-    /// Registrations so far, counted under the registry lock.
+    slots: Mutex<Vec<Arc<Slot>>>,
+    /// Registrations so far, counted under the `slots` lock.
     registered: AtomicU64,
-    /// An unregistered slot was left in the registry (its lock was busy).
+    /// An unregistered slot was left in `slots` (its lock was busy).
     unpruned: AtomicBool,
-    /// The slots grace periods watch: a copy of the registry. Only grace periods take this
-    /// lock (so they run one at a time), and may hold it across their wait.
+    /// The slots grace periods watch: a copy of `slots`. Only grace periods take this lock (so
+    /// they run one at a time), and may hold it across their wait.
     watched: Mutex<Watched>,
 }
 
@@ -79,7 +85,7 @@ pub struct Readers {
 #[derive(Debug, Default)]
 struct Watched {
     slots: Vec<Arc<Slot>>,
-    /// `Readers::registered` when the copy was taken.
+    /// `Registry::registered` when the copy was taken.
     registered: u64,
 }
 
@@ -98,14 +104,15 @@ impl Readers {
     /// is only held briefly, by anyone.
     pub fn register(&self) -> Arc<Slot> {
         let slot = Arc::new(Slot::default());
+        let registry = &*self.registry;
         {
-            let mut registry = lock(&self.registry);
+            let mut slots = lock(&registry.slots);
             // Acquire: pairs with `unregister`, so the dead state it stored is seen here.
-            if self.unpruned.swap(false, Ordering::Acquire) {
-                registry.retain(|s| s.state.load(Ordering::Relaxed) != DEAD);
+            if registry.unpruned.swap(false, Ordering::Acquire) {
+                slots.retain(|s| s.state.load(Ordering::Relaxed) != DEAD);
             }
-            registry.push(slot.clone());
-            self.registered.fetch_add(1, Ordering::SeqCst);
+            slots.push(slot.clone());
+            registry.registered.fetch_add(1, Ordering::SeqCst);
         }
         // After the count, against a grace period's bump then count load (see the module
         // documentation): if that grace period's copy misses this slot, this load returns its
@@ -120,16 +127,17 @@ impl Readers {
     pub fn unregister(&self, slot: &Arc<Slot>) {
         // Release: the reader's sections happen-before a grace period that reads this.
         slot.state.store(DEAD, Ordering::Release);
-        let mut registry = match self.registry.try_lock() {
-            Ok(registry) => registry,
+        let registry = &*self.registry;
+        let mut slots = match registry.slots.try_lock() {
+            Ok(slots) => slots,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 // Someone registers or copies: the next registration prunes the entry.
-                self.unpruned.store(true, Ordering::Release);
+                registry.unpruned.store(true, Ordering::Release);
                 return;
             }
         };
-        registry.retain(|s| !Arc::ptr_eq(s, slot));
+        slots.retain(|s| !Arc::ptr_eq(s, slot));
     }
 
     /// Enters a read-side critical section on `slot` (registered, not unregistered); returns
@@ -156,15 +164,16 @@ impl Readers {
     /// A reader that never leaves its section (a guard leaked on a translator that lives on)
     /// keeps this waiting until its slot is unregistered.
     pub fn synchronize(&self) -> Duration {
-        let mut watched = lock(&self.watched);
+        let registry = &*self.registry;
+        let mut watched = lock(&registry.watched);
         // Release: the caller's unlinking stores happen-before any load of the new epoch.
         let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
         // After the bump: a reader whose registration this misses loaded the new epoch when it
         // registered (see `register`).
-        if self.registered.load(Ordering::SeqCst) != watched.registered {
-            let registry = lock(&self.registry);
-            watched.registered = self.registered.load(Ordering::Relaxed);
-            watched.slots.clone_from(&registry);
+        if registry.registered.load(Ordering::SeqCst) != watched.registered {
+            let slots = lock(&registry.slots);
+            watched.registered = registry.registered.load(Ordering::Relaxed);
+            watched.slots.clone_from(&slots);
         }
         let waited = Self::wait(&watched.slots, target);
         // Gone readers stay gone: stop copying their slots around.
@@ -272,7 +281,7 @@ mod tests {
         readers.leave(&slot, epoch);
         readers.synchronize();
         readers.unregister(&slot);
-        assert!(lock(&readers.registry).is_empty());
+        assert!(lock(&readers.registry.slots).is_empty());
     }
 
     /// How long a step that must not block may take before the test calls it stuck.
@@ -329,13 +338,13 @@ mod tests {
         assert!(done.load(Ordering::SeqCst));
         // Both entries are gone (or go with the next registration) and no grace period waits.
         let last = readers.register();
-        assert!(lock(&readers.registry)
+        assert!(lock(&readers.registry.slots)
             .iter()
             .all(|s| Arc::ptr_eq(s, &last)));
         readers.synchronize();
         readers.unregister(&last);
         readers.synchronize();
-        assert!(lock(&readers.watched).slots.is_empty());
+        assert!(lock(&readers.registry.watched).slots.is_empty());
     }
 
     /// A reader registering while a grace period waits (for another reader) is an ordinary
