@@ -5,7 +5,8 @@
 //! runs both queues, so the model's writer is never contended by the request path itself.
 
 use std::{
-    io,
+    fs::File,
+    io::{self, Read, Write},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex, MutexGuard,
@@ -15,7 +16,10 @@ use std::{
 
 use log::{debug, info, warn};
 use ownership::{Iommu, TranslatorSource};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio::{Config, FaultRecord, RequestType, Status, FAULT_SIZE, NUM_QUEUES, TAIL_SIZE};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
@@ -33,6 +37,7 @@ use crate::{
     events::FaultQueue,
     log_limited,
     ring::{self, FastChain, RegionCache, RingKey, Rings, SliceWriter},
+    state::{self, DeviceState, StateError},
     stats::Stats,
     translate::TranslationService,
 };
@@ -68,6 +73,11 @@ pub struct Device {
     probe_size: u32,
     /// `--ring-fast-path`: false sends every chain through virtio-queue.
     ring_fast_path: bool,
+    /// The topology's fingerprint in saved states, and the caps a loaded state must respect.
+    fingerprint: u32,
+    caps: state::Caps,
+    /// A device-state transfer started by SET_DEVICE_STATE_FD, until CHECK_DEVICE_STATE.
+    transfer: Mutex<Option<std::thread::JoinHandle<Result<(), StateError>>>>,
 }
 
 thread_local! {
@@ -89,8 +99,19 @@ impl Device {
             Ok(bytes) => log::debug!("page tables: {bytes} bytes advised for huge pages"),
             Err(e) => log::info!("page tables stay on small pages (madvise: {e})"),
         }
+        let limits = config.topology.limits();
+        let caps = state::Caps {
+            offered_features: config.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            max_domains: u64::from(limits.max_domains),
+            max_mappings: limits.max_mappings,
+            max_faults: config.fault_backlog as u64,
+            endpoints: config.topology.endpoints().count() as u64,
+        };
         Ok(Arc::new(Device {
             translators: iommu.translator_source(),
+            fingerprint: state::fingerprint(&config.topology, config.features),
+            caps,
+            transfer: Mutex::new(None),
             iommu: Mutex::new(iommu),
             config: Mutex::new(config.config),
             initial: config.config,
@@ -153,6 +174,135 @@ impl Device {
         self.faults.clear();
         self.acked.store(0, Relaxed);
         self.event_idx.store(false, Relaxed);
+    }
+
+    /// The guest-visible state, encoded (see [`crate::state`]). Meant for a stopped device:
+    /// requests answered afterwards are not in it.
+    pub fn save_state(&self) -> Vec<u8> {
+        let iommu = self.iommu();
+        let state = DeviceState {
+            features: self.acked.load(Relaxed),
+            bypass: self.config().bypass == 1,
+            guest: iommu.guest_state(),
+            faults: self.faults.snapshot(),
+        };
+        drop(iommu);
+        let bytes = state::encode(&state, self.fingerprint);
+        info!(
+            "device state saved: {} domains, {} mappings, {} fault records, {} bytes",
+            state.guest.domains.len(),
+            state.guest.mapping_count(),
+            state.faults.len(),
+            bytes.len()
+        );
+        self.stats.state_saves.fetch_add(1, Relaxed);
+        bytes
+    }
+
+    /// Replaces the guest-visible state with a saved one. All or nothing: a state that is
+    /// damaged, from another topology, over this daemon's limits or refused by the model
+    /// changes nothing.
+    pub fn load_state(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let result = self.try_load_state(bytes);
+        match &result {
+            Ok(()) => {
+                self.stats.state_loads.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                self.stats.state_refused.fetch_add(1, Relaxed);
+                warn!("device state refused, nothing changed: {e}");
+            }
+        }
+        result
+    }
+
+    fn try_load_state(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let state = state::decode(bytes, self.fingerprint, &self.caps)?;
+        let mut iommu = self.iommu();
+        iommu.restore(&state.guest)?;
+        // Nothing below can fail: the state is in.
+        let mut config = self.config();
+        config.bypass = u8::from(state.bypass);
+        self.acked.store(state.features, Relaxed);
+        iommu.set_bypass(effective_bypass(&config, self.offered));
+        drop(config);
+        drop(iommu);
+        let faults = state.faults.len();
+        self.faults.restore(state.faults);
+        info!(
+            "device state loaded: {} domains, {} mappings, {faults} fault records",
+            state.guest.domains.len(),
+            state.guest.mapping_count(),
+        );
+        Ok(())
+    }
+
+    /// SET_DEVICE_STATE_FD: saves into or loads from `file` on a thread of its own (the
+    /// frontend reads or writes the other end of the pipe meanwhile); the outcome waits for
+    /// CHECK_DEVICE_STATE. A state is always saved whole before the call returns, so requests
+    /// answered later never leak into it.
+    fn start_transfer(
+        self: &Arc<Self>,
+        direction: VhostTransferStateDirection,
+        file: File,
+    ) -> io::Result<()> {
+        let mut slot = self.transfer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(previous) = slot.take() {
+            // A transfer nobody checked: its outcome is only logged.
+            if let Ok(Err(e)) = previous.join() {
+                warn!("unchecked device-state transfer failed: {e}");
+            }
+        }
+        let device = self.clone();
+        let work: Box<dyn FnOnce() -> Result<(), StateError> + Send> = match direction {
+            VhostTransferStateDirection::SAVE => {
+                let bytes = self.save_state();
+                Box::new(move || {
+                    let mut file = file;
+                    file.write_all(&bytes)
+                        .map_err(|e| StateError::Io(e.to_string()))
+                })
+            }
+            VhostTransferStateDirection::LOAD => {
+                let max = self.caps.max_bytes();
+                Box::new(move || {
+                    let mut bytes = Vec::new();
+                    file.take(max.saturating_add(1))
+                        .read_to_end(&mut bytes)
+                        .map_err(|e| StateError::Io(e.to_string()))?;
+                    if bytes.len() as u64 > max {
+                        let error = StateError::Oversized(max);
+                        device.stats.state_refused.fetch_add(1, Relaxed);
+                        warn!("device state refused, nothing changed: {error}");
+                        return Err(error);
+                    }
+                    device.load_state(&bytes)
+                })
+            }
+        };
+        *slot = Some(
+            std::thread::Builder::new()
+                .name("device-state".into())
+                .spawn(work)?,
+        );
+        Ok(())
+    }
+
+    /// CHECK_DEVICE_STATE: the outcome of the last transfer.
+    fn check_transfer(&self) -> io::Result<()> {
+        let handle = self
+            .transfer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| io::Error::other("no device-state transfer to check"))?;
+        match handle.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+            Err(_) => Err(io::Error::other(
+                "the device-state transfer thread panicked",
+            )),
+        }
     }
 
     /// Handles one request chain; returns the used length. Never panics on guest input.
@@ -854,6 +1004,7 @@ impl VhostUserBackend for IommuBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     fn reset_device(&self) {
@@ -908,13 +1059,31 @@ impl VhostUserBackend for IommuBackend {
         Some((consumer, notifier))
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE on the request queue: the frontend stopped the device (reset, or
-        // shutdown). Nothing of the guest's state may survive into its next life.
-        if queue_index == u32::from(virtio::REQUEST_QUEUE) {
-            self.device.reset();
-        }
+    /// GET_VRING_BASE stops a queue and nothing more: QEMU sends it whenever the VM stops
+    /// (a pause, a snapshot, the end of a migration) and the guest, which never learns of the
+    /// pause, expects its domains and mappings afterwards. Only RESET_DEVICE resets.
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
         Ok(())
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "device state is transferred only while the device is stopped",
+            ));
+        }
+        self.device.start_transfer(direction, file)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.device.check_transfer()
     }
 
     fn handle_event(

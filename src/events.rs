@@ -152,6 +152,30 @@ impl FaultQueue {
         n
     }
 
+    /// The waiting records, oldest first (for a saved device state).
+    pub fn snapshot(&self) -> Vec<FaultRecord> {
+        self.lock().backlog.iter().copied().collect()
+    }
+
+    /// Replaces the waiting records with those of a loaded device state (the newest kept
+    /// when they exceed the backlog): the ones replaced count as dropped, the loaded ones as
+    /// reported here, so every record stays accounted for.
+    pub fn restore(&self, records: Vec<FaultRecord>) {
+        {
+            let mut inner = self.lock();
+            let replaced = inner.backlog.len();
+            inner.backlog.clear();
+            self.dropped(replaced);
+            self.stats
+                .faults_reported
+                .fetch_add(records.len() as u64, Relaxed);
+            let excess = records.len().saturating_sub(self.capacity);
+            self.dropped(excess);
+            inner.backlog.extend(records.into_iter().skip(excess));
+        }
+        let _ = self.wake.write(1);
+    }
+
     /// The counters, consistent with each other.
     pub fn accounts(&self) -> FaultAccounts {
         let inner = self.lock();

@@ -13,6 +13,7 @@ pub mod ratelimit;
 mod ring;
 pub mod seccomp;
 pub mod server;
+pub mod state;
 pub mod stats;
 pub mod testkit;
 pub mod translate;

@@ -34,6 +34,10 @@ pub struct Stats {
     /// Frontends served, and device resets.
     pub connections: AtomicU64,
     pub resets: AtomicU64,
+    /// Device states saved, loaded, and refused (damaged, other topology, over the limits).
+    pub state_saves: AtomicU64,
+    pub state_loads: AtomicU64,
+    pub state_refused: AtomicU64,
 }
 
 impl Stats {
@@ -88,6 +92,11 @@ impl Stats {
             },
             "connections": self.connections.load(Relaxed),
             "resets": self.resets.load(Relaxed),
+            "state": {
+                "saved": self.state_saves.load(Relaxed),
+                "loaded": self.state_loads.load(Relaxed),
+                "refused": self.state_refused.load(Relaxed),
+            },
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod epoch;
 pub mod pagetable;
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;
+pub mod state;
 pub mod topology;
 
 use std::{
@@ -43,6 +44,7 @@ use crate::{
 };
 pub use crate::{
     pagetable::{Mapping, PERM_MMIO, PERM_READ, PERM_WRITE},
+    state::{Attachment, DomainState, GuestState, RestoreError},
     topology::{
         DomainId, EndpointId, EndpointInfo, GroupId, Limits, ResvKind, ResvRegion, Topology,
         TopologyBuilder, TopologyError, X86_MSI_REGION,

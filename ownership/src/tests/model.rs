@@ -240,6 +240,18 @@ proptest! {
             apply(&mut m, &mut r, &t, op)?;
             check_invariants(&m, &r, &t)?;
         }
+        // What the guest built comes back the same in a fresh model, and replaces what
+        // another model held.
+        let state = m.guest_state();
+        let mut fresh = Iommu::new(topology());
+        fresh.restore(&state).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(fresh.guest_state(), state.clone());
+        prop_assert_eq!(fresh.domains(), m.domains());
+        let mut other = Iommu::new(topology());
+        other.attach(0, 1, DomainKind::Paging).unwrap();
+        other.map(0, 0, PAGE - 1, 0, PERM_READ).unwrap();
+        other.restore(&state).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(other.guest_state(), state);
         // Tearing everything down leaves no table memory behind but nothing else.
         m.reset();
         prop_assert_eq!(m.stats().table_bytes, 0);
