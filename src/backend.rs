@@ -78,6 +78,29 @@ pub struct Device {
     caps: state::Caps,
     /// A device-state transfer started by SET_DEVICE_STATE_FD, until CHECK_DEVICE_STATE.
     transfer: Mutex<Option<std::thread::JoinHandle<Result<(), StateError>>>>,
+    /// Where the request queue stopped, until it runs again (see [`RingStop`]).
+    stopped: Mutex<Option<RingStop>>,
+    /// `stopped` is set: the worker compares before it touches a queue.
+    stop_pending: AtomicBool,
+}
+
+/// Where and how the request queue stopped (GET_VRING_BASE). A frontend that resumes the
+/// device starts the ring again at the same index and the same addresses; a driver that was
+/// reset starts fresh rings at index 0. QEMU's generic vhost-user device never sends
+/// RESET_DEVICE, so this is how a reset of its guest reaches the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingStop {
+    pub(crate) next_avail: u16,
+    pub(crate) key: RingKey,
+    /// How far before `next_avail` a resumed ring may start: 0 after a stop, a queue's worth
+    /// after a restart (the frontend rewinds to the used index).
+    pub(crate) slack: u16,
+}
+
+impl RingStop {
+    fn resumed_by(&self, next_avail: u16, key: RingKey) -> bool {
+        key == self.key && self.next_avail.wrapping_sub(next_avail) <= self.slack
+    }
 }
 
 thread_local! {
@@ -112,6 +135,8 @@ impl Device {
             fingerprint: state::fingerprint(&config.topology, config.features),
             caps,
             transfer: Mutex::new(None),
+            stopped: Mutex::new(None),
+            stop_pending: AtomicBool::new(false),
             iommu: Mutex::new(iommu),
             config: Mutex::new(config.config),
             initial: config.config,
@@ -160,8 +185,54 @@ impl Device {
     pub fn reset(&self) {
         self.iommu().reset();
         let dropped = self.faults.clear();
+        self.forget_stop();
         self.stats.resets.fetch_add(1, Relaxed);
         info!("device reset ({dropped} fault records dropped)");
+    }
+
+    fn forget_stop(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.stop_pending.store(false, Relaxed);
+    }
+
+    /// The request queue stopped at `stop` (GET_VRING_BASE, or the position a restarted
+    /// daemon found in its state file).
+    pub(crate) fn queue_stopped(&self, stop: RingStop) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop);
+        self.stop_pending.store(true, Relaxed);
+    }
+
+    /// Before the worker touches a queue after a stop: a request queue that runs again
+    /// somewhere else than where it stopped belongs to a driver that was reset, and the
+    /// device resets before it answers that driver.
+    fn check_restart(&self, requestq: &Vring) {
+        if !self.stop_pending.load(Relaxed) {
+            return;
+        }
+        let state = requestq.get_ref();
+        let queue = state.get_queue();
+        if !queue.ready() {
+            return;
+        }
+        let (next_avail, key) = (queue.next_avail(), RingKey::of(queue));
+        drop(state);
+        let Some(stop) = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        self.stop_pending.store(false, Relaxed);
+        if !stop.resumed_by(next_avail, key) {
+            info!(
+                "request queue restarted at {next_avail} ({key:?}), stopped at {} ({:?}): \
+                 the driver was reset",
+                stop.next_avail, stop.key
+            );
+            self.reset();
+        }
     }
 
     /// The frontend went away: the next one starts from a fresh device, config included.
@@ -172,6 +243,7 @@ impl Device {
         iommu.set_bypass(effective_bypass(&self.initial, self.offered));
         drop(iommu);
         self.faults.clear();
+        self.forget_stop();
         self.acked.store(0, Relaxed);
         self.event_idx.store(false, Relaxed);
     }
@@ -229,6 +301,7 @@ impl Device {
         drop(iommu);
         let faults = state.faults.len();
         self.faults.restore(state.faults);
+        self.forget_stop();
         info!(
             "device state loaded: {} domains, {} mappings, {faults} fault records",
             state.guest.domains.len(),
@@ -948,6 +1021,9 @@ pub struct IommuBackend {
     /// never closes them (0.24: `VringEpollHandler::new` registers `into_raw_fd()`); closed by
     /// [`IommuBackend::close_exit_fds`] once the daemon of this connection is dropped.
     exit_fds: Arc<Mutex<Vec<std::os::fd::RawFd>>>,
+    /// The request queue, kept from the first event so that GET_VRING_BASE can note where
+    /// it stopped (vhost-user-backend hands queues to `handle_event` only).
+    requestq: Arc<std::sync::OnceLock<Vring>>,
 }
 
 impl IommuBackend {
@@ -958,6 +1034,7 @@ impl IommuBackend {
             mem: Arc::new(Mutex::new(None)),
             exit: Arc::new(exit),
             exit_fds: Arc::default(),
+            requestq: Arc::default(),
         })
     }
 
@@ -1061,8 +1138,20 @@ impl VhostUserBackend for IommuBackend {
 
     /// GET_VRING_BASE stops a queue and nothing more: QEMU sends it whenever the VM stops
     /// (a pause, a snapshot, the end of a migration) and the guest, which never learns of the
-    /// pause, expects its domains and mappings afterwards. Only RESET_DEVICE resets.
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+    /// pause, expects its domains and mappings afterwards. Where the request queue stopped is
+    /// noted: a ring that starts again elsewhere belongs to a reset driver ([`RingStop`]).
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if queue_index == u32::from(virtio::REQUEST_QUEUE) {
+            if let Some(vring) = self.requestq.get() {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                self.device.queue_stopped(RingStop {
+                    next_avail: queue.next_avail(),
+                    key: RingKey::of(queue),
+                    slack: 0,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -1099,6 +1188,8 @@ impl VhostUserBackend for IommuBackend {
         if device_event == FAULT_EVENT {
             self.device.faults.acknowledge();
         }
+        let requestq = self.requestq.get_or_init(|| vrings[0].clone());
+        self.device.check_restart(requestq);
         // No memory table yet: nothing can be processed (kicks before SET_MEM_TABLE).
         let Some(atomic) = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
@@ -1114,5 +1205,46 @@ impl VhostUserBackend for IommuBackend {
             other => debug!("event on unknown id {other}"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(desc: u64) -> RingKey {
+        RingKey {
+            desc,
+            avail: 0x2000,
+            used: 0x3000,
+            size: 256,
+        }
+    }
+
+    #[test]
+    fn a_ring_resumes_only_where_it_stopped() {
+        let stop = RingStop {
+            next_avail: 5,
+            key: key(0x1000),
+            slack: 0,
+        };
+        assert!(stop.resumed_by(5, key(0x1000)));
+        assert!(!stop.resumed_by(0, key(0x1000)), "fresh rings: a reset");
+        assert!(!stop.resumed_by(6, key(0x1000)));
+        assert!(!stop.resumed_by(5, key(0x9000)), "rings elsewhere: a reset");
+        // After a restart the frontend rewinds to the used index, up to a queue's worth back,
+        // across the index's wrap.
+        let restart = RingStop {
+            next_avail: 3,
+            key: key(0x1000),
+            slack: 256,
+        };
+        assert!(restart.resumed_by(3, key(0x1000)));
+        assert!(restart.resumed_by(3u16.wrapping_sub(256), key(0x1000)));
+        assert!(!restart.resumed_by(3u16.wrapping_sub(257), key(0x1000)));
+        assert!(
+            !restart.resumed_by(4, key(0x1000)),
+            "ahead of where it stopped"
+        );
     }
 }

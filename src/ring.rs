@@ -41,10 +41,10 @@ pub const FAST_MAX_DESCS: u16 = 8;
 /// Identifies the ring layout a [`Rings`] was resolved for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RingKey {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
+    pub(crate) desc: u64,
+    pub(crate) avail: u64,
+    pub(crate) used: u64,
+    pub(crate) size: u16,
 }
 
 impl RingKey {

@@ -2,10 +2,12 @@
 //! what resets the guest's state and what keeps it, and the device-state transfer that carries
 //! it from one daemon to another (VHOST_USER_PROTOCOL_F_DEVICE_STATE).
 //!
-//! The rule: only a reset resets. RESET_DEVICE (QEMU sends it on every virtio reset to a
-//! backend that offers it) and a frontend's disconnect reset the device; GET_VRING_BASE (every
-//! VM stop: pause, snapshot, the end of a migration) and SET_VRING_ENABLE only stop queues, and
-//! the guest finds its domains and mappings when they run again.
+//! The rule: only a reset resets. RESET_DEVICE, a request queue that starts again somewhere
+//! else than where it stopped (fresh rings: the driver was reset; QEMU's generic vhost-user
+//! device never sends RESET_DEVICE) and a frontend's disconnect reset the device;
+//! GET_VRING_BASE (every VM stop: pause, snapshot, the end of a migration) and
+//! SET_VRING_ENABLE only stop queues, and the guest finds its domains and mappings when they
+//! run again where they stopped.
 
 mod common;
 
@@ -325,15 +327,33 @@ fn only_reset_device_and_a_disconnect_reset() {
         (json!(0), json!(1))
     );
 
-    // A frontend that never sends RESET_DEVICE: its resets only stop and restart the rings,
-    // so the state lives until it disconnects.
+    // A frontend that never sends RESET_DEVICE (QEMU's generic vhost-user device): its reset
+    // stops the rings and starts fresh ones at index 0, and that is the reset.
     let mut o = options();
     o.protocol_features -= VhostUserProtocolFeatures::RESET_DEVICE;
     drop(dev);
     let mut dev = d.connect_with(o);
+    assert!(!dev
+        .negotiated()
+        .has_protocol_feature(VhostUserProtocolFeatures::RESET_DEVICE));
     assert_eq!(status_of(&mut dev, &attach(1, 0x10)), Status::Ok);
+    // Stopped and resumed where it stopped: no reset.
+    let bases = dev.stop().unwrap();
+    dev.resume(bases).unwrap();
+    assert_eq!(d.stats()["domains"], 1, "a resume is not a reset");
+    assert_eq!(status_of(&mut dev, &map(1, 0, PAGE - 1, 0)), Status::Ok);
     dev.reset().unwrap();
-    assert_eq!(d.stats()["domains"], 1, "no RESET_DEVICE, no reset");
+    // The reset is seen when the fresh rings run: the first request finds no domain.
+    assert_eq!(
+        status_of(&mut dev, &map(1, PAGE, 2 * PAGE - 1, 0)),
+        Status::NoEnt
+    );
+    let stats = d.stats();
+    assert_eq!(
+        (stats["domains"].clone(), stats["resets"].clone()),
+        (json!(0), json!(2))
+    );
+    assert_eq!(status_of(&mut dev, &attach(1, 0x10)), Status::Ok);
     drop(dev);
     let dev = d.connect_with(options());
     assert_eq!(d.stats()["domains"], 0, "a disconnect resets");

@@ -5,7 +5,8 @@
 //! - [`model`]: guest and host operation sequences on `ownership::Iommu` against
 //!   [`ownership::reference::Reference`];
 //! - [`chain`]: hostile descriptor chains through the daemon's request path on real guest
-//!   memory.
+//!   memory;
+//! - [`state`]: the device-state loader on hostile bytes.
 //!
 //! Inputs are decoded with `arbitrary`; [`enc`] is its inverse, used to write the seeds
 //! (`cargo test -- --ignored write_corpus`).
@@ -14,6 +15,7 @@ pub mod chain;
 pub mod enc;
 pub mod model;
 pub mod parse;
+pub mod state;
 pub mod types;
 
 #[cfg(test)]
@@ -32,6 +34,7 @@ pub fn describe(target: &str, data: &[u8]) -> String {
             None => "empty".into(),
         },
         "chain" => format!("{:#?}", chain::Input::decode(data)),
+        "state" => format!("{data:02x?}"),
         other => format!("unknown target {other}"),
     }
 }

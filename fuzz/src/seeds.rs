@@ -19,6 +19,7 @@ use crate::chain::{self, Cmd, DLen, GAddr, Input, Layout, Part, Parts, Rings, Se
 use crate::enc::{enc_all, Blob, Enc};
 use crate::model::{self, Cookie, Dom, Ep, Op, Who};
 use crate::parse::{self, Case, ConfigFields, Readable, Region, Writable};
+use crate::state;
 use crate::types::{Addr, Id, Len, ReqBytes, ReqSpec};
 
 const RW: u32 = MAP_F_READ | MAP_F_WRITE;
@@ -678,7 +679,48 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, input) in chain_seeds() {
         out.push(("chain", format!("seed-{name}"), input.encode()));
     }
+    for (name, bytes) in state_seeds() {
+        out.push(("state", format!("seed-{name}"), bytes));
+    }
     out
+}
+
+/// Device states: `[mode]` then a state the daemon wrote (see `state::run` for the mode).
+fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use ownership::{DomainKind, Iommu, PERM_MMIO, PERM_READ, PERM_WRITE};
+    use vhost_device_iommu::state::{encode, fingerprint, DeviceState};
+    use virtio::{FaultReason, FaultRecord};
+    let fp = fingerprint(&state::topology(), state::FEATURES);
+    let mut m = Iommu::new(state::topology());
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(1, 2, DomainKind::Paging).unwrap();
+    m.attach(3, 4, DomainKind::Identity).unwrap();
+    for i in 0..20u64 {
+        let perms = [PERM_READ, PERM_WRITE, PERM_READ | PERM_WRITE | PERM_MMIO][i as usize % 3];
+        m.map(1, i * 0x2000, i * 0x2000 + 0xfff, 0x10_0000 + i * 0x3000, perms)
+            .unwrap();
+    }
+    m.map(1, 1 << 40, (1 << 40) + 0x1f_ffff, 0x20_0000, PERM_READ)
+        .unwrap();
+    let full = DeviceState {
+        features: 0x1_0000_0017,
+        bypass: true,
+        guest: m.guest_state(),
+        faults: vec![FaultRecord {
+            reason: FaultReason::Mapping,
+            flags: 0x101,
+            endpoint: 1,
+            address: 0x5000,
+        }],
+    };
+    let full = encode(&full, fp);
+    let empty = encode(&DeviceState::default(), fp);
+    vec![
+        ("full", [&[0u8][..], &full].concat()),
+        ("full-fixed-up", [&[1u8][..], &full].concat()),
+        ("full-into-programmed", [&[3u8][..], &full].concat()),
+        ("empty", [&[0u8][..], &empty].concat()),
+    ]
 }
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -692,6 +734,7 @@ fn harness(target: &str) -> fn(&[u8]) {
         "parse" => parse::run,
         "model" => model::run,
         "chain" => chain::run,
+        "state" => state::run,
         other => panic!("unknown target {other}"),
     }
 }
@@ -770,10 +813,18 @@ fn chain_seeds_reach_the_model() {
     }
 }
 
+/// The state seeds load, into an empty model and into a programmed one.
+#[test]
+fn state_seeds_load() {
+    for (name, bytes) in state_seeds() {
+        assert_eq!(state::outcome(&bytes), state::Outcome::Loaded, "{name}");
+    }
+}
+
 #[test]
 fn corpus_replays() {
     let mut n = 0;
-    for target in ["parse", "model", "chain"] {
+    for target in ["parse", "model", "chain", "state"] {
         let Ok(dir) = std::fs::read_dir(corpus_dir(target)) else {
             continue;
         };
