@@ -78,7 +78,7 @@ for target in $targets; do
   rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)"
   if [ -z "$execs" ]; then
     # No final stats (the run died): the last progress line has the count.
-    execs="$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')"
+    execs="$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#' || true)"
   fi
   last="$(grep -E '^#[0-9]+[[:space:]].*cov: ' "$log" | tail -n 1 || true)"
   cov="$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")"
