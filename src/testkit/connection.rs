@@ -344,7 +344,16 @@ impl Connection {
 
     /// `SET_MEM_TABLE` with every region of `mem`.
     pub fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
-        let regions = mem.vhost_regions()?;
+        self.set_mem_tables(&[mem])
+    }
+
+    /// `SET_MEM_TABLE` with every region of each of `mems` (their guest-physical ranges must
+    /// not overlap): guest RAM grown by another memory, as after a memory hot-plug.
+    pub fn set_mem_tables(&mut self, mems: &[&GuestMemory]) -> Result<()> {
+        let mut regions = Vec::new();
+        for mem in mems {
+            regions.extend(mem.vhost_regions()?);
+        }
         self.call("SET_MEM_TABLE", |f| f.set_mem_table(&regions).map(|_| ()))
     }
 

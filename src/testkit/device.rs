@@ -367,6 +367,13 @@ impl Device {
         Ok(c)
     }
 
+    /// The request queue, the event queue and the connection at once, for a test that drives
+    /// them from different threads (a request-queue driver, an event-queue driver, and the
+    /// frontend restarting queues or replacing the memory table meanwhile).
+    pub fn parts(&mut self) -> (&mut Virtqueue, &mut Virtqueue, &mut Connection) {
+        (&mut self.requestq, &mut self.eventq, &mut self.conn)
+    }
+
     /// The request queue, for batching, raw posting and measurements.
     pub fn requestq(&mut self) -> &mut Virtqueue {
         &mut self.requestq

@@ -396,6 +396,10 @@ pub struct Virtqueue {
     /// Heads published with `publish_raw_head` and not seen in the used ring yet.
     untracked: usize,
     avail_idx: u16,
+    /// The available index as last stored in the ring (behind `avail_idx` while held).
+    published_avail: u16,
+    /// Posting leaves the available index in the ring alone until [`Virtqueue::publish_avail`].
+    hold_avail: bool,
     notified_avail: u16,
     last_used: u16,
     /// `VRING_AVAIL_F_*` as last written.
@@ -459,6 +463,8 @@ impl Virtqueue {
             num_in_flight: 0,
             untracked: 0,
             avail_idx: 0,
+            published_avail: 0,
+            hold_avail: false,
             notified_avail: 0,
             last_used: 0,
             avail_flags: 0,
@@ -489,6 +495,7 @@ impl Virtqueue {
         self.num_in_flight = 0;
         self.untracked = 0;
         self.avail_idx = 0;
+        self.published_avail = 0;
         self.notified_avail = 0;
         self.last_used = 0;
         self.mem.fill(self.rings.addr, self.rings.len as usize, 0)?;
@@ -680,15 +687,36 @@ impl Virtqueue {
             .write(table + DESC_SIZE * u64::from(i), &d.encode(next))
     }
 
-    /// Makes `head` available and advances the available index.
+    /// Makes `head` available and advances the available index (in the ring too, unless it
+    /// is held).
     fn publish(&mut self, head: u16) -> Result<()> {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         self.mem.write(slot, &head.to_le_bytes())?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        // Release: the descriptors and the ring entry are visible before the index.
-        self.mem
-            .store_u16(self.avail + 2, self.avail_idx, Ordering::Release)?;
         self.stats.posted += 1;
+        if self.hold_avail {
+            return Ok(());
+        }
+        self.publish_avail()
+    }
+
+    /// While `hold` is true, posting writes the chains and their available ring entries but
+    /// leaves the available index in the ring where it is; [`Virtqueue::publish_avail`] (or
+    /// the next [`notify`](Self::notify)) stores it. A test then
+    /// chooses the instant the device sees new work to the nanosecond, as a driver's single
+    /// index store makes it, whatever posting itself costs.
+    pub fn hold_avail(&mut self, hold: bool) {
+        self.hold_avail = hold;
+    }
+
+    /// Stores the available index in the ring if posting left it behind.
+    pub fn publish_avail(&mut self) -> Result<()> {
+        if self.published_avail != self.avail_idx {
+            // Release: the descriptors and the ring entries are visible before the index.
+            self.mem
+                .store_u16(self.avail + 2, self.avail_idx, Ordering::Release)?;
+            self.published_avail = self.avail_idx;
+        }
         Ok(())
     }
 
@@ -884,6 +912,7 @@ impl Virtqueue {
     /// Kicks if the device wants it (see [`needs_kick`](Self::needs_kick)). Returns whether it
     /// kicked.
     pub fn notify(&mut self) -> Result<bool> {
+        self.publish_avail()?;
         let need = self.needs_kick()?;
         self.notified_avail = self.avail_idx;
         if need {
@@ -894,9 +923,10 @@ impl Virtqueue {
         Ok(need)
     }
 
-    /// Kicks unconditionally.
+    /// Kicks unconditionally. An available index held back ([`Virtqueue::hold_avail`]) stays
+    /// held: the device is told about what the ring shows, nothing more.
     pub fn kick(&mut self) -> Result<()> {
-        self.notified_avail = self.avail_idx;
+        self.notified_avail = self.published_avail;
         self.kick_raw()
     }
 
@@ -947,6 +977,7 @@ impl Virtqueue {
             )));
         }
         self.avail_idx = avail_idx;
+        self.published_avail = avail_idx;
         self.notified_avail = avail_idx;
         self.last_used = last_used;
         self.stats.posted += posted;
@@ -1384,5 +1415,32 @@ mod tests {
         assert!(!q.notify().unwrap());
         let s = q.stats();
         assert_eq!((s.kicks, s.kicks_suppressed, s.posted), (2, 2, 4));
+    }
+
+    #[test]
+    fn a_held_avail_index_is_published_by_notify_not_by_kick() {
+        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mut q = Virtqueue::new(&mem, 0, 8, 64).unwrap();
+        let ring_idx = |q: &Virtqueue| mem.read_u16(q.avail_addr() + 2).unwrap();
+        q.hold_avail(true);
+        q.post(b"a", 4).unwrap();
+        q.post(b"b", 4).unwrap();
+        assert_eq!(
+            (q.avail_idx(), ring_idx(&q)),
+            (2, 0),
+            "written, not published"
+        );
+        // A kick tells the device about what the ring shows: nothing new.
+        q.kick().unwrap();
+        assert_eq!(ring_idx(&q), 0);
+        q.publish_avail().unwrap();
+        assert_eq!(ring_idx(&q), 2);
+        q.post(b"c", 4).unwrap();
+        // EVENT_IDX: the kick decision covers every entry published since the spurious kick.
+        q.set_event_idx(true).unwrap();
+        mem.store_u16(q.avail_event_addr(), 1, Ordering::Relaxed)
+            .unwrap();
+        assert!(q.notify().unwrap(), "avail_event 1 lies in [0, 3)");
+        assert_eq!(ring_idx(&q), 3);
     }
 }
