@@ -520,9 +520,16 @@ impl Device {
     /// Processes the request queue until it is empty and, with polling on, stays empty for
     /// the poll window. Returns the number of requests handled.
     ///
+    /// Every pass runs with notifications off, and the loop ends only once they are back on
+    /// and the ring was looked at after that ([`rearm`]): a driver that made a buffer
+    /// available while they were off saw no need to kick, so that buffer is this loop's to
+    /// find.
+    ///
     /// A ring the device cannot use (not ready, outside guest memory, an avail index running
     /// more than the queue size ahead) is left alone until the next kick: the loop goes round
-    /// again only after a pass that made progress, so no guest can make it spin.
+    /// again only after a pass that made progress or after a re-check that saw the driver
+    /// publish buffers, and a pass that finds nothing after such a re-check ends it (a driver
+    /// that really published is always served by that pass), so no guest can make it spin.
     ///
     /// Passes run on the ring fast path (`ring.rs`: rings resolved to host memory once per
     /// layout, simple chains parsed straight from the descriptor table, used elements and the
@@ -536,6 +543,8 @@ impl Device {
         let mut rings: Option<Rings<'_>> = None;
         let mut cache = RegionCache::default();
         let mut chain = FastChain::default();
+        // This pass follows a re-check that saw buffers arrive: it must find them.
+        let mut after_recheck = false;
         loop {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
@@ -558,6 +567,8 @@ impl Device {
                     if queue.ready() {
                         self.stats.broken_rings.fetch_add(1, Relaxed);
                         log_limited!(log::Level::Warn, "request queue unusable: {problem}");
+                        // Left alone until the next kick, which notifications must allow.
+                        let _ = queue.enable_notification(mem);
                     }
                     break;
                 }
@@ -598,10 +609,15 @@ impl Device {
                     None => needs_signal(queue, mem),
                 };
             if batch == 0 {
-                // Nothing could be popped: sleep until the next kick.
-                let _ = queue.enable_notification(mem);
+                // Nothing could be popped: sleep until the next kick, unless buffers arrived
+                // while notifications were off (their driver did not kick).
+                if rearm(queue, mem) && !after_recheck {
+                    after_recheck = true;
+                    continue;
+                }
                 break;
             }
+            after_recheck = false;
             let next_avail = queue.next_avail();
             drop(state);
             if signal {
@@ -622,16 +638,11 @@ impl Device {
                 }
             }
             polled = false;
-            let mut state = vring.get_mut();
-            match state.get_queue_mut().enable_notification(mem) {
-                // Buffers arrived while notifications were off: go again.
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log_limited!(log::Level::Warn, "enable_notification: {e}");
-                    break;
-                }
+            if !rearm(vring.get_mut().get_queue_mut(), mem) {
+                break;
             }
+            // Buffers arrived while notifications were off: go again.
+            after_recheck = true;
         }
         if handled == 0 {
             self.stats.spurious_wakeups.fetch_add(1, Relaxed);
@@ -840,6 +851,24 @@ fn ring_problem(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Option<String
         }
         Ok(_) => None,
         Err(e) => Some(format!("available index unreadable: {e}")),
+    }
+}
+
+/// Turns the driver's notifications back on (`VRING_USED_F_NO_NOTIFY` cleared, or with
+/// EVENT_IDX `avail_event` set to the next entry), then looks at the available index once
+/// more: true when buffers arrived meanwhile, which the caller must process since their driver
+/// may have seen notifications off and not kicked. A stopped queue is left alone: its ring
+/// belongs to the frontend again, and a restart runs a pass.
+fn rearm(queue: &mut virtio_queue::Queue, mem: &GuestMemory) -> bool {
+    if !queue.ready() {
+        return false;
+    }
+    match queue.enable_notification(mem) {
+        Ok(arrived) => arrived,
+        Err(e) => {
+            log_limited!(log::Level::Warn, "enable_notification: {e}");
+            false
+        }
     }
 }
 
