@@ -786,21 +786,21 @@ impl Device {
                 break;
             };
             let head = chain.head_index();
-            let Some(record) = self.faults.pop() else {
+            let Some(taken) = self.faults.pop() else {
                 // Cleared meanwhile (reset): give the buffer back untouched.
                 queue.go_to_previous_position();
                 break;
             };
-            let used = write_fault(mem, chain, &record);
+            let used = write_fault(mem, chain, &taken);
             if used == 0 {
                 // Spec E5: never split a record; keep it for a big enough buffer.
-                self.faults.unpop(record);
+                self.faults.unpop(taken);
                 log_limited!(
                     log::Level::Warn,
                     "event buffer too small for a fault record"
                 );
             } else {
-                self.faults.delivered();
+                self.faults.delivered(taken);
                 delivered += 1;
             }
             let _ = queue.add_used(mem, head, used);

@@ -3,7 +3,9 @@
 //! The fast path (any thread) pushes records into a bounded backlog and wakes the device's
 //! worker through an eventfd; the worker writes them into the buffers the driver posted on the
 //! eventq, oldest first. With no buffer available the records wait (spec: the device may wait
-//! or drop); when the backlog is full the oldest record is dropped and counted.
+//! or drop); when the backlog is full the oldest record is dropped and counted. A record
+//! belongs to the device instance that reported it: one taken before a reset never comes back
+//! after it.
 
 use std::{
     collections::VecDeque,
@@ -18,7 +20,7 @@ use crate::stats::Stats;
 /// The bounded backlog of fault records.
 ///
 /// Every record is accounted for, under one lock: `reported = delivered + dropped + waiting +
-/// in flight` (in flight: popped by the worker, not yet written or put back).
+/// in flight` (in flight: taken by the worker, not yet written or put back).
 #[derive(Debug)]
 pub struct FaultQueue {
     inner: Mutex<Inner>,
@@ -31,8 +33,28 @@ pub struct FaultQueue {
 struct Inner {
     backlog: VecDeque<FaultRecord>,
     in_flight: usize,
+    /// Bumped by every clear (reset, disconnect) and by close: a record taken in an earlier
+    /// epoch belongs to a device instance that is gone.
+    epoch: u64,
     /// Shutting down: new records are dropped (and counted).
     closed: bool,
+}
+
+/// A record taken out of the backlog by [`FaultQueue::pop`]: it goes to
+/// [`FaultQueue::delivered`] once written, or back through [`FaultQueue::unpop`].
+#[derive(Debug)]
+#[must_use = "a taken record is delivered or put back"]
+pub struct Taken {
+    record: FaultRecord,
+    epoch: u64,
+}
+
+impl std::ops::Deref for Taken {
+    type Target = FaultRecord;
+
+    fn deref(&self) -> &FaultRecord {
+        &self.record
+    }
 }
 
 /// The fault counters at one instant.
@@ -95,17 +117,21 @@ impl FaultQueue {
         let _ = self.wake.read();
     }
 
-    /// Takes the oldest record for delivery; the caller then calls [`Self::delivered`] or
-    /// [`Self::unpop`].
-    pub fn pop(&self) -> Option<FaultRecord> {
+    /// Takes the oldest record for delivery; the caller then hands it to [`Self::delivered`]
+    /// or [`Self::unpop`].
+    pub fn pop(&self) -> Option<Taken> {
         let mut inner = self.lock();
         let record = inner.backlog.pop_front()?;
         inner.in_flight += 1;
-        Some(record)
+        Some(Taken {
+            record,
+            epoch: inner.epoch,
+        })
     }
 
-    /// The record taken by [`Self::pop`] reached the guest.
-    pub fn delivered(&self) {
+    /// The record taken by [`Self::pop`] reached the guest (the buffers it was written into
+    /// were the ones the driver posted, whatever happened to the backlog meanwhile).
+    pub fn delivered(&self, _taken: Taken) {
         let mut inner = self.lock();
         inner.in_flight = inner.in_flight.saturating_sub(1);
         self.stats.faults_delivered.fetch_add(1, Relaxed);
@@ -113,14 +139,15 @@ impl FaultQueue {
 
     /// Puts a record taken by [`Self::pop`] back at the head (no buffer could take it). It is
     /// the oldest record: when the backlog filled up meanwhile, or the queue is closed, it is
-    /// the one dropped.
-    pub fn unpop(&self, record: FaultRecord) {
+    /// the one dropped. So is a record taken before the backlog was cleared: it belongs to the
+    /// driver before the reset, never to the next one.
+    pub fn unpop(&self, taken: Taken) {
         let mut inner = self.lock();
         inner.in_flight = inner.in_flight.saturating_sub(1);
-        if inner.closed || inner.backlog.len() >= self.capacity {
+        if inner.closed || taken.epoch != inner.epoch || inner.backlog.len() >= self.capacity {
             self.dropped(1);
         } else {
-            inner.backlog.push_front(record);
+            inner.backlog.push_front(taken.record);
         }
     }
 
@@ -132,9 +159,11 @@ impl FaultQueue {
         self.len() == 0
     }
 
-    /// Drops every waiting record (device reset, disconnect), counting them.
+    /// Drops every waiting record (device reset, disconnect), counting them; a record taken
+    /// before is dropped too if it is put back.
     pub fn clear(&self) -> usize {
         let mut inner = self.lock();
+        inner.epoch += 1;
         let n = inner.backlog.len();
         inner.backlog.clear();
         self.dropped(n);
@@ -146,6 +175,7 @@ impl FaultQueue {
     pub fn close(&self) -> usize {
         let mut inner = self.lock();
         inner.closed = true;
+        inner.epoch += 1;
         let n = inner.backlog.len();
         inner.backlog.clear();
         self.dropped(n);
@@ -214,16 +244,19 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert_eq!(stats.faults_dropped.load(Relaxed), 3);
         assert_eq!(stats.faults_reported.load(Relaxed), 5);
-        assert_eq!(q.pop().unwrap().address, 3);
-        q.unpop(record(3));
-        assert_eq!(q.pop().unwrap().address, 3);
+        let taken = q.pop().unwrap();
+        assert_eq!(taken.address, 3);
+        q.unpop(taken);
+        let taken = q.pop().unwrap();
+        assert_eq!(taken.address, 3);
         // The backlog filled up while a record was out: putting it back drops it.
         q.push(record(5));
         q.push(record(6));
-        q.unpop(record(3));
+        q.unpop(taken);
         assert_eq!(q.len(), 2);
-        assert_eq!(q.pop().unwrap().address, 5);
-        q.delivered();
+        let taken = q.pop().unwrap();
+        assert_eq!(taken.address, 5);
+        q.delivered(taken);
         assert_eq!(q.wake_fd().read().unwrap(), 7);
         assert_eq!(q.close(), 1);
         q.push(record(7));
@@ -234,6 +267,40 @@ mod tests {
             "{a:?}"
         );
         assert_eq!((a.reported, a.delivered, a.dropped), (8, 1, 7));
+        assert!(q.is_empty());
+    }
+
+    /// The worker takes a record, a reset clears the backlog, the record does not fit the
+    /// guest's buffer and is put back: it belongs to the driver before the reset and must not
+    /// reach the next one. It is dropped and counted; records reported after the reset keep
+    /// their place.
+    #[test]
+    fn a_record_taken_before_a_clear_never_returns() {
+        let stats = Arc::new(Stats::default());
+        let q = FaultQueue::new(4, stats.clone()).unwrap();
+        q.push(record(1));
+        q.push(record(2));
+        let taken = q.pop().unwrap();
+        assert_eq!(q.clear(), 1);
+        q.push(record(3));
+        q.unpop(taken);
+        assert_eq!(q.len(), 1, "only the record reported after the reset waits");
+        assert_eq!(q.pop().unwrap().address, 3);
+        let a = q.accounts();
+        assert_eq!(
+            a.reported,
+            a.delivered + a.dropped + a.waiting + a.in_flight,
+            "{a:?}"
+        );
+        assert_eq!(
+            (a.reported, a.dropped, a.waiting, a.in_flight),
+            (3, 2, 0, 1)
+        );
+        // Shutdown the same way: a record taken before close is dropped when put back.
+        q.push(record(4));
+        let taken = q.pop().unwrap();
+        q.close();
+        q.unpop(taken);
         assert!(q.is_empty());
     }
 }
