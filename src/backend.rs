@@ -774,13 +774,40 @@ impl Device {
 
     /// Writes waiting fault records into the buffers the driver posted on the event queue.
     /// A buffer is taken before a record, so a record leaves the backlog only to be written.
+    ///
+    /// Records that wait with no buffer posted must not wait for a kick the driver does not
+    /// send: notifications go back on (with EVENT_IDX, `avail_event` names the next buffer;
+    /// without it `VRING_USED_F_NO_NOTIFY` is never set here) and the ring is looked at again
+    /// ([`rearm`]). A re-check that saw buffers arrive is followed by a round that takes one,
+    /// or the call ends: a broken ring cannot make it spin.
     fn deliver_faults(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
-        let mut delivered = 0u64;
+        let mut returned = 0u64;
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        if self.faults.is_empty() || ring_problem(queue, mem).is_some() {
-            return Ok(());
+        let mut after_recheck = false;
+        loop {
+            if self.faults.is_empty() || ring_problem(queue, mem).is_some() {
+                break;
+            }
+            let taken = self.fill_event_buffers(queue, mem);
+            returned += taken;
+            if self.faults.is_empty() || (taken == 0 && after_recheck) || !rearm(queue, mem) {
+                break;
+            }
+            after_recheck = true;
         }
+        let notify = returned > 0 && queue.needs_notification(mem).unwrap_or(true);
+        drop(state);
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Writes records into event buffers until one or the other runs out; returns how many
+    /// buffers went back to the driver.
+    fn fill_event_buffers(&self, queue: &mut virtio_queue::Queue, mem: &GuestMemory) -> u64 {
+        let mut returned = 0;
         while !self.faults.is_empty() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -801,16 +828,11 @@ impl Device {
                 );
             } else {
                 self.faults.delivered(taken);
-                delivered += 1;
             }
             let _ = queue.add_used(mem, head, used);
+            returned += 1;
         }
-        let notify = delivered > 0 && queue.needs_notification(mem).unwrap_or(true);
-        drop(state);
-        if notify {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
+        returned
     }
 
     fn set_features(&self, features: u64) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_device_iommu::testkit::{Chain, Options, RawDesc, VRING_DESC_F_WRITE};
+use vhost_device_iommu::testkit::{Chain, Options, RawDesc, WaitMode, VRING_DESC_F_WRITE};
 use virtio::{
     Config, FaultReason, FaultRecord, ResvMem, ResvMemType, Status, FAULT_F_ADDRESS, FAULT_F_READ,
     FAULT_F_WRITE, F_BYPASS, F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO,
@@ -370,7 +370,7 @@ fn faults_wait_for_event_buffers_in_a_bounded_backlog() {
     for _ in 0..4 {
         q.post_chain(&Chain::new().writable(24)).unwrap();
     }
-    q.kick().unwrap();
+    assert!(q.notify().unwrap(), "the device asked for a kick");
     let mut addresses = Vec::new();
     for _ in 0..4 {
         let e = dev.wait_event(Duration::from_secs(10)).unwrap();
@@ -381,6 +381,50 @@ fn faults_wait_for_event_buffers_in_a_bounded_backlog() {
         );
     }
     assert_eq!(addresses, vec![0x6000, 0x7000, 0x8000, 0x9000]);
+}
+
+/// One event buffer, two faults: the first record fills the buffer, the second waits in the
+/// backlog. The driver reaps the first and re-posts the buffer with a conditional kick; the
+/// device must have asked for that kick (with EVENT_IDX, `avail_event` at the re-posted entry)
+/// so that the second record arrives without any later fault to wake it.
+#[test]
+fn a_waiting_record_takes_the_reposted_buffer() {
+    let d = Daemon::start(&[]);
+    for event_idx in [true, false] {
+        let mut dev = d.connect_with(Options {
+            event_idx,
+            event_buffers: 1,
+            ..Options::default()
+        });
+        assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
+        d.control(json!({"cmd": "use_dma_api", "endpoint": EP}));
+        let before = d.stats()["faults"]["delivered"].as_u64().unwrap();
+        for i in 0..2u64 {
+            let tr = json!({"cmd": "translate", "endpoint": EP, "iova": 0x8000_0000 + (i << 12)});
+            assert_eq!(d.control(tr)["fault"], "unmapped");
+        }
+        let stats = d.wait_stats("the first record delivered", |s| {
+            s["faults"]["delivered"] == before + 1
+        });
+        assert_eq!(stats["faults"]["backlog"], 1, "{stats}");
+        // Reaps the first record and re-posts its buffer with a conditional kick.
+        let first = dev.wait_event(Duration::from_secs(10)).unwrap();
+        assert_eq!(first.used_len as usize, 24);
+        let q = dev.eventq();
+        let kicked = q.stats().kicks;
+        let second = q.wait(WaitMode::Interrupt, Duration::from_secs(5));
+        let stats = d.stats();
+        let second = second.unwrap_or_else(|e| {
+            panic!(
+                "event_idx {event_idx}: the second record stays in the backlog ({e}; driver \
+                 kicks {kicked}, suppressed {}): {stats}",
+                q.stats().kicks_suppressed
+            )
+        });
+        let record = FaultRecord::from_bytes(&second.data[..24].try_into().unwrap());
+        assert_eq!(record.unwrap().address, 0x8000_1000);
+        assert_eq!(stats["faults"]["backlog"], 0, "{stats}");
+    }
 }
 
 #[test]
