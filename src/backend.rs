@@ -520,6 +520,9 @@ impl Device {
     /// Processes the request queue until it is empty and, with polling on, stays empty for
     /// the poll window. Returns the number of requests handled.
     ///
+    /// A disabled queue (`SET_VRING_ENABLE` 0) is not touched, and a loop that finds its
+    /// queue disabled ends (enabling it again runs a pass).
+    ///
     /// Every pass runs with notifications off, and the loop ends only once they are back on
     /// and the ring was looked at after that ([`rearm`]): a driver that made a buffer
     /// available while they were off saw no need to kick, so that buffer is this loop's to
@@ -547,6 +550,9 @@ impl Device {
         let mut after_recheck = false;
         loop {
             let mut state = vring.get_mut();
+            if !state.is_enabled() {
+                break;
+            }
             let queue = state.get_queue_mut();
             if self.ring_fast_path
                 && queue.ready()
@@ -638,7 +644,8 @@ impl Device {
                 }
             }
             polled = false;
-            if !rearm(vring.get_mut().get_queue_mut(), mem) {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() || !rearm(state.get_queue_mut(), mem) {
                 break;
             }
             // Buffers arrived while notifications were off: go again.
@@ -716,7 +723,7 @@ impl Device {
             {
                 let state = vring.get_ref();
                 let queue = state.get_queue();
-                if !queue.ready() {
+                if !queue.ready() || !state.is_enabled() {
                     return false;
                 }
                 match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
@@ -738,8 +745,8 @@ impl Device {
     }
 
     /// [`Device::poll_avail`] on a resolved ring: spins on the avail index in host memory and
-    /// looks at the queue (under its lock) only every 64 spins, to notice a stop, a reset or
-    /// moved rings. True when the avail index moved or the rings changed (the next pass
+    /// looks at the queue (under its lock) only every 64 spins, to notice a stop, a disable,
+    /// a reset or moved rings. True when the avail index moved or the rings changed (the next pass
     /// checks the ring before using it).
     fn poll_avail_fast(&self, vring: &Vring, rings: &Rings<'_>, next_avail: u16) -> bool {
         let deadline = Instant::now() + self.poll;
@@ -757,7 +764,7 @@ impl Device {
                 }
                 let state = vring.get_ref();
                 let queue = state.get_queue();
-                if !queue.ready() {
+                if !queue.ready() || !state.is_enabled() {
                     return false;
                 }
                 if RingKey::of(queue) != rings.key || queue.next_avail() != next_avail {
@@ -783,6 +790,10 @@ impl Device {
     fn deliver_faults(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<()> {
         let mut returned = 0u64;
         let mut state = vring.get_mut();
+        if !state.is_enabled() {
+            // Re-enabling the queue runs this again.
+            return Ok(());
+        }
         let queue = state.get_queue_mut();
         let mut after_recheck = false;
         loop {
