@@ -8,7 +8,10 @@ use std::{
     fs::File,
     io::{self, Read, Write},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU64,
+            Ordering::{Acquire, Relaxed, Release},
+        },
         Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
@@ -66,6 +69,9 @@ pub struct Device {
     offered: u64,
     acked: AtomicU64,
     event_idx: AtomicBool,
+    /// Bumped by every memory table the frontend sends: a request loop running on an older
+    /// snapshot of guest memory stops, and starts over on the new one.
+    memory_epoch: AtomicU64,
     faults: Arc<FaultQueue>,
     stats: Arc<Stats>,
     poll: Duration,
@@ -143,6 +149,7 @@ impl Device {
             offered: config.features,
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
+            memory_epoch: AtomicU64::new(0),
             faults,
             stats,
             poll: config.poll,
@@ -518,10 +525,13 @@ impl Device {
     }
 
     /// Processes the request queue until it is empty and, with polling on, stays empty for
-    /// the poll window. Returns the number of requests handled.
+    /// the poll window; `mem` is the snapshot of guest memory taken at memory epoch `epoch`.
     ///
     /// A disabled queue (`SET_VRING_ENABLE` 0) is not touched, and a loop that finds its
-    /// queue disabled ends (enabling it again runs a pass).
+    /// queue disabled ends (enabling it again runs a pass). A loop that finds the memory
+    /// table replaced returns [`LoopEnd::MemoryReplaced`] for the caller to start over on the
+    /// new snapshot: under a steady load the loop would otherwise poll on, and answer, with a
+    /// table the frontend has replaced.
     ///
     /// Every pass runs with notifications off, and the loop ends only once they are back on
     /// and the ring was looked at after that ([`rearm`]): a driver that made a buffer
@@ -539,7 +549,12 @@ impl Device {
     /// used index written once per pass) whenever the rings lie inside single memory regions
     /// and `--ring-fast-path` is on; any chain that is not the simple case goes through
     /// virtio-queue and [`Device::process_chain`], exactly as on the slow path.
-    fn process_requests(&self, vring: &Vring, mem: &GuestMemory) -> io::Result<usize> {
+    fn process_requests(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemory,
+        epoch: u64,
+    ) -> io::Result<LoopEnd> {
         let mut handled = 0usize;
         let mut polled = false;
         // Resolved for this memory snapshot; re-resolved when the ring layout changes.
@@ -550,6 +565,9 @@ impl Device {
         let mut after_recheck = false;
         loop {
             let mut state = vring.get_mut();
+            if self.memory_epoch.load(Acquire) != epoch {
+                return Ok(LoopEnd::MemoryReplaced);
+            }
             if !state.is_enabled() {
                 break;
             }
@@ -635,8 +653,8 @@ impl Device {
             }
             if self.poll > Duration::ZERO {
                 let moved = match fast {
-                    Some(r) => self.poll_avail_fast(vring, &r, next_avail),
-                    None => self.poll_avail(vring, mem),
+                    Some(r) => self.poll_avail_fast(vring, &r, next_avail, epoch),
+                    None => self.poll_avail(vring, mem, epoch),
                 };
                 if moved {
                     polled = true;
@@ -654,7 +672,7 @@ impl Device {
         if handled == 0 {
             self.stats.spurious_wakeups.fetch_add(1, Relaxed);
         }
-        Ok(handled)
+        Ok(LoopEnd::Asleep)
     }
 
     /// One pass on the fast path: every chain the driver made available (at most a queue's
@@ -714,9 +732,9 @@ impl Device {
         queue.set_next_avail(next);
     }
 
-    /// Spins on the avail ring for the poll window; true when the avail index moved (the next
-    /// pass checks the ring before using it).
-    fn poll_avail(&self, vring: &Vring, mem: &GuestMemory) -> bool {
+    /// Spins on the avail ring for the poll window; true when the avail index moved or the
+    /// memory table was replaced (the next pass checks both before using the ring).
+    fn poll_avail(&self, vring: &Vring, mem: &GuestMemory, epoch: u64) -> bool {
         let deadline = Instant::now() + self.poll;
         let mut spins = 0u32;
         loop {
@@ -725,6 +743,9 @@ impl Device {
                 let queue = state.get_queue();
                 if !queue.ready() || !state.is_enabled() {
                     return false;
+                }
+                if self.memory_epoch.load(Acquire) != epoch {
+                    return true;
                 }
                 match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
                     Ok(idx) if idx.0 != queue.next_avail() => return true,
@@ -746,9 +767,15 @@ impl Device {
 
     /// [`Device::poll_avail`] on a resolved ring: spins on the avail index in host memory and
     /// looks at the queue (under its lock) only every 64 spins, to notice a stop, a disable,
-    /// a reset or moved rings. True when the avail index moved or the rings changed (the next pass
-    /// checks the ring before using it).
-    fn poll_avail_fast(&self, vring: &Vring, rings: &Rings<'_>, next_avail: u16) -> bool {
+    /// a reset, moved rings or a new memory table. True when the avail index moved or the
+    /// rings or the memory changed (the next pass checks them before using the ring).
+    fn poll_avail_fast(
+        &self,
+        vring: &Vring,
+        rings: &Rings<'_>,
+        next_avail: u16,
+        epoch: u64,
+    ) -> bool {
         let deadline = Instant::now() + self.poll;
         let mut spins = 0u32;
         loop {
@@ -767,7 +794,10 @@ impl Device {
                 if !queue.ready() || !state.is_enabled() {
                     return false;
                 }
-                if RingKey::of(queue) != rings.key || queue.next_avail() != next_avail {
+                if RingKey::of(queue) != rings.key
+                    || queue.next_avail() != next_avail
+                    || self.memory_epoch.load(Acquire) != epoch
+                {
                     return true;
                 }
             }
@@ -851,6 +881,15 @@ impl Device {
         let mut iommu = self.iommu();
         iommu.set_bypass(effective_bypass(&self.config(), features | self.offered));
     }
+}
+
+/// How a call of [`Device::process_requests`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoopEnd {
+    /// Nothing left to do: notifications are on (or the queue is off).
+    Asleep,
+    /// The memory table was replaced: call again with a snapshot of the new one.
+    MemoryReplaced,
 }
 
 /// Why a queue cannot be used now, if it cannot: checked before touching it, so that a broken
@@ -1176,6 +1215,9 @@ impl VhostUserBackend for IommuBackend {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         let mut slot = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        // Whatever becomes of this table, the request loop's snapshot is out of date (the
+        // handler swapped the new table in before calling here).
+        self.device.memory_epoch.fetch_add(1, Release);
         // A region mapped past the end of its file would kill the daemon with SIGBUS on first
         // access: refuse the table (and stop processing: the handler already swapped it in).
         if let Err(e) = check_regions_backed(&mem.memory()) {
@@ -1252,21 +1294,28 @@ impl VhostUserBackend for IommuBackend {
         }
         let requestq = self.requestq.get_or_init(|| vrings[0].clone());
         self.device.check_restart(requestq);
-        // No memory table yet: nothing can be processed (kicks before SET_MEM_TABLE).
-        let Some(atomic) = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        loop {
+            // The epoch before the snapshot: a table swapped in after it bumps the epoch.
+            let epoch = self.device.memory_epoch.load(Acquire);
+            // No memory table yet: nothing can be processed (kicks before SET_MEM_TABLE).
+            let Some(atomic) = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+                return Ok(());
+            };
+            let mem = atomic.memory();
+            match device_event {
+                e if e == virtio::REQUEST_QUEUE => {
+                    match self.device.process_requests(&vrings[0], &mem, epoch)? {
+                        LoopEnd::Asleep => return Ok(()),
+                        LoopEnd::MemoryReplaced => continue,
+                    }
+                }
+                e if e == virtio::EVENT_QUEUE || e == FAULT_EVENT => {
+                    self.device.deliver_faults(&vrings[1], &mem)?;
+                }
+                other => debug!("event on unknown id {other}"),
+            }
             return Ok(());
-        };
-        let mem = atomic.memory();
-        match device_event {
-            e if e == virtio::REQUEST_QUEUE => {
-                self.device.process_requests(&vrings[0], &mem)?;
-            }
-            e if e == virtio::EVENT_QUEUE || e == FAULT_EVENT => {
-                self.device.deliver_faults(&vrings[1], &mem)?;
-            }
-            other => debug!("event on unknown id {other}"),
         }
-        Ok(())
     }
 }
 
