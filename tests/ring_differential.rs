@@ -5,7 +5,9 @@
 //! order, the bytes in every buffer the chains point at (device-writable or not), the daemon
 //! alive, the request counters and the model state (domains, groups, mappings) afterwards.
 //!
-//! The input is a few steps of a few chains each, posted and then kicked once: well-formed
+//! The input is a few steps of a few chains each, written into the rings, made available by
+//! one index store and then kicked as a driver decides to (only when the device asks for
+//! it: VRING_USED_F_NO_NOTIFY, or `avail_event` with EVENT_IDX): well-formed
 //! ATTACH/DETACH/MAP/UNMAP/PROBE requests with valid and invalid fields, truncated requests and
 //! garbage, in the shapes the fast path takes (direct, at most 8 descriptors, each buffer in one
 //! region) and every shape it must hand over: zero-length buffers, buffers outside guest memory
@@ -889,6 +891,8 @@ fn run_step(dev: &mut Device, plan: &Plan) -> Result<Observed, String> {
     }
     let sentinel_bytes = sentinel();
     let q = dev.requestq();
+    // Every chain of the step becomes available at once, when notify publishes the index.
+    q.hold_avail(true);
     for op in &plan.ops {
         match op {
             Op::Chain { segments, indirect } => {
@@ -914,7 +918,7 @@ fn run_step(dev: &mut Device, plan: &Plan) -> Result<Observed, String> {
     let token = q
         .post_chain(&Chain::request(&sentinel_bytes, 4))
         .map_err(|e| e.to_string())?;
-    q.kick().map_err(|e| e.to_string())?;
+    q.notify().map_err(|e| e.to_string())?;
     let mut used = Vec::new();
     let mut finished = false;
     let deadline = Instant::now() + Duration::from_secs(5);
