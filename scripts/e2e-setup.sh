@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# End-to-end rig for vhost-device-iommu: a patched QEMU, a stock Debian guest kernel and an
+# End-to-end rig for vhost-device-iommu: an unpatched QEMU, a stock Debian guest kernel and an
 # initramfs with our guest test program. Everything lands in a cache outside the repository:
 #
 #   ${VHOST_IOMMU_CACHE:-$HOME/.cache/vhost-device-iommu}/
-#     qemu-<version>-<patch hash>/qemu-system-x86_64   QEMU with vhost-user-device(-pci) user-creatable
+#     qemu-<version>-<key>/qemu-system-x86_64          stock QEMU (Debian's source, no patch)
+#     qemu-<version>-patched-<key>/qemu-system-x86_64  the same with scripts/qemu-patches/*.patch,
+#                                                      built only when that directory has patches
 #     kernel-<kernel release>/vmlinux, modules/*.ko     the guest kernel (PVH entry) and its modules
 #     guest-<input hash>/initramfs.cpio.gz              busybox + init + e2e-guest + modules
 #     rig.env                                           paths of the above, read by tests/e2e/rig.rs
@@ -12,11 +14,19 @@
 #
 # Idempotent and non-interactive: a warm run (everything cached, all packages present) only
 # checks stamps and takes seconds. A cold run installs Debian packages (adds bookworm-backports
-# with deb-src), downloads Debian's QEMU source and guest kernel, and builds.
+# for the guest kernel and QEMU's option ROMs, and a deb-src line for sid, whose QEMU source it
+# downloads), downloads the guest kernel, and builds.
+#
+# QEMU patches: every scripts/qemu-patches/NNNN-name.patch is applied, in name order, to a
+# separate build (QEMU_PATCHED in rig.env) that only the tests needing it use; the stock build
+# (QEMU in rig.env) never gets them. Each patch starts with a header that says what it changes
+# (a "Subject:" line) and why stock QEMU cannot do it (a "Why-not-stock:" line); see
+# tests/e2e/README.md.
 #
 # Knobs (environment):
 #   VHOST_IOMMU_CACHE         cache directory (default ~/.cache/vhost-device-iommu)
-#   VHOST_IOMMU_QEMU_VERSION  upstream QEMU version expected from Debian's source (default 10.0.2)
+#   VHOST_IOMMU_QEMU_DEBIAN   Debian source version of QEMU (default 1:10.2.2+ds-1, from sid)
+#   VHOST_IOMMU_QEMU_PATCHES  directory of QEMU patches (default scripts/qemu-patches)
 #   VHOST_IOMMU_KERNEL        guest kernel release, e.g. 6.12.57+deb12-amd64 (default: the one
 #                             already cached, else the newest 6.12 in bookworm-backports)
 #   VHOST_IOMMU_JOBS          ninja parallelism for the QEMU build (default 2)
@@ -28,12 +38,20 @@ exec </dev/null
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${VHOST_IOMMU_CACHE:-$HOME/.cache/vhost-device-iommu}
-qemu_version=${VHOST_IOMMU_QEMU_VERSION:-10.0.2}
+qemu_debian=${VHOST_IOMMU_QEMU_DEBIAN:-1:10.2.2+ds-1}
+patch_dir=${VHOST_IOMMU_QEMU_PATCHES:-$repo/scripts/qemu-patches}
 jobs=${VHOST_IOMMU_JOBS:-2}
 t_start=$(date +%s)
 
 log() { printf '[e2e-setup %4ss] %s\n' "$(($(date +%s) - t_start))" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+# 1:10.2.2+ds-1 -> 10.2.2 (the upstream version, also the orig tarball's name).
+qemu_version=${qemu_debian#*:}
+qemu_version=${qemu_version%%+*}
+qemu_version=${qemu_version%%-*}
+[[ $qemu_version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] \
+    || die "VHOST_IOMMU_QEMU_DEBIAN=$qemu_debian: expected e.g. 1:10.2.2+ds-1"
 
 mkdir -p "$cache"
 # One setup at a time per cache (parallel test binaries may all ask for the rig).
@@ -44,16 +62,18 @@ flock 9
 # Debian packages
 # ---------------------------------------------------------------------------------------------
 
-# Build and runtime packages from bookworm (main).
+# Build and runtime packages from bookworm (main). device-tree-compiler: QEMU 10.2 builds its
+# device trees from source (the +ds tarball has no prebuilt .dtb).
 base_pkgs=(
     ninja-build libglib2.0-dev libpixman-1-dev flex bison pkg-config libfdt-dev zlib1g-dev
-    python3 python3-venv gcc libc6-dev linux-libc-dev
+    device-tree-compiler python3 python3-venv gcc libc6-dev linux-libc-dev patch
     busybox-static cpio xz-utils zstd gzip seabios
 )
 # From bookworm-backports: QEMU 10's firmware/option ROMs (pvh.bin, linuxboot_dma.bin, ...).
 bpo_pkgs=(qemu-system-data)
 
 backports_file=/etc/apt/sources.list.d/vhost-iommu-e2e-backports.sources
+sid_src_file=/etc/apt/sources.list.d/vhost-iommu-e2e-sid-src.sources
 apt_updated=0
 
 # The Debian mirror already configured for bookworm (deb822 or one-line format).
@@ -74,14 +94,32 @@ ensure_backports() {
     fi
     local mirror
     mirror=$(debian_mirror)
-    log "adding bookworm-backports (deb + deb-src) from $mirror"
-    cat >"$backports_file" <<EOF
-Types: deb deb-src
+    log "adding bookworm-backports from $mirror"
+    cat >"$backports_file" <<EOS
+Types: deb
 URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
+EOS
+    apt_updated=0
+}
+
+# Source packages only: nothing is ever installed from sid.
+ensure_sid_sources() {
+    if [ -f "$sid_src_file" ]; then
+        return
+    fi
+    local mirror
+    mirror=$(debian_mirror)
+    log "adding deb-src for sid from $mirror (QEMU's source)"
+    cat >"$sid_src_file" <<EOS
+Types: deb-src
+URIs: $mirror
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
     apt_updated=0
 }
 
@@ -126,8 +164,6 @@ ensure_packages() {
 # QEMU
 # ---------------------------------------------------------------------------------------------
 
-# Files the patch touches, and the configure line; both feed the cache key.
-qemu_patch_files=(hw/virtio/vhost-user-device.c hw/virtio/vhost-user-device-pci.c)
 qemu_configure_flags=(
     --target-list=x86_64-softmmu --disable-docs --disable-user --disable-tools
     --disable-guest-agent --disable-werror --enable-kvm --enable-tcg --disable-sdl --disable-gtk
@@ -135,52 +171,80 @@ qemu_configure_flags=(
     --disable-libusb --disable-usb-redir --disable-xen --disable-vhost-vdpa --disable-rust
     --disable-install-blobs
 )
-# Bump when the patch logic below changes.
-qemu_patch_rev=1
-qemu_key=$( { echo "rev=$qemu_patch_rev"; printf '%s\n' "${qemu_patch_files[@]}" \
-    "${qemu_configure_flags[@]}"; } | sha256sum | cut -c1-12)
+# Bump when build_fix_qemu_source or the build steps change.
+qemu_build_rev=2
+qemu_key=$( { echo "rev=$qemu_build_rev debian=$qemu_debian"; \
+    printf '%s\n' "${qemu_configure_flags[@]}"; } | sha256sum | cut -c1-12)
 qemu_dir=$cache/qemu-$qemu_version-$qemu_key
 qemu_bin=$qemu_dir/qemu-system-x86_64
 
-patch_qemu_source() {
-    local src=$1 f
-    for f in "${qemu_patch_files[@]}"; do
-        grep -q 'user_creatable = false' "$src/$f" \
-            || die "$f: no 'user_creatable = false' line to patch (QEMU source changed?)"
-        sed -i 's/user_creatable = false/user_creatable = true/' "$src/$f"
+# The functional patches, in order; the patched build's key adds their contents.
+qemu_patches=()
+if [ -d "$patch_dir" ]; then
+    while IFS= read -r -d '' f; do qemu_patches+=("$f"); done \
+        < <(find "$patch_dir" -maxdepth 1 -type f -name '*.patch' -print0 | sort -z)
+fi
+qemu_patched_bin=
+if [ ${#qemu_patches[@]} -gt 0 ]; then
+    qemu_patched_key=$( { echo "$qemu_key"; cat "${qemu_patches[@]}"; } | sha256sum | cut -c1-12)
+    qemu_patched_dir=$cache/qemu-$qemu_version-patched-$qemu_patched_key
+    qemu_patched_bin=$qemu_patched_dir/qemu-system-x86_64
+fi
+
+# Every patch says what it changes and why stock QEMU cannot do it, before its first hunk.
+check_patch_headers() {
+    local p header
+    for p in "${qemu_patches[@]}"; do
+        header=$(sed -n '1,/^\(diff \|--- \)/p' "$p")
+        grep -q '^Subject: ..' <<<"$header" || die "$p: no 'Subject:' line in its header"
+        grep -q '^Why-not-stock: ..' <<<"$header" \
+            || die "$p: no 'Why-not-stock:' line in its header (why stock QEMU cannot do it)"
     done
-    # The +ds tarball strips the edk2 .bz2 blobs that meson would unpack.
+}
+
+# A build fix, not a functional change: Debian's +ds tarball strips the edk2 .bz2 firmware
+# images that meson would otherwise unpack.
+build_fix_qemu_source() {
+    local src=$1
     grep -Eq '^[[:space:]]*unpack_edk2_blobs = bzip2.found\(\)' "$src/meson.build" \
-        || die "meson.build: no 'unpack_edk2_blobs = bzip2.found()' line"
+        || die "meson.build: no 'unpack_edk2_blobs = bzip2.found()' line (QEMU source changed?)"
     sed -Ei 's/^([[:space:]]*)unpack_edk2_blobs = bzip2.found\(\)/\1unpack_edk2_blobs = false/' \
         "$src/meson.build"
 }
 
-build_qemu() {
-    if [ -x "$qemu_bin" ] && [ -f "$qemu_dir/stamp" ]; then
-        log "QEMU $qemu_version ($qemu_key) cached: $qemu_bin"
-        return
-    fi
-    local t0 srcdir work tarball venv
-    t0=$(date +%s)
-    log "building QEMU $qemu_version ($qemu_key)"
-
-    srcdir=$cache/src
-    mkdir -p "$srcdir"
+# Debian's orig tarball of QEMU $qemu_version, downloaded once into $cache/src; sets $tarball.
+fetch_qemu_source() {
+    local srcdir=$cache/src
     tarball=$srcdir/qemu_$qemu_version+ds.orig.tar.xz
+    mkdir -p "$srcdir"
     if [ ! -s "$tarball" ]; then
-        ensure_backports
+        ensure_sid_sources
         apt_update_once
-        log "apt-get source --download-only qemu (bookworm-backports)"
-        # The .dsc and .debian.tar.xz may 404 on the mirror; the orig tarball is all we need.
-        (cd "$srcdir" && apt-get source -qq -o APT::Sandbox::User=root -t bookworm-backports \
-            --download-only qemu >/dev/null 2>&1) \
-            || log "apt-get source reported an error (a missing .dsc is expected); checking for the orig tarball"
+        log "apt-get source --download-only qemu=$qemu_debian"
+        (cd "$srcdir" && apt-get source -qq -o APT::Sandbox::User=root --download-only \
+            "qemu=$qemu_debian" >"$srcdir/apt-source.log" 2>&1) \
+            || log "apt-get source reported an error (see below); checking for the orig tarball"
         if [ ! -s "$tarball" ]; then
-            ls "$srcdir" >&2 || true
-            die "no $tarball (Debian offers another QEMU version? set VHOST_IOMMU_QEMU_VERSION)"
+            tail -n 20 "$srcdir/apt-source.log" >&2 || true
+            die "no $tarball: Debian no longer serves qemu $qemu_debian? Set" \
+                "VHOST_IOMMU_QEMU_DEBIAN to a version 'apt-cache showsrc qemu' lists"
         fi
     fi
+}
+
+# build_qemu LABEL DIR [PATCH...]: QEMU into DIR/qemu-system-x86_64, with PATCHes applied.
+build_qemu() {
+    local label=$1 dir=$2
+    shift 2
+    local bin=$dir/qemu-system-x86_64
+    if [ -x "$bin" ] && [ -f "$dir/stamp" ]; then
+        log "QEMU $qemu_version $label cached: $bin"
+        return
+    fi
+    local t0 work venv src p
+    t0=$(date +%s)
+    log "building QEMU $qemu_version $label ($(basename "$dir"))"
+    fetch_qemu_source
 
     # meson and pycotap from PyPI, in a venv of our own that QEMU's configure reuses.
     venv=$cache/venv
@@ -191,16 +255,20 @@ build_qemu() {
         "$venv/bin/pip" install -q --disable-pip-version-check 'meson>=1.5,<1.9' pycotap==1.3.1
     fi
 
-    work=$cache/build-qemu
+    work=$cache/build-qemu-$label
     rm -rf "$work"
     mkdir -p "$work"
     log "unpacking $(basename "$tarball")"
     # roms/ (firmware sources, 200 MB of the 330) is not needed for an x86 build without blobs.
     tar --no-same-owner -xJf "$tarball" -C "$work" --exclude='qemu-*/roms/?*'
-    local src
     src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n1)
     [ -f "$src/configure" ] || die "unpacked QEMU source has no configure"
-    patch_qemu_source "$src"
+    build_fix_qemu_source "$src"
+    for p in "$@"; do
+        log "applying $(basename "$p")"
+        patch -d "$src" -p1 --batch --forward --fuzz=0 <"$p" >"$work/patch.log" 2>&1 \
+            || { cat "$work/patch.log" >&2; die "$p does not apply to QEMU $qemu_version"; }
+    done
 
     log "configure"
     mkdir -p "$src/build"
@@ -212,14 +280,31 @@ build_qemu() {
         >"$work/build.log" 2>&1) \
         || { tail -n 40 "$work/build.log" >&2; die "QEMU build failed"; }
 
-    "$src/build/qemu-system-x86_64" -device help 2>/dev/null | grep -q '"vhost-user-device-pci"' \
-        || die "patched QEMU does not list vhost-user-device-pci"
-    mkdir -p "$qemu_dir"
-    install -m 0755 "$src/build/qemu-system-x86_64" "$qemu_bin.tmp"
-    mv "$qemu_bin.tmp" "$qemu_bin"
-    "$qemu_bin" --version | head -n1 >"$qemu_dir/stamp"
+    # Both devices the suite plugs: QEMU's own virtio-iommu and the generic vhost-user device
+    # (renamed vhost-user-test-device-pci and made user-creatable in QEMU 10.2).
+    local devices
+    devices=$("$src/build/qemu-system-x86_64" -device help 2>/dev/null)
+    for p in virtio-iommu-pci vhost-user-test-device-pci; do
+        grep -q "\"$p\"" <<<"$devices" || die "the built QEMU has no $p device"
+    done
+    mkdir -p "$dir"
+    install -m 0755 "$src/build/qemu-system-x86_64" "$bin.tmp"
+    mv "$bin.tmp" "$bin"
+    {
+        "$bin" --version | head -n1
+        echo "debian source: qemu $qemu_debian"
+        for p in "$@"; do echo "patch: $(basename "$p") $(sha256sum <"$p" | cut -c1-12)"; done
+    } >"$dir/stamp"
     rm -rf "$work"
-    log "QEMU built in $(($(date +%s) - t0))s: $qemu_bin"
+    log "QEMU $label built in $(($(date +%s) - t0))s: $bin"
+}
+
+build_qemus() {
+    check_patch_headers
+    build_qemu stock "$qemu_dir"
+    if [ -n "$qemu_patched_bin" ]; then
+        build_qemu patched "$qemu_patched_dir" "${qemu_patches[@]}"
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +466,11 @@ write_rig_env() {
         echo "# Written by scripts/e2e-setup.sh; read by tests/e2e/rig.rs"
         echo "QEMU=$qemu_bin"
         echo "QEMU_VERSION=$qemu_version"
+        if [ -n "$qemu_patched_bin" ]; then
+            echo "QEMU_PATCHED=$qemu_patched_bin"
+            printf 'QEMU_PATCHES=%s\n' "$(for p in "${qemu_patches[@]}"; do basename "$p"; done \
+                | paste -sd, -)"
+        fi
         echo "KERNEL=$kernel_dir/vmlinux"
         echo "KERNEL_RELEASE=$(cat "$kernel_dir/stamp")"
         echo "INITRD=$guest_dir/initramfs.cpio.gz"
@@ -393,20 +483,22 @@ what=${1:-all}
 case "$what" in
     all)
         ensure_packages
-        build_qemu
+        build_qemus
         fetch_kernel
         build_initramfs
         write_rig_env
         ;;
     qemu)
         ensure_packages
-        build_qemu
+        build_qemus
         ;;
     guest)
         ensure_packages
         fetch_kernel
         build_initramfs
-        if [ -x "$qemu_bin" ]; then write_rig_env; fi
+        if [ -x "$qemu_bin" ] && { [ -z "$qemu_patched_bin" ] || [ -x "$qemu_patched_bin" ]; }; then
+            write_rig_env
+        fi
         ;;
     *) die "usage: $0 [all|qemu|guest]" ;;
 esac

@@ -2,7 +2,7 @@
 //! virtio-iommu translates.
 //!
 //! QEMU writes a VIOT only for its built-in `virtio-iommu-pci`; with our daemon behind
-//! `vhost-user-device-pci` the VMM writes none, so the table is handed to QEMU with
+//! `vhost-user-test-device-pci` the VMM writes none, so the table is handed to QEMU with
 //! `-acpitable file=viot.bin` (the `vhost-device-iommu viot` subcommand). Layout per ACPI 6.5
 //! section 5.2.32 and Linux `drivers/acpi/viot.c`:
 //!
@@ -20,7 +20,7 @@
 //! By default the header fields are QEMU's own ([`ViotOptions::default`]), so that the table
 //! for QEMU's topology is byte-for-byte the one QEMU writes for its built-in device.
 //!
-//! QEMU (10.0) keeps a table given with `-acpitable file=` as it is: header fields from the
+//! QEMU (10.0 and 10.2) keeps a table given with `-acpitable file=` as it is: header fields from the
 //! file, `length` and checksum recomputed (they already match), nothing else touched unless
 //! overridden by options such as `oem_id=` (checked by a guest in tests/e2e.rs). Its limit is
 //! 65535 bytes per table, about 2700 ranges.

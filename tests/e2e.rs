@@ -1,12 +1,13 @@
-//! End to end: a stock Debian 6.12 guest under QEMU 10 drives a virtio-iommu through VFIO.
+//! End to end: a stock Debian 6.12 guest under an unpatched QEMU (10.2) drives a virtio-iommu
+//! through VFIO.
 //!
 //! Set-up: `scripts/e2e-setup.sh` (or `VHOST_IOMMU_E2E=1 cargo test`); without a rig these
 //! tests print SKIP and pass. See tests/e2e/rig.rs for the knobs (VHOST_IOMMU_E2E,
 //! VHOST_IOMMU_ACCEL, VHOST_IOMMU_CACHE, loop counts).
 //!
-//! Today they run against QEMU's built-in `virtio-iommu-pci` (scenario 6: the same guest
-//! workload passes there, so a failure against our daemon is ours) and pin down what QEMU does
-//! with a VIOT given through `-acpitable`.
+//! They run against QEMU's built-in `virtio-iommu-pci` on the same QEMU binary the daemon's tests
+//! use (scenario 6: the same guest workload passes there, so a failure against our daemon is
+//! ours) and pin down what QEMU does with a VIOT given through `-acpitable`.
 
 #[path = "e2e/rig.rs"]
 mod rig;
@@ -202,6 +203,7 @@ fn vhost_user_command_line() {
         kernel: "/k".into(),
         initrd: "/i".into(),
         kernel_release: "6.12".into(),
+        qemu_patched: None,
         firmware: vec!["/usr/share/seabios".into(), "/usr/share/qemu".into()],
     };
     let mut config = GuestConfig::new(Iommu::VhostUser {
@@ -211,7 +213,7 @@ fn vhost_user_command_line() {
     let args = qemu_args(&rig, &config, "/dev/shm/guest.mem".as_ref()).join(" ");
     for want in [
         "-chardev socket,id=viommu,path=/tmp/viommu.sock",
-        "-device vhost-user-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=04.0",
+        "-device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=04.0",
         "-object memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/guest.mem,share=on",
         "memory-backend=mem",
         "-acpitable file=/tmp/viot.bin",

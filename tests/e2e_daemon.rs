@@ -1,6 +1,7 @@
 //! End to end against our daemon: a stock Debian 6.12 guest's virtio-iommu driver and VFIO
-//! program it through QEMU 10's `vhost-user-device-pci`, and what the guest maps is what our
-//! fast path translates (issue scenarios 1-5; scenario 6 is in tests/e2e.rs).
+//! program it through an unpatched QEMU's `vhost-user-test-device-pci` (QEMU >= 10.2), and
+//! what the guest maps is what our fast path translates (scenarios 1-5; scenario 6, QEMU's
+//! built-in device on the same QEMU, is in tests/e2e.rs).
 //!
 //! Runs when the rig is set up (scripts/e2e-setup.sh; see tests/e2e/README.md), prints SKIP
 //! otherwise. The loop counts are smaller than the benchmark's: this checks function; the

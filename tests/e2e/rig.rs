@@ -1,5 +1,5 @@
-//! The end-to-end rig: QEMU 10 + a stock Debian guest kernel + our initramfs, driven over the
-//! serial console.
+//! The end-to-end rig: an unpatched QEMU (>= 10.2) + a stock Debian guest kernel + our
+//! initramfs, driven over the serial console.
 //!
 //! Include it from a test file with `#[path = "e2e/rig.rs"] mod rig;`.
 //!
@@ -7,8 +7,9 @@
 //!   cache, `${VHOST_IOMMU_CACHE:-$HOME/.cache/vhost-device-iommu}`) and decides whether e2e
 //!   tests run at all (see its doc: `VHOST_IOMMU_E2E`).
 //! * [`GuestConfig`] describes one guest: which IOMMU (QEMU's built-in `virtio-iommu-pci`, our
-//!   daemon through `vhost-user-device-pci`, or none), the accelerator, the guest steps and
-//!   loop counts; [`qemu_args`] turns it into QEMU's command line.
+//!   daemon through `vhost-user-test-device-pci`, or none), which QEMU build (stock, or the one
+//!   with the repository's QEMU patches), the accelerator, the guest steps and loop counts;
+//!   [`qemu_args`] turns it into QEMU's command line.
 //! * [`run_guest`] boots it, reads the console line by line with a deadline, hands every
 //!   `E2E ...` marker to a callback (which may read guest RAM through [`GuestMemory`]), answers
 //!   `wait=<n>` markers with `GO <n>` once the callback returned, and returns the whole run; any
@@ -70,7 +71,10 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
 /// Paths of a built rig.
 #[derive(Clone, Debug)]
 pub struct Rig {
+    /// Stock QEMU: Debian's source, no functional patch.
     pub qemu: PathBuf,
+    /// QEMU with scripts/qemu-patches/*.patch applied; `None` while there are no patches.
+    pub qemu_patched: Option<PathBuf>,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub kernel_release: String,
@@ -101,6 +105,7 @@ impl Rig {
             .collect();
         let rig = Rig {
             qemu: vars.get("QEMU")?.into(),
+            qemu_patched: vars.get("QEMU_PATCHED").map(PathBuf::from),
             kernel: vars.get("KERNEL")?.into(),
             initrd: vars.get("INITRD")?.into(),
             kernel_release: vars.get("KERNEL_RELEASE")?.to_string(),
@@ -110,10 +115,24 @@ impl Rig {
                 .map(PathBuf::from)
                 .collect(),
         };
-        [&rig.qemu, &rig.kernel, &rig.initrd]
-            .iter()
-            .all(|p| p.is_file())
-            .then_some(rig)
+        let complete = [&rig.qemu, &rig.kernel, &rig.initrd]
+            .into_iter()
+            .chain(rig.qemu_patched.as_ref())
+            .all(|p| p.is_file());
+        complete.then_some(rig)
+    }
+
+    /// The QEMU binary of `build`; the patched one exists only while scripts/qemu-patches has
+    /// patches (the set-up builds it then).
+    pub fn qemu_binary(&self, build: QemuBuild) -> Result<&Path, String> {
+        match build {
+            QemuBuild::Stock => Ok(&self.qemu),
+            QemuBuild::Patched => self.qemu_patched.as_deref().ok_or_else(|| {
+                "this run needs the patched QEMU (QEMU_PATCHED in rig.env), but \
+                 scripts/qemu-patches has no patch"
+                    .to_string()
+            }),
+        }
     }
 
     /// The rig for an e2e test, or `None` (with a SKIP line on stderr) when e2e tests are off.
@@ -161,12 +180,28 @@ impl Rig {
     }
 }
 
+/// Which QEMU binary runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuBuild {
+    /// Unpatched: what a user's distribution QEMU (>= 10.2) can do. Every test uses it unless
+    /// it needs a change listed in scripts/qemu-patches.
+    Stock,
+    /// With the repository's QEMU patches (tests/e2e/README.md says which and why).
+    Patched,
+}
+
+/// The generic vhost-user device carrying our virtio-iommu (QEMU >= 10.2 names it so and lets
+/// users create it), as `-device` takes it, without `addr=`.
+pub fn vhost_user_device(chardev: &str) -> String {
+    format!("vhost-user-test-device-pci,chardev={chardev},virtio-id=23,num_vqs=2,config_size=40")
+}
+
 /// Which IOMMU the guest gets at 00:04.0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Iommu {
     /// QEMU's built-in `virtio-iommu-pci` (QEMU writes the VIOT itself).
     Builtin,
-    /// Our daemon listening on `socket`, through `vhost-user-device-pci`. Needs a VIOT
+    /// Our daemon listening on `socket`, through `vhost-user-test-device-pci`. Needs a VIOT
     /// ([`GuestConfig::viot`]): QEMU writes none for it.
     VhostUser { socket: PathBuf },
     /// No IOMMU device at all (e.g. to look at what `-acpitable` does).
@@ -195,6 +230,7 @@ impl Accel {
 #[derive(Clone, Debug)]
 pub struct GuestConfig {
     pub iommu: Iommu,
+    pub qemu: QemuBuild,
     /// A full ACPI table for `-acpitable file=`.
     pub viot: Option<PathBuf>,
     pub accel: Accel,
@@ -202,6 +238,8 @@ pub struct GuestConfig {
     pub steps: Vec<&'static str>,
     /// PCI devices init binds to vfio-pci (`e2e.vfio`).
     pub vfio: Vec<&'static str>,
+    /// The endpoint of the bench and host steps (`e2e.ep`; bound to vfio-pci through `vfio`).
+    pub ep: &'static str,
     /// VFIO loop counts: 4 KiB one at a time, rounds of 32 x 4 KiB, 2 MiB.
     pub n4k: u64,
     pub rounds32: u64,
@@ -231,10 +269,12 @@ impl GuestConfig {
     pub fn new(iommu: Iommu) -> GuestConfig {
         GuestConfig {
             iommu,
+            qemu: QemuBuild::Stock,
             viot: None,
             accel: Accel::from_env(),
             steps: vec!["viot", "iommu", "groups", "bench", "host", "group"],
             vfio: [EP_BDF].into_iter().chain(GROUP_BDFS).collect(),
+            ep: EP_BDF,
             n4k: env_u64("VHOST_IOMMU_E2E_N4K", 20000),
             rounds32: env_u64("VHOST_IOMMU_E2E_ROUNDS32", 1000),
             n2m: env_u64("VHOST_IOMMU_E2E_N2M", 2000),
@@ -254,7 +294,7 @@ impl GuestConfig {
             "rdinit=/init".to_string(),
             format!("e2e.steps={}", self.steps.join(",")),
             format!("e2e.vfio={}", self.vfio.join(",")),
-            format!("e2e.ep={EP_BDF}"),
+            format!("e2e.ep={}", self.ep),
             format!("e2e.group_ep={}", GROUP_BDFS[0]),
             format!("e2e.n4k={}", self.n4k),
             format!("e2e.rounds32={}", self.rounds32),
@@ -319,10 +359,7 @@ pub fn qemu_args(rig: &Rig, config: &GuestConfig, mem_path: &Path) -> Vec<String
             args.push("-chardev".into());
             args.push(format!("socket,id=viommu,path={}", socket.display()));
             args.push("-device".into());
-            args.push(format!(
-                "vhost-user-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,\
-                 addr={IOMMU_ADDR}"
-            ));
+            args.push(format!("{},addr={IOMMU_ADDR}", vhost_user_device("viommu")));
         }
         Iommu::None => {}
     }
@@ -646,14 +683,15 @@ where
     F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
 {
     let deadline = Instant::now() + config.timeout;
-    let mut child = Command::new(&rig.qemu)
+    let qemu = rig.qemu_binary(config.qemu)?;
+    let mut child = Command::new(qemu)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map(KillOnDrop)
-        .map_err(|e| format!("cannot start {}: {e}", rig.qemu.display()))?;
+        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
     let mut stdin = child.0.stdin.take().expect("piped stdin");
     let stdout = child.0.stdout.take().expect("piped stdout");
     let mut stderr = child.0.stderr.take().expect("piped stderr");
