@@ -17,6 +17,10 @@ use crate::{
     viot::{build_viot, PciBdf, ViotError, ViotPciRange},
 };
 
+/// Endpoints served by default: every BDF of PCI segment 0, so that devices behind root ports
+/// (libvirt's q35 layout puts them on buses 1 and up) are translated without options.
+const DEFAULT_ENDPOINTS: &str = "00:00.0-ff:1f.7";
+
 /// The most page-table memory an arena holds, in MiB.
 const MAX_TABLE_MIB: u64 =
     (ownership::pagetable::MAX_NODES * ownership::pagetable::NODE_BYTES) >> 20;
@@ -30,20 +34,21 @@ pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 
 const EXAMPLES: &str = "\
 Examples:
-  # Serve a q35 guest's bus 0 (the defaults), with a control socket:
+  # Serve every endpoint of PCI segment 0 (the defaults), with a control socket:
   vhost-device-iommu --socket-path /tmp/viommu.sock --control-socket /tmp/viommu.ctl
 
   # Two functions of one device share isolation:
   vhost-device-iommu -s /tmp/viommu.sock --group 00:06.0,00:06.1
 
-  # The ACPI VIOT table QEMU passes to the guest (IOMMU at 00:04.0):
-  vhost-device-iommu viot --iommu 00:04.0 --endpoints 00:05.0-00:1f.7 --output viot.bin
+  # The ACPI VIOT table QEMU passes to the guest (IOMMU at 00:04.0, every other BDF of
+  # segment 0 translated):
+  vhost-device-iommu viot --iommu 00:04.0 --output viot.bin
 
-  # QEMU 10 (vhost-user-device-pci made user-creatable, see README):
+  # QEMU >= 10.2, unpatched:
   qemu-system-x86_64 -machine q35 -m 512M \\
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\
     -chardev socket,id=viommu,path=/tmp/viommu.sock \\
-    -device vhost-user-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=04.0 \\
+    -device vhost-user-test-device-pci,chardev=viommu,virtio-id=23,num_vqs=2,config_size=40,addr=04.0 \\
     -acpitable file=viot.bin ...
 ";
 
@@ -111,12 +116,13 @@ pub struct ServeArgs {
     pub socket_mode: u32,
 
     /// Endpoints the IOMMU translates: PCI BDFs (00:05.0), raw IDs (0x28, 40) or ranges of
-    /// either (00:00.0-00:1f.7). A PCI endpoint's ID is its requester ID.
+    /// either (00:00.0-00:1f.7). A PCI endpoint's ID is its requester ID. The default is every
+    /// BDF of segment 0, whatever bus a device sits on (behind root ports too).
     #[arg(
         long,
         value_name = "LIST",
         value_delimiter = ',',
-        default_value = "00:00.0-00:1f.7"
+        default_value = DEFAULT_ENDPOINTS
     )]
     pub endpoints: Vec<EndpointRange>,
 
@@ -227,13 +233,9 @@ pub struct ViotArgs {
     pub iommu: PciBdf,
 
     /// PCI endpoint ranges the IOMMU translates (BDF or BDF-BDF), comma-separated. Keep
-    /// devices whose DMA the VMM emulates itself out of them.
-    #[arg(
-        long,
-        value_name = "LIST",
-        value_delimiter = ',',
-        default_value = "00:00.0-00:1f.7"
-    )]
+    /// devices whose DMA the VMM emulates itself out of them. Default: every BDF of segment 0
+    /// but the IOMMU's own (two ranges around it).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub endpoints: Vec<ViotPciRange>,
 
     /// Where to write the table.
@@ -691,7 +693,26 @@ impl TryFrom<ServeArgs> for DaemonConfig {
 impl ViotArgs {
     /// The VIOT these options describe.
     pub fn table(&self) -> Result<Vec<u8>, ViotError> {
-        build_viot(self.iommu, &self.endpoints)
+        let mut ranges = self.endpoints.clone();
+        if ranges.is_empty() {
+            // Every BDF of segment 0 except the IOMMU: the ranges below and above it.
+            let iommu = self.iommu.to_u16();
+            if iommu > 0 {
+                ranges.push(ViotPciRange::identity(
+                    0,
+                    PciBdf::from_u16(0),
+                    PciBdf::from_u16(iommu - 1),
+                ));
+            }
+            if iommu < u16::MAX {
+                ranges.push(ViotPciRange::identity(
+                    0,
+                    PciBdf::from_u16(iommu + 1),
+                    PciBdf::from_u16(u16::MAX),
+                ));
+            }
+        }
+        build_viot(self.iommu, &ranges)
     }
 }
 
@@ -757,9 +778,12 @@ mod tests {
     }
 
     #[test]
-    fn defaults_serve_a_q35_bus_0() {
+    fn defaults_serve_every_bdf_of_segment_0() {
         let c = DaemonConfig::try_from(args(&[])).unwrap();
-        assert_eq!(c.topology.endpoints().count(), 256);
+        assert_eq!(c.topology.endpoints().count(), 1 << 16);
+        // 01:00.0, behind a root port in libvirt's q35 layout, is an endpoint of its own group.
+        let g = c.topology.endpoint(0x100).unwrap().group;
+        assert_eq!(c.topology.group_members(g), &[0x100]);
         assert_eq!(c.topology.granule(), 4096);
         assert_eq!(c.config.input_range_end, (1 << 48) - 1);
         assert_eq!(c.config.domain_range_end, u32::MAX);
@@ -1010,6 +1034,38 @@ mod tests {
         let e = bad(&extra);
         assert_eq!(e, ConfigError::TooManyRegions(0x28));
         assert!(e.to_string().contains("endpoint 00:05.0"), "{e}");
+    }
+
+    #[test]
+    fn viot_defaults_cover_segment_0_but_the_iommu() {
+        use crate::viot::{build_viot, PciBdf, ViotPciRange};
+        let table = |argv: &[&str]| {
+            let mut all = vec!["vhost-device-iommu", "viot", "-o", "/tmp/v.bin"];
+            all.extend_from_slice(argv);
+            match Cli::try_parse_from(all).unwrap().command {
+                Some(Command::Viot(args)) => args.table().unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let range = |a, b| ViotPciRange::identity(0, PciBdf::from_u16(a), PciBdf::from_u16(b));
+        let iommu = PciBdf::from_u16(0x20);
+        assert_eq!(
+            table(&["--iommu", "00:04.0"]),
+            build_viot(iommu, &[range(0, 0x1f), range(0x21, 0xffff)]).unwrap()
+        );
+        assert_eq!(
+            table(&[]),
+            table(&["--iommu", "00:04.0"]),
+            "00:04.0 is the default"
+        );
+        assert_eq!(
+            table(&["--iommu", "00:00.0"]),
+            build_viot(PciBdf::from_u16(0), &[range(1, 0xffff)]).unwrap()
+        );
+        assert_eq!(
+            table(&["--endpoints", "00:05.0-00:1f.7"]),
+            build_viot(iommu, &[range(0x28, 0xff)]).unwrap()
+        );
     }
 
     #[test]
