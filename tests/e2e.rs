@@ -228,6 +228,15 @@ fn vhost_user_command_line() {
 }
 
 #[test]
+fn endpoint_ids_of_guest_bdfs() {
+    assert_eq!(rig::endpoint_id(EP_BDF), Ok(0x28));
+    assert_eq!(rig::endpoint_id(rig::ROOT_PORT_EP_BDF), Ok(0x100));
+    assert_eq!(rig::endpoint_id("0000:ff:1f.7"), Ok(0xffff));
+    assert!(rig::endpoint_id("0001:00:05.0").is_err());
+    assert!(rig::endpoint_id("0000:00:20.0").is_err());
+}
+
+#[test]
 fn marker_parsing() {
     let m = Marker::parse("E2E MAPPED bdf=0000:00:05.0 iova=0x40000000 len=16384 wait=3").unwrap();
     assert_eq!(m.event, "MAPPED");

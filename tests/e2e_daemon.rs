@@ -1,7 +1,8 @@
 //! End to end against our daemon: a stock Debian 6.12 guest's virtio-iommu driver and VFIO
 //! program it through an unpatched QEMU's `vhost-user-test-device-pci` (QEMU >= 10.2), and
 //! what the guest maps is what our fast path translates (scenarios 1-5; scenario 6, QEMU's
-//! built-in device on the same QEMU, is in tests/e2e.rs).
+//! built-in device on the same QEMU, is in tests/e2e.rs). One more case runs libvirt's q35
+//! layout, an endpoint behind a `pcie-root-port`, with the daemon's default options.
 //!
 //! Runs when the rig is set up (scripts/e2e-setup.sh; see tests/e2e/README.md), prints SKIP
 //! otherwise. The loop counts are smaller than the benchmark's: this checks function; the
@@ -10,6 +11,8 @@
 mod common;
 #[path = "e2e/rig.rs"]
 mod rig;
+
+use std::process::Command;
 
 use common::Daemon;
 use rig::{pattern, GuestConfig, GuestMemory, Iommu, Marker, Rig};
@@ -285,6 +288,121 @@ fn linux_guest_drives_the_daemon_through_vfio() {
     assert!(
         stats["faults"]["delivered"].as_u64().unwrap() >= 1,
         "{stats}"
+    );
+    eprintln!("guest run took {:.1?}", run.elapsed);
+}
+
+/// libvirt's q35 layout: an endpoint behind a `pcie-root-port` (bus 1, outside the first
+/// defaults' bus 0), bound to vfio-pci in the guest and mapped through VFIO, served by the daemon
+/// with its default options and described to the guest by the VIOT the README's `viot` command
+/// writes. Every page the guest maps translates on the host side to the GPA the guest reports.
+#[test]
+fn root_port_endpoint_with_the_defaults() {
+    let Some(rig) = Rig::get("root_port_endpoint_with_the_defaults") else {
+        return;
+    };
+    let daemon = Daemon::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-device-iommu"))
+        .args(rig::README_VIOT_ARGS)
+        .current_dir(daemon.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let viot = daemon.dir.path().join("viot.bin");
+    let table = std::fs::read(&viot).unwrap();
+
+    let mut config = GuestConfig::new(Iommu::VhostUser {
+        socket: daemon.socket.clone(),
+    });
+    config.viot = Some(viot);
+    config.extra_args = rig::ROOT_PORT_ARGS.iter().map(|a| a.to_string()).collect();
+    config.vfio = vec![rig::ROOT_PORT_EP_BDF];
+    config.ep = rig::ROOT_PORT_EP_BDF;
+    config.steps = vec!["viot", "iommu", "groups", "bench", "host"];
+    config.n4k = 200;
+    config.rounds32 = 10;
+    config.n2m = 10;
+    let host = HostChecks {
+        daemon: &daemon,
+        group_domain_a: None,
+        final_stats: None,
+        final_domains: None,
+        stops: Vec::new(),
+    };
+    const OWNER: u64 = 0xe2e0_0100;
+    let mut translated = Vec::new();
+    let run = rig::run_guest(&rig, &config, |m, memory| {
+        match m.event.as_str() {
+            "MAPPED" => {
+                let ep = rig::endpoint_id(m.get("bdf")?)?;
+                if ep >> 8 == 0 {
+                    return Err(format!("{ep:#x} is on bus 0, not behind the root port"));
+                }
+                ok(daemon.control(json!({"cmd": "claim", "endpoint": ep, "cookie": OWNER})))?;
+                if host.check_buffer(m, memory, ep, OWNER)?.is_none() {
+                    return Err("a VFIO mapping translated without a domain".into());
+                }
+                translated.push(ep);
+            }
+            "UNMAPPED" => {
+                let ep = rig::endpoint_id(m.get("bdf")?)?;
+                let t = host.translate(ep, m.u64("iova")?, OWNER);
+                if t["fault"] != "unmapped" {
+                    return Err(format!("after UNMAP: {t}"));
+                }
+                ok(daemon.control(json!({"cmd": "release", "endpoint": ep, "cookie": OWNER})))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The guest saw the README's table, probed the device and put the endpoint in a group.
+    let seen = run.find("VIOT").expect("VIOT marker");
+    let hex: String = table.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(seen.get("hex").unwrap(), hex, "the guest's VIOT");
+    let iommu = run.find("IOMMU").expect("IOMMU marker");
+    assert_eq!(iommu.get("probed").unwrap(), "1");
+    let device = run
+        .all("DEVICE")
+        .find(|m| m.get("bdf").unwrap() == rig::ROOT_PORT_EP_BDF)
+        .expect("DEVICE marker for the endpoint behind the root port");
+    assert_eq!(device.get("driver").unwrap(), "vfio-pci", "{}", device.line);
+    assert_eq!(
+        device.get("parent").unwrap(),
+        "0000:00:07.0",
+        "behind the root port: {}",
+        device.line
+    );
+    assert!(device.u64("group").is_ok(), "{}", device.line);
+    assert_eq!(translated, [0x100], "the host translated for 01:00.0");
+
+    // The VFIO loop went through the daemon without an error.
+    let stats = daemon.stats();
+    let count = |t: &str, s: &str| stats["requests"][t][s].as_u64().unwrap_or(0);
+    let vfio_maps = config.n4k + 32 * config.rounds32 + config.n2m;
+    assert!(count("map", "ok") >= vfio_maps, "{stats}");
+    assert!(count("unmap", "ok") >= vfio_maps, "{stats}");
+    for t in ["attach", "detach", "map", "unmap", "probe"] {
+        let errors: u64 = stats["requests"][t]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(status, _)| *status != "ok")
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(errors, 0, "{t} errors: {stats}");
+    }
+    let fault_line = "page fault from EP 256 at";
+    assert!(
+        run.dmesg.iter().any(|l| l.contains(fault_line)),
+        "no '{fault_line}' in the guest's dmesg: {:#?}",
+        run.dmesg
     );
     eprintln!("guest run took {:.1?}", run.elapsed);
 }

@@ -42,6 +42,36 @@ pub const EP_BDF: &str = "0000:00:05.0";
 /// The two functions of the multi-function endpoint: one IOMMU group.
 pub const GROUP_BDFS: [&str; 2] = ["0000:00:06.0", "0000:00:06.1"];
 
+/// The README's `viot` command (arguments after the binary): run from a directory, it writes
+/// `viot.bin` there with the default endpoints.
+pub const README_VIOT_ARGS: [&str; 5] = ["viot", "--iommu", "00:04.0", "--output", "viot.bin"];
+
+/// libvirt's q35 layout in small: a `pcie-root-port` on the root bus (00:07.0) and a quiet
+/// endpoint behind it, on the bus the firmware gives the port (bus 1).
+pub const ROOT_PORT_ARGS: [&str; 4] = [
+    "-device",
+    "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=07.0",
+    "-device",
+    "pci-testdev,bus=rp1,addr=00.0",
+];
+/// The endpoint behind the root port.
+pub const ROOT_PORT_EP_BDF: &str = "0000:01:00.0";
+
+/// Endpoint ID (= requester ID) of a guest BDF `SSSS:BB:DD.F` on segment 0.
+pub fn endpoint_id(bdf: &str) -> Result<u64, String> {
+    let bad = || format!("not a segment 0 BDF: {bdf}");
+    let rest = bdf.strip_prefix("0000:").ok_or_else(bad)?;
+    let (bus, devfn) = rest.split_once(':').ok_or_else(bad)?;
+    let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
+    let bus = u64::from_str_radix(bus, 16).map_err(|_| bad())?;
+    let dev = u64::from_str_radix(dev, 16).map_err(|_| bad())?;
+    let func = u64::from_str_radix(func, 16).map_err(|_| bad())?;
+    if bus > 0xff || dev > 0x1f || func > 7 {
+        return Err(bad());
+    }
+    Ok(bus << 8 | dev << 3 | func)
+}
+
 /// The VIOT ranges for a VMM-external IOMMU: only our endpoints (00:05.0 and the functions of
 /// 00:06), with endpoint ID = BDF. Devices whose DMA QEMU performs itself stay out of the range:
 /// QEMU cannot see our page tables.

@@ -334,6 +334,28 @@ static void group_members(int g, char *out, size_t outlen)
 	}
 }
 
+// The bridge a PCI device sits behind (e.g. 0000:00:07.0 for a root port), or "root" for a
+// device on a root bus: the parent directory of the device in sysfs.
+static void parent_of(const char *bdf, char *out, size_t outlen)
+{
+	char path[256], target[512], *last, *prev;
+	ssize_t n;
+
+	snprintf(out, outlen, "unknown");
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s", bdf);
+	n = readlink(path, target, sizeof(target) - 1);
+	if (n < 0)
+		return;
+	target[n] = 0;
+	last = strrchr(target, '/');
+	if (!last)
+		return;
+	*last = 0;
+	prev = strrchr(target, '/');
+	prev = prev ? prev + 1 : target;
+	snprintf(out, outlen, "%s", strncmp(prev, "pci", 3) == 0 ? "root" : prev);
+}
+
 static void step_groups(void)
 {
 	const char *list = param("vfio", "0000:00:05.0,0000:00:06.0,0000:00:06.1");
@@ -342,7 +364,7 @@ static void step_groups(void)
 
 	snprintf(copy, sizeof(copy), "%s", list);
 	for (bdf = strtok_r(copy, ",", &save); bdf; bdf = strtok_r(NULL, ",", &save)) {
-		char path[256], driver[256] = "none";
+		char path[256], driver[256] = "none", parent[512];
 		int g = group_of(bdf), dup = 0;
 		ssize_t n;
 
@@ -352,7 +374,8 @@ static void step_groups(void)
 			driver[n] = 0;
 			memmove(driver, strrchr(driver, '/') + 1, strlen(strrchr(driver, '/')));
 		}
-		marker("DEVICE bdf=%s group=%d driver=%s", bdf, g, driver);
+		parent_of(bdf, parent, sizeof(parent));
+		marker("DEVICE bdf=%s group=%d driver=%s parent=%s", bdf, g, driver, parent);
 		if (g < 0) {
 			fail("step=groups bdf=%s reason=no-iommu-group", bdf);
 			continue;
