@@ -3,7 +3,9 @@
 //! For operators and tests. Commands (`"cmd"`):
 //! - `stats`: request counts by type and status, domains, mappings, faults, resets;
 //! - `domains`: every live domain; `mappings` `{domain, limit?}`: a paging domain's mappings;
-//! - `groups`: every group with its members, domain, attached endpoints and DMA owner;
+//! - `groups` `{all?}`: the groups in use (with a domain, attached endpoints or a DMA owner),
+//!   or every group with `"all": true`, each with its members, domain, attached endpoints and
+//!   DMA owner, and `total`, the number of groups;
 //! - `translate` `{endpoint, iova, len?, access?: "read"|"write", owner?}`: the fast path, as
 //!   a DMA master would call it (a guest-visible fault is also reported on the event queue);
 //! - `claim` / `release` `{group | endpoint, cookie}`: the exclusive DMA owner (host face);
@@ -203,7 +205,7 @@ impl Session<'_> {
         let result = match cmd {
             "stats" => Ok(self.stats()),
             "domains" => Ok(self.domains()),
-            "groups" => Ok(self.groups()),
+            "groups" => self.groups(request),
             "mappings" => self.mappings(request),
             "translate" => self.translate(request),
             "claim" | "release" => self.owner(cmd, request),
@@ -248,26 +250,37 @@ impl Session<'_> {
         json!({ "ok": true, "domains": domains })
     }
 
-    fn groups(&self) -> Value {
+    /// Only the groups in use unless `all`: the default topology has one group per BDF of
+    /// segment 0, and listing all 65,536 is a 5 MB reply.
+    fn groups(&self, request: &Value) -> Result<Value, String> {
+        let all = match request.get("all") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(all)) => *all,
+            Some(_) => return Err("all: expected true or false".into()),
+        };
         let iommu = self.device.iommu();
         let topo = iommu.topology();
         let groups: Vec<Value> = (0..topo.group_count() as u32)
             .map(GroupId)
-            .map(|g| {
+            .filter_map(|g| {
                 let (domain, attached) = iommu.group_attachment(g).unwrap_or((None, vec![]));
-                let members = topo.group_members(g);
-                json!({
-                    "group": g.0,
-                    "endpoints": members,
-                    "bdfs": bdfs(members),
-                    "domain": domain,
-                    "attached": attached,
-                    "attached_bdfs": bdfs(&attached),
-                    "owner": iommu.dma_owner(g),
+                let owner = iommu.dma_owner(g);
+                let in_use = domain.is_some() || !attached.is_empty() || owner.is_some();
+                (all || in_use).then(|| {
+                    let members = topo.group_members(g);
+                    json!({
+                        "group": g.0,
+                        "endpoints": members,
+                        "bdfs": bdfs(members),
+                        "domain": domain,
+                        "attached": attached,
+                        "attached_bdfs": bdfs(&attached),
+                        "owner": owner,
+                    })
                 })
             })
             .collect();
-        json!({ "ok": true, "groups": groups })
+        Ok(json!({ "ok": true, "total": topo.group_count(), "groups": groups }))
     }
 
     fn mappings(&self, request: &Value) -> Result<Value, String> {

@@ -160,6 +160,42 @@ fn attach_detach_statuses() {
     assert_eq!(stats["requests"]["attach"]["ok"], 5);
 }
 
+/// `groups` lists the groups in use (the defaults have 65,536); `all` lists every one.
+#[test]
+fn groups_lists_those_in_use_unless_all() {
+    let listed = |reply: &serde_json::Value| -> Vec<u64> {
+        assert_eq!(reply["ok"], true, "{reply}");
+        reply["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["endpoints"][0].as_u64().unwrap())
+            .collect()
+    };
+    let d = Daemon::start(&[]);
+    let reply = d.control(json!({"cmd": "groups"}));
+    assert_eq!(reply["total"], 1 << 16);
+    assert!(listed(&reply).is_empty(), "{reply}");
+    // A DMA owner, then a guest attachment, put a group in use.
+    assert_eq!(
+        d.control(json!({"cmd": "claim", "endpoint": 0x100, "cookie": 7}))["ok"],
+        true
+    );
+    let mut dev = d.connect();
+    assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
+    let reply = d.control(json!({"cmd": "groups"}));
+    assert_eq!(listed(&reply), [u64::from(EP), 0x100]);
+    assert_eq!(reply["groups"][1]["owner"], 7);
+    assert_eq!(reply["groups"][0]["attached"], json!([EP]));
+    let bad = d.control(json!({"cmd": "groups", "all": 1}));
+    assert_eq!(bad["ok"], false, "{bad}");
+
+    let d = Daemon::start(&["--endpoints", "00:05.0,00:06.0-00:06.1"]);
+    let reply = d.control(json!({"cmd": "groups", "all": true}));
+    assert_eq!(reply["total"], 3);
+    assert_eq!(listed(&reply), [0x28, 0x30, 0x31]);
+}
+
 #[test]
 fn map_unmap_statuses() {
     let d = Daemon::start(&[]);
