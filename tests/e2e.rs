@@ -227,6 +227,25 @@ fn vhost_user_command_line() {
     assert!(!args.contains("virtio-iommu-pci"));
 }
 
+/// The README's commands are the ones the suite runs: its QEMU device line (stock QEMU >= 10.2)
+/// and its `viot` command (run as is by tests/e2e_daemon.rs, root-port case).
+#[test]
+fn readme_commands_are_the_tested_ones() {
+    let readme = include_str!("../README.md");
+    for want in [
+        format!("-device {},addr=04.0", rig::vhost_user_device("viommu")),
+        format!("vhost-device-iommu {}", rig::README_VIOT_ARGS.join(" ")),
+        "-chardev socket,id=viommu,path=/tmp/viommu.sock".to_string(),
+        "-acpitable file=viot.bin".to_string(),
+    ] {
+        assert!(readme.contains(&want), "README.md lacks {want:?}");
+    }
+    assert!(
+        !readme.contains("-device vhost-user-device-pci"),
+        "a command line with the pre-10.2 name"
+    );
+}
+
 #[test]
 fn endpoint_ids_of_guest_bdfs() {
     assert_eq!(rig::endpoint_id(EP_BDF), Ok(0x28));
