@@ -14,7 +14,9 @@ mod rig;
 
 use std::collections::BTreeSet;
 
-use rig::{check_pattern, qemu_args, GuestConfig, Iommu, Marker, Rig, EP_BDF, GROUP_BDFS};
+use rig::{
+    check_pattern, qemu_args, GuestConfig, Iommu, Marker, QemuBuild, Rig, EP_BDF, GROUP_BDFS,
+};
 use vhost_device_iommu::viot::{build_viot, build_viot_with, PciBdf, ViotOptions, ViotPciRange};
 
 fn qemu_viot() -> Vec<u8> {
@@ -244,6 +246,31 @@ fn readme_commands_are_the_tested_ones() {
         !readme.contains("-device vhost-user-device-pci"),
         "a command line with the pre-10.2 name"
     );
+}
+
+/// A test that needs a QEMU patch runs the patched binary, and fails clearly without one.
+#[test]
+fn patched_qemu_only_when_there_are_patches() {
+    let mut rig = Rig {
+        qemu: "/stock/qemu".into(),
+        qemu_patched: None,
+        kernel: "/k".into(),
+        initrd: "/i".into(),
+        kernel_release: "6.12".into(),
+        firmware: vec![],
+    };
+    assert_eq!(
+        rig.qemu_binary(QemuBuild::Stock),
+        Ok(std::path::Path::new("/stock/qemu"))
+    );
+    let err = rig.qemu_binary(QemuBuild::Patched).unwrap_err();
+    assert!(err.contains("scripts/qemu-patches has no patch"), "{err}");
+    rig.qemu_patched = Some("/patched/qemu".into());
+    assert_eq!(
+        rig.qemu_binary(QemuBuild::Patched),
+        Ok(std::path::Path::new("/patched/qemu"))
+    );
+    assert_eq!(GuestConfig::new(Iommu::Builtin).qemu, QemuBuild::Stock);
 }
 
 #[test]
