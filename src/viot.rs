@@ -341,7 +341,8 @@ mod tests {
 
     // The table QEMU's built-in virtio-iommu-pci writes for a q35 machine with the IOMMU at
     // 00:04.0: captured from the guest's /sys/firmware/acpi/tables/VIOT (QEMU 10.0.2, TCG,
-    // `-device virtio-iommu-pci,addr=04.0`) with the e2e rig (tests/e2e.rs).
+    // `-device virtio-iommu-pci,addr=04.0`) with the e2e rig; QEMU 10.2.2 writes the same bytes
+    // (tests/e2e.rs compares the guest's table with ours).
     #[rustfmt::skip]
     const QEMU_VIOT: [u8; 88] = [
         0x56, 0x49, 0x4f, 0x54, // signature "VIOT"
