@@ -72,8 +72,13 @@ pub enum CtlRequest {
     Stats,
     /// Every live domain: kind, groups, attached endpoints, mapping count.
     Domains,
-    /// Every group: members, domain, attached endpoints, DMA owner.
-    Groups,
+    /// The groups in use (a domain, attached endpoints or a DMA owner), or with `--all`
+    /// every group: members, domain, attached endpoints, DMA owner.
+    Groups {
+        /// Every group of the topology (65,536 with the default endpoints).
+        #[arg(long)]
+        all: bool,
+    },
     /// A paging domain's mappings.
     Mappings {
         /// The domain ID.
@@ -158,7 +163,8 @@ impl CtlRequest {
         let mut request = match self {
             CtlRequest::Stats => json!({"cmd": "stats"}),
             CtlRequest::Domains => json!({"cmd": "domains"}),
-            CtlRequest::Groups => json!({"cmd": "groups"}),
+            CtlRequest::Groups { all: false } => json!({"cmd": "groups"}),
+            CtlRequest::Groups { all: true } => json!({"cmd": "groups", "all": true}),
             CtlRequest::Mappings { domain, limit } => {
                 json!({"cmd": "mappings", "domain": domain, "limit": limit})
             }
