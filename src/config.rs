@@ -1000,7 +1000,7 @@ mod tests {
             .to_string()
             .contains("--probe-size 8"));
         for (extra, flags) in [
-            (&["--group", "01:00.0"][..], "--group, --endpoints"),
+            (&["--group", "0001:00:00.0"][..], "--group, --endpoints"),
             (
                 &["--group", "00:06.0", "--group", "00:06.0,00:06.1"],
                 "--group",
@@ -1011,7 +1011,7 @@ mod tests {
                 &["--reserved", "0xfee00000-0xfee00fff:msi"],
                 "--reserved, --no-msi-region",
             ),
-            (&["--reserved", "1-2@01:00.0"], "--reserved"),
+            (&["--reserved", "1-2@0001:00:00.0"], "--reserved"),
             (&["--max-domains", "0"], "--max-domains"),
             (&["--max-mappings", "0"], "--max-mappings"),
             (
