@@ -277,7 +277,7 @@ fn every_bad_invocation_names_its_option() {
         // Checks across options: status 1, one line naming the options involved.
         (&["-s", s, "--probe-size", "8"], 1, &["--probe-size 8 cannot hold", "--reserved"]),
         (&["-s", s, "--page-size-mask", "0x800"], 1, &["--page-size-mask: granule 0x800"]),
-        (&["-s", s, "--group", "01:00.0"], 1, &["--group, --endpoints: endpoint 0x100"]),
+        (&["-s", s, "--group", "0001:00:00.0"], 1, &["--group, --endpoints: endpoint 0x10000"]),
         (&["-s", s, "--group", "00:06.0", "--group", "00:06.0-00:06.1"], 1, &["--group: endpoint 0x30 is in two groups"]),
         (&["-s", s, "--reserved", "0xfee00000-0xfee00fff:msi"], 1, &["--reserved, --no-msi-region:"]),
         (&["-s", s, "--max-domains", "0"], 1, &["--max-domains:"]),
