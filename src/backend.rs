@@ -41,6 +41,7 @@ use crate::{
     log_limited,
     ring::{self, FastChain, RegionCache, RingKey, Rings, SliceWriter},
     state::{self, DeviceState, StateError},
+    statefile::{self, Entry, QueuePosition, StateFile, StateFileError},
     stats::Stats,
     translate::TranslationService,
 };
@@ -88,6 +89,53 @@ pub struct Device {
     stopped: Mutex<Option<RingStop>>,
     /// `stopped` is set: the worker compares before it touches a queue.
     stop_pending: AtomicBool,
+    /// `--state-file`: every request that reaches the model is journaled. Taken before the
+    /// model's lock wherever both are held.
+    journal: Option<Mutex<Journal>>,
+    /// The daemon is stopping (SIGINT/SIGTERM): a disconnect now is not the guest's end.
+    shutting_down: AtomicBool,
+}
+
+/// Why a device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}; start with --fresh-state to discard it")]
+    StateFile(#[from] StateFileError),
+    #[error(
+        "{path}: entry {index} of the journal does not apply to its snapshot ({what}); \
+         start with --fresh-state to discard it"
+    )]
+    Replay {
+        path: std::path::PathBuf,
+        index: usize,
+        what: String,
+    },
+}
+
+/// The state file of a device and what the last pass before a restart answered.
+#[derive(Debug)]
+struct Journal {
+    file: StateFile,
+    /// The last committed pass before this daemon started: requests that come again (the
+    /// frontend rewound to the used index) are answered with the status they got, not applied
+    /// twice. Emptied by the first pass.
+    replay: Vec<(u16, virtio::Request, Status)>,
+    /// Fault injection for the restart tests (`VHOST_IOMMU_TEST_CRASH_AFTER_COMMIT=N`): the
+    /// daemon aborts right after its Nth commit, before that pass's used entries are
+    /// published, the one point a SIGKILL from outside almost never hits.
+    crash_after: Option<u64>,
+}
+
+impl Journal {
+    /// The status a request at `position` got before a restart, if it is that request.
+    fn answered(&self, position: u16, request: &virtio::Request) -> Option<Status> {
+        self.replay
+            .iter()
+            .find(|(p, r, _)| *p == position && r == request)
+            .map(|&(_, _, status)| status)
+    }
 }
 
 /// Where and how the request queue stopped (GET_VRING_BASE). A frontend that resumes the
@@ -117,7 +165,8 @@ thread_local! {
 }
 
 impl Device {
-    pub fn new(config: &DaemonConfig) -> io::Result<Arc<Self>> {
+    /// The device of a daemon; with `--state-file`, as the file left it.
+    pub fn new(config: &DaemonConfig) -> Result<Arc<Self>, DeviceError> {
         let stats = Arc::new(Stats::default());
         let faults = Arc::new(FaultQueue::new(config.fault_backlog, stats.clone())?);
         let mut iommu = Iommu::try_new(config.topology.clone())
@@ -136,7 +185,19 @@ impl Device {
             max_faults: config.fault_backlog as u64,
             endpoints: config.topology.endpoints().count() as u64,
         };
-        Ok(Arc::new(Device {
+        let opened = match &config.state_file {
+            Some(path) => {
+                // Room for two whole passes at least.
+                let records = config
+                    .state_journal_records
+                    .max(2 * usize::from(config.queue_size) + 2);
+                Some(StateFile::open(path, records, config.fresh_state)?)
+            }
+            None => None,
+        };
+        let device = Arc::new(Device {
+            journal: None,
+            shutting_down: AtomicBool::new(false),
             translators: iommu.translator_source(),
             fingerprint: state::fingerprint(&config.topology, config.features),
             caps,
@@ -156,7 +217,139 @@ impl Device {
             queue_size: config.queue_size,
             probe_size: config.config.probe_size,
             ring_fast_path: config.ring_fast_path,
-        }))
+        });
+        let Some((file, recovered)) = opened else {
+            return Ok(device);
+        };
+        let mut device = Arc::into_inner(device).expect("a device nobody else holds yet");
+        let recovered_created = recovered.created;
+        let replay = device.recover(&file, recovered)?;
+        let created = recovered_created;
+        let crash_after = std::env::var("VHOST_IOMMU_TEST_CRASH_AFTER_COMMIT")
+            .ok()
+            .and_then(|n| n.parse().ok());
+        let mut journal = Journal {
+            file,
+            replay,
+            crash_after,
+        };
+        if created {
+            // The first snapshot carries this daemon's topology fingerprint: a daemon started
+            // with other options on this file is refused even before anything was compacted.
+            device.compact(&mut journal, None);
+        }
+        device.journal = Some(Mutex::new(journal));
+        Ok(Arc::new(device))
+    }
+
+    /// Brings a new device to the state a state file holds: its snapshot, then its journal's
+    /// committed entries; returns the last pass's requests (answered again, not applied).
+    fn recover(
+        &self,
+        file: &StateFile,
+        recovered: statefile::Recovered,
+    ) -> Result<Vec<(u16, virtio::Request, Status)>, DeviceError> {
+        let path = file.path().to_owned();
+        if recovered.created {
+            info!("state file {}: new, empty state", path.display());
+            return Ok(Vec::new());
+        }
+        if !recovered.snapshot.is_empty() {
+            self.try_load_state(&recovered.snapshot)
+                .map_err(|source| StateFileError::State {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let mut iommu = self.iommu();
+        for (index, entry) in recovered.entries.iter().enumerate() {
+            match *entry {
+                Entry::Request {
+                    request,
+                    status: Status::Ok,
+                    ..
+                } => {
+                    device::execute(&mut iommu, &request).map_err(|e| DeviceError::Replay {
+                        path: path.clone(),
+                        index,
+                        what: format!("{request:?} answered OK, now {e}"),
+                    })?;
+                }
+                // A refused request changed nothing; a repeat was applied where it came first.
+                Entry::Request { .. } | Entry::Repeat { .. } => {}
+                Entry::Bypass(bypass) => {
+                    let mut config = self.config();
+                    config.bypass = u8::from(bypass);
+                    iommu.set_bypass(effective_bypass(&config, self.offered));
+                }
+                Entry::Reset => {
+                    iommu.reset();
+                    self.faults.clear();
+                }
+            }
+        }
+        let stats = iommu.stats();
+        drop(iommu);
+        if let Some(at) = recovered.position {
+            self.queue_stopped(RingStop {
+                next_avail: at.next_avail,
+                key: at.key(),
+                slack: at.size,
+            });
+        }
+        info!(
+            "state file {}: resumed {} domains and {} mappings ({} journal entries)",
+            path.display(),
+            stats.domains,
+            stats.mappings,
+            recovered.entries.len()
+        );
+        Ok(recovered
+            .last_pass
+            .iter()
+            .filter_map(|e| match *e {
+                Entry::Request {
+                    position,
+                    request,
+                    status,
+                }
+                | Entry::Repeat {
+                    position,
+                    request,
+                    status,
+                } => Some((position, request, status)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn journal(&self) -> Option<MutexGuard<'_, Journal>> {
+        self.journal
+            .as_ref()
+            .map(|j| j.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes the state as the state file's new snapshot, starting its journal over.
+    fn compact(&self, journal: &mut Journal, position: Option<QueuePosition>) {
+        let bytes = self.save_state();
+        let records = journal.file.capacity();
+        match journal.file.compact(&bytes, position, records) {
+            Ok(()) => {
+                self.stats.state_compactions.fetch_add(1, Relaxed);
+            }
+            Err(e) => log_limited!(log::Level::Error, "state file not compacted: {e}"),
+        }
+    }
+
+    /// The daemon is stopping: with a state file, the whole state is written into it (a
+    /// restart then needs no journal, and the fault records waiting now survive too), and
+    /// the frontend's disconnect that follows resets nothing.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Relaxed);
+        if let Some(mut journal) = self.journal() {
+            let position = journal.file.position();
+            self.compact(&mut journal, position);
+        }
     }
 
     /// The model (the writer). Held per request on the request path, so brief.
@@ -190,7 +383,14 @@ impl Device {
     /// Device reset: every attachment and domain dropped, waiting fault records dropped;
     /// `bypass` survives (spec C2).
     pub fn reset(&self) {
+        let mut journal = self.journal();
         self.iommu().reset();
+        if let Some(j) = journal.as_mut() {
+            if !(j.file.reset() && j.file.commit_here()) {
+                self.compact(j, None);
+            }
+        }
+        drop(journal);
         let dropped = self.faults.clear();
         self.forget_stop();
         self.stats.resets.fetch_add(1, Relaxed);
@@ -244,6 +444,10 @@ impl Device {
 
     /// The frontend went away: the next one starts from a fresh device, config included.
     pub fn disconnected(&self) {
+        if self.shutting_down.load(Relaxed) {
+            return;
+        }
+        let mut journal = self.journal();
         *self.config() = self.initial;
         let mut iommu = self.iommu();
         iommu.reset();
@@ -253,6 +457,13 @@ impl Device {
         self.forget_stop();
         self.acked.store(0, Relaxed);
         self.event_idx.store(false, Relaxed);
+        if let Some(j) = journal.as_mut() {
+            let recorded =
+                j.file.reset() && j.file.bypass(self.initial.bypass == 1) && j.file.commit_here();
+            if !recorded {
+                self.compact(j, None);
+            }
+        }
     }
 
     /// The guest-visible state, encoded (see [`crate::state`]). Meant for a stopped device:
@@ -297,6 +508,8 @@ impl Device {
 
     fn try_load_state(&self, bytes: &[u8]) -> Result<(), StateError> {
         let state = state::decode(bytes, self.fingerprint, &self.caps)?;
+        // Taken first, as everywhere: a state file holds the loaded state from now on.
+        let mut journal = self.journal();
         let mut iommu = self.iommu();
         iommu.restore(&state.guest)?;
         // Nothing below can fail: the state is in.
@@ -309,6 +522,9 @@ impl Device {
         let faults = state.faults.len();
         self.faults.restore(state.faults);
         self.forget_stop();
+        if let Some(j) = journal.as_deref_mut() {
+            self.compact(j, None);
+        }
         info!(
             "device state loaded: {} domains, {} mappings, {faults} fault records",
             state.guest.domains.len(),
@@ -390,6 +606,21 @@ impl Device {
     where
         M: std::ops::Deref<Target = GuestMemory>,
     {
+        self.process_chain_at(mem, chain, 0, None)
+    }
+
+    /// [`Device::process_chain`] for the chain at ring position `position`, journaled in
+    /// `journal` (`--state-file`) when there is one.
+    fn process_chain_at<M>(
+        &self,
+        mem: &GuestMemory,
+        chain: DescriptorChain<M>,
+        position: u16,
+        journal: Option<&mut Journal>,
+    ) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemory>,
+    {
         let mut readable = [0u8; MAX_READABLE];
         let mut readable_len = 0usize;
         let mut segments = [(GuestAddress(0), 0usize); MAX_WRITABLE_SEGMENTS];
@@ -437,24 +668,69 @@ impl Device {
             return self.malformed(format_args!("writable area of {writable_len} bytes"));
         }
         let mut sink = SegmentWriter::new(mem, &segments[..n_segments]);
-        self.answer(&readable[..readable_len], writable_len, &mut sink)
+        self.answer(
+            &readable[..readable_len],
+            writable_len,
+            &mut sink,
+            position,
+            journal,
+        )
     }
 
-    /// Applies one checked request (its device-readable bytes, the size of its writable area)
-    /// and writes the reply through `sink`; returns the used length. The model's lock is held
-    /// for the request only, not while the reply is written.
-    fn answer<S: ReplySink>(&self, readable: &[u8], writable_len: usize, sink: &mut S) -> u32 {
+    /// Applies one checked request (its device-readable bytes, the size of its writable area,
+    /// its ring position) and writes the reply through `sink`; returns the used length. The
+    /// model's lock is held for the request only, not while the reply is written. With a
+    /// journal, a request that reached the model is recorded with its status, and one the
+    /// journal says was answered before a restart gets that status again.
+    fn answer<S: ReplySink>(
+        &self,
+        readable: &[u8],
+        writable_len: usize,
+        sink: &mut S,
+        position: u16,
+        mut journal: Option<&mut Journal>,
+    ) -> u32 {
         let features = self.acked.load(Relaxed);
         let probe_size = self.probe_size;
         let mut handle = |properties: &mut [u8]| {
-            let reply = device::handle(
+            let earlier = journal.as_deref();
+            let mut repeated = None;
+            let reply = device::handle_once(
                 &mut self.iommu(),
                 readable,
                 writable_len,
                 features,
                 probe_size,
                 properties,
+                |request| {
+                    let status = earlier.and_then(|j| j.answered(position, request));
+                    repeated = status.map(|_| *request);
+                    status
+                },
             );
+            if let (
+                Some(j),
+                Reply::Status {
+                    status, applied, ..
+                },
+            ) = (journal.as_deref_mut(), &reply)
+            {
+                match applied {
+                    Some(request) if !j.file.request(position, request, *status) => {
+                        log_limited!(
+                            log::Level::Error,
+                            "state file journal full: {request:?} not recorded"
+                        );
+                    }
+                    None => {
+                        if let Some(request) = repeated {
+                            self.stats.state_replayed.fetch_add(1, Relaxed);
+                            j.file.repeat(position, &request, *status);
+                        }
+                    }
+                    _ => {}
+                }
+            }
             self.reply(sink, writable_len, reply, properties, readable)
         };
         if readable.first() == Some(&(RequestType::Probe as u8)) {
@@ -492,6 +768,7 @@ impl Device {
                 status,
                 properties: used,
                 error,
+                ..
             } => {
                 self.stats.count_reply(request, status);
                 if let Some(error) = error {
@@ -559,8 +836,7 @@ impl Device {
         let mut polled = false;
         // Resolved for this memory snapshot; re-resolved when the ring layout changes.
         let mut rings: Option<Rings<'_>> = None;
-        let mut cache = RegionCache::default();
-        let mut chain = FastChain::default();
+        let mut scratch = FastScratch::default();
         // This pass follows a re-check that saw buffers arrive: it must find them.
         let mut after_recheck = false;
         loop {
@@ -600,21 +876,51 @@ impl Device {
             // Notifications off while there is work; the driver need not kick.
             let _ = queue.disable_notification(mem);
             let old_used = queue.next_used();
+            // With a state file, the pass's records are committed before any of its used
+            // entries is published; there is room for a whole pass before it starts.
+            let mut journal = self.journal();
+            if let Some(j) = journal.as_deref_mut() {
+                if j.file.free_records() <= usize::from(queue.size()) + 1 {
+                    let at = j.file.position();
+                    self.compact(j, at);
+                }
+            }
             // The pass's requests share one grace period (the IOTLB-sync rule): none is
             // reported complete before every translation they took away is gone.
             let batch = USED_SCRATCH.with_borrow_mut(|done| {
                 self.iommu().begin_batch();
                 match fast {
-                    Some(r) => self.fast_pass(queue, mem, &r, &mut cache, &mut chain, done),
-                    None => {
-                        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                            let head = chain.head_index();
-                            done.push((head, self.process_chain(mem, chain)));
-                        }
+                    Some(r) => {
+                        self.fast_pass(queue, mem, &r, &mut scratch, done, journal.as_deref_mut())
                     }
+                    None => loop {
+                        let position = queue.next_avail();
+                        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                            break;
+                        };
+                        let head = chain.head_index();
+                        let used =
+                            self.process_chain_at(mem, chain, position, journal.as_deref_mut());
+                        done.push((head, used));
+                    },
                 }
                 self.iommu().end_batch();
                 let n = done.len();
+                if let Some(j) = journal.as_deref_mut().filter(|_| n > 0) {
+                    let at = QueuePosition::new(queue.next_avail(), RingKey::of(queue));
+                    if !j.file.commit(at) {
+                        log_limited!(log::Level::Error, "state file journal full: pass lost");
+                    }
+                    if let Some(n) = j.crash_after.as_mut() {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            std::process::abort();
+                        }
+                    }
+                    // The requests that could come again after a restart came in this pass.
+                    j.replay.clear();
+                }
+                drop(journal.take());
                 match fast {
                     Some(r) => publish_used(queue, &r, done),
                     None => {
@@ -683,11 +989,12 @@ impl Device {
         queue: &mut virtio_queue::Queue,
         mem: &'m GuestMemory,
         rings: &Rings<'m>,
-        cache: &mut RegionCache<'m>,
-        chain: &mut FastChain<'m>,
+        scratch: &mut FastScratch<'m>,
         done: &mut Vec<(u16, u32)>,
+        mut journal: Option<&mut Journal>,
     ) {
         let size = rings.size();
+        let FastScratch { cache, chain } = scratch;
         let mut next = queue.next_avail();
         'pass: while done.len() < usize::from(size) {
             let Some(avail) = rings.avail_idx(std::sync::atomic::Ordering::Acquire) else {
@@ -709,10 +1016,16 @@ impl Device {
                     .filter(|_| chain.writable_len <= MAX_WRITABLE);
                 match simple {
                     Some(head) => {
-                        next = next.wrapping_add(1);
                         let readable = &chain.readable[..chain.readable_len];
                         let mut sink = SliceWriter::new(&chain.writable[..chain.n_writable]);
-                        let used = self.answer(readable, chain.writable_len, &mut sink);
+                        let used = self.answer(
+                            readable,
+                            chain.writable_len,
+                            &mut sink,
+                            next,
+                            journal.as_deref_mut(),
+                        );
+                        next = next.wrapping_add(1);
                         done.push((head, used));
                     }
                     None => {
@@ -723,7 +1036,8 @@ impl Device {
                             break 'pass;
                         };
                         let head = slow.head_index();
-                        done.push((head, self.process_chain(mem, slow)));
+                        let used = self.process_chain_at(mem, slow, next, journal.as_deref_mut());
+                        done.push((head, used));
                         next = queue.next_avail();
                     }
                 }
@@ -890,6 +1204,14 @@ enum LoopEnd {
     Asleep,
     /// The memory table was replaced: call again with a snapshot of the new one.
     MemoryReplaced,
+}
+
+/// What the ring fast path keeps from one chain to the next: the memory region of the last
+/// buffer, and the chain being parsed.
+#[derive(Default)]
+struct FastScratch<'m> {
+    cache: RegionCache<'m>,
+    chain: FastChain<'m>,
 }
 
 /// Why a queue cannot be used now, if it cannot: checked before touching it, so that a broken
@@ -1201,14 +1523,22 @@ impl VhostUserBackend for IommuBackend {
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let features = self.device.acked.load(Relaxed);
+        let mut journal = self.device.journal();
         let mut config = self.device.config();
         config.write(offset, buf, features).map_err(|e| {
             log_limited!(log::Level::Warn, "config write refused: {e}");
             io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
         })?;
+        let written = config.bypass == 1;
         let bypass = effective_bypass(&config, self.device.offered);
         drop(config);
         self.device.iommu().set_bypass(bypass);
+        if let Some(j) = journal.as_deref_mut() {
+            if !(j.file.bypass(written) && j.file.commit_here()) {
+                let at = j.file.position();
+                self.device.compact(j, at);
+            }
+        }
         info!("config bypass set to {}", u8::from(bypass));
         Ok(())
     }

@@ -209,6 +209,29 @@ pub struct ServeArgs {
     /// through virtio-queue, for comparison and as a fallback.
     #[arg(long, value_name = "on|off", value_enum, default_value_t = Switch::On)]
     pub ring_fast_path: Switch,
+
+    /// Keep the guest-visible state in PATH (and PATH.journal, both mode 0600) while serving,
+    /// and resume it when started again with the same PATH and options: a restarted daemon
+    /// carries on where the last one stopped, without a guest reset.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
+    /// Start from an empty state even if --state-file holds one (damaged, from other
+    /// options, or simply unwanted), replacing it.
+    #[arg(long, requires = "state_file")]
+    pub fresh_state: bool,
+
+    /// Records the state file's journal holds (64 bytes each) before the state is written
+    /// whole again: more means rarer rewrites and a longer replay at start. At least twice
+    /// the queue size.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::statefile::DEFAULT_RECORDS as u64,
+        value_parser = clap::value_parser!(u64).range(16..=1 << 26),
+        requires = "state_file"
+    )]
+    pub state_journal_records: u64,
 }
 
 /// An option that is `on` or `off`.
@@ -366,6 +389,10 @@ pub struct DaemonConfig {
     /// Whether the request queue may use the ring fast path (`ring.rs`); false sends every
     /// chain through virtio-queue.
     pub ring_fast_path: bool,
+    /// `--state-file`, whether to start fresh (`--fresh-state`), the journal's records.
+    pub state_file: Option<PathBuf>,
+    pub fresh_state: bool,
+    pub state_journal_records: usize,
 }
 
 /// Parses `0x1f`, `31` or `1_000`.
@@ -686,6 +713,9 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             queue_size: args.queue_size,
             seccomp: args.seccomp,
             ring_fast_path: args.ring_fast_path.is_on(),
+            state_file: args.state_file,
+            fresh_state: args.fresh_state,
+            state_journal_records: args.state_journal_records as usize,
         })
     }
 }

@@ -109,6 +109,10 @@ pub enum Reply {
         properties: usize,
         /// Why the status is not OK, for the log.
         error: Option<String>,
+        /// The request the model was asked to apply (ATTACH, DETACH, MAP, UNMAP, whatever
+        /// its status), for the state file's journal; None for PROBE, a refusal of the
+        /// bytes, and a request answered from the journal.
+        applied: Option<Request>,
     },
 }
 
@@ -123,6 +127,29 @@ pub fn handle(
     probe_size: u32,
     properties: &mut [u8],
 ) -> Reply {
+    handle_once(
+        iommu,
+        readable,
+        writable_len,
+        features,
+        probe_size,
+        properties,
+        |_| None,
+    )
+}
+
+/// [`handle`], with `answered_before`: the status a request already got (a restarted daemon
+/// sees the last pass's requests again, see `crate::statefile`), answered without applying
+/// it a second time.
+pub fn handle_once(
+    iommu: &mut Iommu,
+    readable: &[u8],
+    writable_len: usize,
+    features: u64,
+    probe_size: u32,
+    properties: &mut [u8],
+    answered_before: impl FnOnce(&Request) -> Option<Status>,
+) -> Reply {
     let request = match Request::parse(readable, writable_len, features, probe_size) {
         Ok(request) => request,
         Err(err) => {
@@ -133,11 +160,24 @@ pub fn handle(
                     status,
                     properties: 0,
                     error: Some(err.to_string()),
+                    applied: None,
                 },
             }
         }
     };
     let kind = request.request_type();
+    if kind != RequestType::Probe {
+        if let Some(status) = answered_before(&request) {
+            return Reply::Status {
+                request: kind,
+                status,
+                properties: 0,
+                error: None,
+                applied: None,
+            };
+        }
+    }
+    let applied = (kind != RequestType::Probe).then_some(request);
     let result = match request {
         Request::Probe { endpoint } => iommu.probe(endpoint).map(|regions| {
             let mut encoded = [ResvMem {
@@ -161,6 +201,7 @@ pub fn handle(
             status: Status::Ok,
             properties,
             error: None,
+            applied,
         },
         // The daemon sizes probe_size for its topology and passes a buffer that big: this is
         // the device's fault, not the driver's.
@@ -171,12 +212,14 @@ pub fn handle(
             error: Some(format!(
                 "{request:?}: properties do not fit in {probe_size} bytes"
             )),
+            applied,
         },
         Err(err) => Reply::Status {
             request: kind,
             status: status_of(&err),
             properties: 0,
             error: Some(format!("{request:?}: {err}")),
+            applied,
         },
     }
 }

@@ -14,6 +14,7 @@ mod ring;
 pub mod seccomp;
 pub mod server;
 pub mod state;
+pub mod statefile;
 pub mod stats;
 pub mod testkit;
 pub mod translate;

@@ -151,6 +151,33 @@ const REFUSED: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_open];
 #[cfg(not(target_arch = "x86_64"))]
 const REFUSED: &[libc::c_long] = &[libc::SYS_openat];
 
+/// `--state-file`: a compaction replaces the snapshot whole (a new file renamed over the old
+/// one) and may grow the journal. The filter cannot tell paths apart, so with a state file
+/// the daemon may open, rename and truncate files once serving.
+#[cfg(target_arch = "x86_64")]
+const STATE_FILE: &[libc::c_long] = &[
+    libc::SYS_openat,
+    libc::SYS_open,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_rename,
+    libc::SYS_ftruncate,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const STATE_FILE: &[libc::c_long] = &[
+    libc::SYS_openat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_ftruncate,
+];
+
+/// What the daemon's options add to the allowlist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// `--state-file` (see `STATE_FILE`).
+    pub state_file: bool,
+}
+
 /// Exit status of a daemon stopped by `--seccomp trap` (128 + SIGSYS, as a shell reports a
 /// death by SIGSYS).
 pub const TRAP_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
@@ -181,6 +208,17 @@ fn target() -> Result<TargetArch, Error> {
 /// the one refusing to open files (EACCES), then the allowlist, whose mismatch action is the
 /// mode's (last: installing a filter takes a prctl the allowlist refuses).
 pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, Error> {
+    filters_for(mode, Needs::default())
+}
+
+/// [`filters`] for a daemon whose options need `needs`.
+pub fn filters_for(mode: SeccompMode, needs: Needs) -> Result<Vec<BpfProgram>, Error> {
+    let extra: &[libc::c_long] = if needs.state_file { STATE_FILE } else { &[] };
+    let refused: Vec<libc::c_long> = REFUSED
+        .iter()
+        .copied()
+        .filter(|nr| !extra.contains(nr))
+        .collect();
     let mismatch = match mode {
         SeccompMode::Off => return Ok(Vec::new()),
         SeccompMode::Log => SeccompAction::Log,
@@ -191,6 +229,7 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, Error> {
         .iter()
         .flat_map(|group| group.iter())
         .chain(REFUSED)
+        .chain(extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
     let no_exec = arg_rule(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?;
@@ -214,7 +253,7 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, Error> {
     let allowlist = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target()?)
         .map_err(Error::Build)?;
     let refused = SeccompFilter::new(
-        REFUSED.iter().map(|&nr| (nr, Vec::new())).collect(),
+        refused.iter().map(|&nr| (nr, Vec::new())).collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
         target()?,
@@ -228,7 +267,12 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, Error> {
 
 /// Installs the filters for `mode` on every thread of the process (TSYNC). Irreversible.
 pub fn apply(mode: SeccompMode) -> Result<(), Error> {
-    let programs = filters(mode)?;
+    apply_for(mode, Needs::default())
+}
+
+/// [`apply`] for a daemon whose options need `needs`.
+pub fn apply_for(mode: SeccompMode, needs: Needs) -> Result<(), Error> {
+    let programs = filters_for(mode, needs)?;
     if programs.is_empty() {
         return Ok(());
     }

@@ -35,6 +35,8 @@ pub enum ServerError {
     InUse(PathBuf),
     #[error("device: {0}")]
     Device(io::Error),
+    #[error("{0}")]
+    Setup(#[from] crate::backend::DeviceError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error("signal handler: {0}")]
@@ -184,7 +186,7 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
             listener
         }
     };
-    let device = Device::new(config).map_err(ServerError::Device)?;
+    let device = Device::new(config)?;
     if let Some(path) = &config.control_socket {
         let control = bind_socket(path, config.socket_mode)?;
         created.push(path.clone());
@@ -194,7 +196,12 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
     spawn_signal_thread(created.clone(), current.clone(), device.clone())?;
     // Least privilege: the sockets exist; from here on, only what serving needs (every thread).
-    crate::seccomp::apply(config.seccomp)?;
+    crate::seccomp::apply_for(
+        config.seccomp,
+        crate::seccomp::Needs {
+            state_file: config.state_file.is_some(),
+        },
+    )?;
 
     let mut listener = Listener::from(listener);
     loop {
@@ -249,6 +256,9 @@ fn spawn_signal_thread(
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 info!("signal {signal}: shutting down");
+                // The guest's state stays in the state file for the next daemon: written
+                // whole now, and the disconnect that follows is no reset.
+                device.shut_down();
                 if let Some(handle) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     handle.shutdown();
                 }

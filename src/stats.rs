@@ -38,6 +38,10 @@ pub struct Stats {
     pub state_saves: AtomicU64,
     pub state_loads: AtomicU64,
     pub state_refused: AtomicU64,
+    /// `--state-file`: snapshots written (the journal started over), requests answered from
+    /// the journal after a restart instead of being applied again.
+    pub state_compactions: AtomicU64,
+    pub state_replayed: AtomicU64,
 }
 
 impl Stats {
@@ -96,6 +100,8 @@ impl Stats {
                 "saved": self.state_saves.load(Relaxed),
                 "loaded": self.state_loads.load(Relaxed),
                 "refused": self.state_refused.load(Relaxed),
+                "compactions": self.state_compactions.load(Relaxed),
+                "replayed": self.state_replayed.load(Relaxed),
             },
         })
     }

@@ -20,7 +20,7 @@ use std::{
 use common::*;
 use ownership::{
     reference::{check_translation, Reference},
-    Access, DomainKind, Fault, Requester,
+    Access, Fault, Requester,
 };
 use serde_json::{json, Value};
 use vhost::vhost_user::{
@@ -83,55 +83,13 @@ impl Rng {
     }
 }
 
-fn status_code(s: Status) -> u8 {
-    s as u8
-}
-
 /// Sends `request` to the daemon and applies it to the reference; both must give the same
 /// status.
 fn apply(dev: &mut Device, r: &mut Reference, request: &Request) {
     let got = status_of(dev, request);
-    let want = match *request {
-        Request::Attach {
-            domain,
-            endpoint,
-            bypass,
-        } => {
-            let kind = if bypass {
-                DomainKind::Identity
-            } else {
-                DomainKind::Paging
-            };
-            r.attach(domain, endpoint, kind).map(|_| ())
-        }
-        Request::Detach { domain, endpoint } => r.detach(domain, endpoint),
-        Request::Map {
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            flags,
-        } => r.map(
-            domain,
-            virt_start,
-            virt_end,
-            phys_start,
-            vhost_device_iommu::device::perms_of(flags),
-        ),
-        Request::Unmap {
-            domain,
-            virt_start,
-            virt_end,
-        } => r.unmap(domain, virt_start, virt_end).map(|_| ()),
-        Request::Probe { .. } => Ok(()),
-    };
-    let want = match want {
-        Ok(()) => Status::Ok,
-        Err(e) => vhost_device_iommu::device::status_of(&e),
-    };
+    let want = reference_status(r, request);
     assert_eq!(
-        status_code(got),
-        status_code(want),
+        got as u8, want as u8,
         "{request:?}: daemon {got:?}, reference {want:?}"
     );
 }

@@ -252,6 +252,37 @@ impl Device {
         self.start()
     }
 
+    /// Connects again after the backend went away (it crashed, or was restarted), as QEMU
+    /// does with `reconnect-ms`: the whole handshake on a new connection, then both queues
+    /// started again on the same rings, each from the used index the device left in guest
+    /// memory (a dead backend cannot report its avail index, so requests it took but did not
+    /// answer come again). Chains in flight stay in flight.
+    pub fn reconnect(&mut self, socket: impl AsRef<Path>) -> Result<()> {
+        let mut conn = Connection::connect(
+            socket,
+            self.options.connect_timeout,
+            self.options.timeout,
+            u64::from(NUM_QUEUES),
+        )?;
+        let offered = conn.get_features()?;
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let acked = conn.negotiate_protocol_features(self.options.protocol_features)?;
+            if self.options.need_reply && acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                conn.set_need_reply(true);
+            }
+            if acked.contains(VhostUserProtocolFeatures::MQ) {
+                conn.get_queue_num()?;
+            }
+        }
+        conn.set_owner()?;
+        self.conn = conn;
+        let bases = [
+            self.requestq.device_used_idx()?,
+            self.eventq.device_used_idx()?,
+        ];
+        self.configure(bases)
+    }
+
     /// Disconnects (same as dropping).
     pub fn disconnect(self) {}
 

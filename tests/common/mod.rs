@@ -31,16 +31,21 @@ impl Daemon {
     /// Starts the daemon with `--socket-path`, `--control-socket` and `args`, and waits until
     /// both sockets exist.
     pub fn start(args: &[&str]) -> Daemon {
-        Self::spawn(args, None)
+        Self::spawn(args, None, &[])
     }
 
     /// As [`Daemon::start`], with `RUST_LOG=rust_log` and stderr captured in a file (read it with
     /// [`Daemon::log`]).
     pub fn start_logged(args: &[&str], rust_log: &str) -> Daemon {
-        Self::spawn(args, Some(rust_log))
+        Self::spawn(args, Some(rust_log), &[])
     }
 
-    fn spawn(args: &[&str], logged: Option<&str>) -> Daemon {
+    /// As [`Daemon::start_logged`], with `env` added to the daemon's environment.
+    pub fn start_with_env(args: &[&str], rust_log: &str, env: &[(&str, String)]) -> Daemon {
+        Self::spawn(args, Some(rust_log), env)
+    }
+
+    fn spawn(args: &[&str], logged: Option<&str>, env: &[(&str, String)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("viommu.sock");
         let control = dir.path().join("viommu.ctl");
@@ -56,6 +61,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(level) = logged {
             let log = std::fs::File::create(dir.path().join(LOG_FILE)).unwrap();
@@ -420,5 +426,48 @@ impl Daemon {
                 ))
             })
             .collect()
+    }
+}
+
+/// Applies `request` to the reference model and returns the status the device must answer.
+pub fn reference_status(r: &mut ownership::reference::Reference, request: &Request) -> Status {
+    use ownership::DomainKind;
+    let result = match *request {
+        Request::Attach {
+            domain,
+            endpoint,
+            bypass,
+        } => {
+            let kind = if bypass {
+                DomainKind::Identity
+            } else {
+                DomainKind::Paging
+            };
+            r.attach(domain, endpoint, kind)
+        }
+        Request::Detach { domain, endpoint } => r.detach(domain, endpoint),
+        Request::Map {
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            flags,
+        } => r.map(
+            domain,
+            virt_start,
+            virt_end,
+            phys_start,
+            vhost_device_iommu::device::perms_of(flags),
+        ),
+        Request::Unmap {
+            domain,
+            virt_start,
+            virt_end,
+        } => r.unmap(domain, virt_start, virt_end).map(|_| ()),
+        Request::Probe { endpoint } => r.probe(endpoint).map(|_| ()),
+    };
+    match result {
+        Ok(()) => Status::Ok,
+        Err(e) => vhost_device_iommu::device::status_of(&e),
     }
 }
