@@ -12,6 +12,7 @@ use virtio::{
 };
 
 use crate::{
+    control,
     device::MAX_PROBE_REGIONS,
     seccomp::SeccompMode,
     viot::{build_viot, PciBdf, ViotError, ViotPciRange},
@@ -24,6 +25,8 @@ const DEFAULT_ENDPOINTS: &str = "00:00.0-ff:1f.7";
 /// The most page-table memory an arena holds, in MiB.
 const MAX_TABLE_MIB: u64 =
     (ownership::pagetable::MAX_NODES * ownership::pagetable::NODE_BYTES) >> 20;
+/// Longest control-socket timeout accepted: a day.
+const MAX_CONTROL_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -83,6 +86,8 @@ pub struct Cli {
     pub print_capabilities: bool,
 }
 
+// Parsed once at start-up: the size of the serve variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the device (the default when no subcommand is given).
@@ -110,6 +115,25 @@ pub struct ServeArgs {
     /// ctl subcommand).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Disconnect a control client that sends no whole request line for this long after
+    /// connecting or after its last reply (seconds): a client slot is one of 16.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = control::Timeouts::default().idle.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=MAX_CONTROL_TIMEOUT_SECS)
+    )]
+    pub control_idle_timeout: u64,
+
+    /// Disconnect a control client that does not take a reply within this long (seconds).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = control::Timeouts::default().write.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=MAX_CONTROL_TIMEOUT_SECS)
+    )]
+    pub control_write_timeout: u64,
 
     /// Permission bits of the sockets the daemon creates (octal).
     #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
@@ -375,6 +399,7 @@ impl std::fmt::Display for Listen {
 pub struct DaemonConfig {
     pub listen: Listen,
     pub control_socket: Option<PathBuf>,
+    pub control_timeouts: control::Timeouts,
     pub socket_mode: u32,
     pub topology: Topology,
     /// Device features offered (virtio-iommu bits plus VERSION_1 and ring features).
@@ -704,6 +729,10 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         Ok(DaemonConfig {
             listen,
             control_socket: args.control_socket,
+            control_timeouts: control::Timeouts {
+                idle: Duration::from_secs(args.control_idle_timeout),
+                write: Duration::from_secs(args.control_write_timeout),
+            },
             socket_mode: args.socket_mode,
             topology,
             features,
@@ -897,6 +926,40 @@ mod tests {
         assert!(parse("524289").is_err());
         let c = DaemonConfig::try_from(args(&["--max-table-mib", "524288"])).unwrap();
         assert_eq!(c.topology.limits().max_table_bytes, 512 << 30);
+    }
+
+    #[test]
+    fn control_timeouts_default_to_a_minute_idle_and_ten_seconds_to_take_a_reply() {
+        let timeouts = |extra: &[&str]| {
+            DaemonConfig::try_from(args(extra))
+                .unwrap()
+                .control_timeouts
+        };
+        let default = timeouts(&[]);
+        assert_eq!(default, control::Timeouts::default());
+        assert_eq!(
+            (default.idle, default.write),
+            (Duration::from_secs(60), Duration::from_secs(10))
+        );
+        let set = timeouts(&[
+            "--control-idle-timeout",
+            "86400",
+            "--control-write-timeout",
+            "1",
+        ]);
+        assert_eq!(
+            (set.idle, set.write),
+            (Duration::from_secs(86400), Duration::from_secs(1))
+        );
+        for (option, value) in [
+            ("--control-idle-timeout", "0"),
+            ("--control-write-timeout", "0"),
+            ("--control-idle-timeout", "86401"),
+            ("--control-write-timeout", "-1"),
+        ] {
+            let argv = ["vhost-device-iommu", "-s", "/tmp/x.sock", option, value];
+            assert!(Cli::try_parse_from(argv).is_err(), "{option} {value}");
+        }
     }
 
     #[test]

@@ -17,17 +17,15 @@
 //! them, the same IDs as PCI addresses ([`crate::config::endpoint_bdf`]): `bdfs` beside a
 //! domain's or group's `endpoints`, `attached_bdfs` beside a group's `attached`, and `bdf`
 //! beside the `endpoint` a reply echoes. Replies carry `"ok": true|false`; an error reply has
-//! `"error"`, a refused translation `"fault"`. Clients and line lengths are bounded.
+//! `"error"`, a refused translation `"fault"`. Clients and line lengths are bounded, and so is
+//! the time a client may hold its slot without talking or without reading ([`Timeouts`]).
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
-    sync::{
-        atomic::{AtomicUsize, Ordering::Relaxed},
-        Arc,
-    },
+    sync::{atomic::Ordering::Relaxed, Arc},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
@@ -38,6 +36,7 @@ use crate::{
     backend::Device,
     config::{endpoint_bdf, parse_endpoint},
     log_limited,
+    stats::Stats,
     translate::TranslationService,
 };
 
@@ -48,33 +47,62 @@ pub const MAX_LINE: usize = 4096;
 /// Most mappings one `mappings` reply lists.
 pub const MAX_LISTED: usize = 10_000;
 
+/// How long a client may keep the daemon waiting before it is disconnected (and counted in
+/// `stats`: `control.idle_timeouts`, `control.write_timeouts`). A slot is one of
+/// [`MAX_CLIENTS`]: a client that stops talking or stops reading must not keep it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A request line must arrive whole within this long of the connection or of the previous
+    /// reply: a silent client, or one trickling bytes without a newline, is told so and
+    /// disconnected. Scripts and monitors polling more often than this keep their connection.
+    pub idle: Duration,
+    /// A reply must be taken by the client within this long of being ready: one that sends
+    /// requests and does not read the replies is disconnected once the socket buffer is full.
+    /// The largest reply (a `mappings` list of 10,000) is at most about 1.4 MB.
+    pub write: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Duration::from_secs(60),
+            write: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves the control socket on its own threads until the process ends.
-pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<thread::JoinHandle<()>> {
-    let clients = Arc::new(AtomicUsize::new(0));
+pub fn spawn(
+    listener: UnixListener,
+    device: Arc<Device>,
+    timeouts: Timeouts,
+) -> io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let mut stream = match stream {
+                let stream = match stream {
                     Ok(s) => s,
                     Err(e) => {
                         warn!("control socket accept: {e}");
                         continue;
                     }
                 };
-                if clients.fetch_add(1, Relaxed) >= MAX_CLIENTS {
-                    clients.fetch_sub(1, Relaxed);
+                let Some(slot) = Slot::take(&device) else {
                     device.stats().control_refused.fetch_add(1, Relaxed);
-                    let _ = writeln!(stream, "{}", error("too many control clients"));
+                    // A new socket's buffer is empty: this line cannot block the accept loop.
+                    let _ = (&stream).write_all(&line_of(&error("too many control clients")));
                     continue;
-                }
-                let (device, clients) = (device.clone(), clients.clone());
+                };
+                let device = device.clone();
                 let spawned =
                     thread::Builder::new()
                         .name("control-client".into())
                         .spawn(move || {
-                            serve_client(stream, &device);
-                            clients.fetch_sub(1, Relaxed);
+                            serve_client(&stream, &device, timeouts);
+                            // Before the stream closes: the slot is free by the time the
+                            // client sees the connection end.
+                            drop(slot);
                         });
                 if let Err(e) = spawned {
                     warn!("control client thread: {e}");
@@ -83,12 +111,106 @@ pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<thread::
         })
 }
 
-fn serve_client(stream: UnixStream, device: &Device) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
+/// One of the [`MAX_CLIENTS`] client slots (`control.clients` in `stats`), given back on drop.
+struct Slot(Arc<Device>);
+
+impl Slot {
+    fn take(device: &Arc<Device>) -> Option<Slot> {
+        let clients = &device.stats().control_clients;
+        if clients.fetch_add(1, Relaxed) >= MAX_CLIENTS as u64 {
+            clients.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Slot(device.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.stats().control_clients.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One side of a client connection, whose reads or writes fail with `TimedOut` once
+/// `deadline` has passed: the socket timeout is set to the time left before each call, so a
+/// client trickling bytes cannot stretch the deadline.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Deadline<'_> {
+    fn time_left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.time_left()?))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.time_left()?))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether an I/O error is a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO report EAGAIN).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A reply as the bytes of one line, written with a single `write_all`.
+fn line_of(reply: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(reply).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Writes one reply line within the write timeout. False when the client is gone or did not
+/// take the reply in time (counted): the connection is then closed.
+fn send(stream: &UnixStream, reply: &Value, timeouts: Timeouts, stats: &Stats) -> bool {
+    let mut writer = Deadline {
+        stream,
+        deadline: Instant::now() + timeouts.write,
     };
-    let mut reader = BufReader::new(stream);
+    match writer.write_all(&line_of(reply)) {
+        Ok(()) => true,
+        Err(e) => {
+            if timed_out(&e) {
+                stats.control_write_timeouts.fetch_add(1, Relaxed);
+                log_limited!(
+                    log::Level::Info,
+                    "control client took no reply for {:?}: disconnected",
+                    timeouts.write
+                );
+            }
+            false
+        }
+    }
+}
+
+fn serve_client(stream: &UnixStream, device: &Device, timeouts: Timeouts) {
+    let stats = device.stats();
+    let mut reader = BufReader::new(Deadline {
+        stream,
+        deadline: Instant::now(),
+    });
     let mut session = Session {
         device,
         service: None,
@@ -96,21 +218,34 @@ fn serve_client(stream: UnixStream, device: &Device) {
     let mut line = Vec::with_capacity(256);
     loop {
         line.clear();
+        reader.get_mut().deadline = Instant::now() + timeouts.idle;
         match reader
             .by_ref()
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line)
         {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(_) => {}
+            Err(e) if timed_out(&e) => {
+                stats.control_idle_timeouts.fetch_add(1, Relaxed);
+                log_limited!(
+                    log::Level::Info,
+                    "control client sent no whole request line in {:?}: disconnected",
+                    timeouts.idle
+                );
+                let idle = format!(
+                    "idle: no whole request line in {} s, disconnected",
+                    timeouts.idle.as_secs()
+                );
+                send(stream, &error(&idle), timeouts, stats);
+                return;
+            }
+            Err(_) => return,
         }
         if line.last() != Some(&b'\n') {
-            device.stats().control_errors.fetch_add(1, Relaxed);
-            let _ = writeln!(
-                writer,
-                "{}",
-                error(&format!("line longer than {MAX_LINE} bytes"))
-            );
+            stats.control_errors.fetch_add(1, Relaxed);
+            let long = error(&format!("line longer than {MAX_LINE} bytes"));
+            send(stream, &long, timeouts, stats);
             return;
         }
         let reply = match serde_json::from_slice::<Value>(&line) {
@@ -118,9 +253,9 @@ fn serve_client(stream: UnixStream, device: &Device) {
             Err(e) => error(&format!("bad JSON: {e}")),
         };
         if reply.get("error").is_some() {
-            device.stats().control_errors.fetch_add(1, Relaxed);
+            stats.control_errors.fetch_add(1, Relaxed);
         }
-        if writeln!(writer, "{reply}").is_err() {
+        if !send(stream, &reply, timeouts, stats) {
             return;
         }
     }

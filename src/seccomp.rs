@@ -50,8 +50,8 @@ pub enum Error {
 /// System calls allowed without conditions, by who needs them.
 const ALLOWED: &[&[libc::c_long]] = &[
     // vhost-user and control sockets: accepting connections, messages carrying file
-    // descriptors (SET_MEM_TABLE, SET_VRING_KICK/CALL/ERR), control lines, read timeouts,
-    // shutdown on disconnect; descriptors duplicated (try_clone) and closed.
+    // descriptors (SET_MEM_TABLE, SET_VRING_KICK/CALL/ERR), control lines, read and write
+    // timeouts, shutdown on disconnect; descriptors duplicated (try_clone) and closed.
     &[
         libc::SYS_accept4,
         libc::SYS_recvmsg,

@@ -190,7 +190,8 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
     if let Some(path) = &config.control_socket {
         let control = bind_socket(path, config.socket_mode)?;
         created.push(path.clone());
-        control::spawn(control, device.clone()).map_err(ServerError::Device)?;
+        control::spawn(control, device.clone(), config.control_timeouts)
+            .map_err(ServerError::Device)?;
         info!("control socket on {}", path.display());
     }
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();

@@ -31,6 +31,11 @@ pub struct Stats {
     /// Control-socket clients refused (too many) and lines refused (too long, bad JSON).
     pub control_refused: AtomicU64,
     pub control_errors: AtomicU64,
+    /// Control-socket clients connected now, and those disconnected for sending no request
+    /// line in time or not taking a reply in time.
+    pub control_clients: AtomicU64,
+    pub control_idle_timeouts: AtomicU64,
+    pub control_write_timeouts: AtomicU64,
     /// Frontends served, and device resets.
     pub connections: AtomicU64,
     pub resets: AtomicU64,
@@ -93,6 +98,9 @@ impl Stats {
             "control": {
                 "refused_clients": self.control_refused.load(Relaxed),
                 "errors": self.control_errors.load(Relaxed),
+                "clients": self.control_clients.load(Relaxed),
+                "idle_timeouts": self.control_idle_timeouts.load(Relaxed),
+                "write_timeouts": self.control_write_timeouts.load(Relaxed),
             },
             "connections": self.connections.load(Relaxed),
             "resets": self.resets.load(Relaxed),

@@ -525,6 +525,153 @@ fn control_lines_are_capped_and_bad_lines_answered() {
     assert_eq!(stats["control"]["errors"], 7 + 2, "{stats}");
 }
 
+/// Control timeouts short enough for a test: a reply not taken within 1 s, a request line not
+/// complete within 2 s of the connection or the previous reply.
+const CONTROL_TIMEOUTS: &[&str] = &[
+    "--control-write-timeout",
+    "1",
+    "--control-idle-timeout",
+    "2",
+];
+
+/// A control connection that sends `requests` at once and never reads a reply.
+fn deaf_control_client(d: &Daemon, requests: &[Value]) -> UnixStream {
+    let stream = UnixStream::connect(&d.control).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let lines: String = requests.iter().map(|r| format!("{r}\n")).collect();
+    (&stream).write_all(lines.as_bytes()).unwrap();
+    stream
+}
+
+/// Waits until a new control client is served (10 s at most); returns it and how many tries
+/// were refused on the way.
+fn served_control_client(d: &Daemon, what: &str) -> (ControlClient, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    loop {
+        if let Some(c) = try_control_client(d) {
+            return (c, refused);
+        }
+        refused += 1;
+        assert!(Instant::now() < deadline, "{what}: no slot came back");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads what the daemon wrote until it closes the connection (10 s at most).
+fn read_until_closed(stream: &UnixStream) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut bytes = Vec::new();
+    match (&*stream).read_to_end(&mut bytes) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the daemon did not close the connection: {e}"),
+    }
+    bytes
+}
+
+#[test]
+fn control_clients_that_never_read_their_replies_are_cut_off() {
+    let d = Daemon::start(CONTROL_TIMEOUTS);
+    // 512 mappings: a `mappings` reply of about 60 KiB.
+    let mut dev = d.connect();
+    assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
+    for chunk in (0..512u64).collect::<Vec<_>>().chunks(64) {
+        let maps: Vec<_> = chunk
+            .iter()
+            .map(|&i| map(1, i * PAGE, i * PAGE + PAGE - 1, 0x10_0000 + i * PAGE))
+            .collect();
+        assert!(batch_statuses(&mut dev, &maps)
+            .iter()
+            .all(|s| *s == Status::Ok));
+    }
+    // 16 clients, every slot, each asking for far more than a socket buffer holds (big
+    // `mappings` and `groups` replies, many small `stats` ones) and reading none of it.
+    let deaf: Vec<UnixStream> = (0..16)
+        .map(|i| {
+            let request = match i % 3 {
+                0 => json!({"cmd": "mappings", "domain": 1}),
+                1 => json!({"cmd": "groups"}),
+                _ => json!({"cmd": "stats"}),
+            };
+            let count = if i % 3 == 2 { 2000 } else { 100 };
+            deaf_control_client(&d, &vec![request; count])
+        })
+        .collect();
+    // Each is cut off once a reply waits longer than the write timeout: the slots come back
+    // and the clients see the connection closed, after the replies that fitted.
+    let (mut client, _) = served_control_client(&d, "16 clients that never read");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.request(json!({"cmd": "stats"}))["stats"]["control"]["write_timeouts"] != 16 {
+        assert!(
+            Instant::now() < deadline,
+            "not every deaf client was cut off"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    for stream in &deaf {
+        assert!(!read_until_closed(stream).is_empty(), "some replies came");
+    }
+    let stats = client.request(json!({"cmd": "stats"}));
+    let control = &stats["stats"]["control"];
+    assert_eq!(control["write_timeouts"], 16, "{stats}");
+    assert_eq!(control["idle_timeouts"], 0, "{stats}");
+    assert_eq!(control["clients"], 1, "{stats}");
+    drop(client);
+    // Every slot is free again, and the model served throughout.
+    d.wait_for("16 free slots", || {
+        let clients: Vec<_> = (0..16).map_while(|_| try_control_client(&d)).collect();
+        clients.len() == 16
+    });
+    assert_eq!(status_of(&mut dev, &detach(1, EP)), Status::Ok);
+}
+
+#[test]
+fn control_clients_that_send_no_whole_line_are_cut_off_and_busy_ones_kept() {
+    let d = Daemon::start(CONTROL_TIMEOUTS);
+    // One busy client: a request every 200 ms for 4 s, twice the idle timeout.
+    let mut busy = d.control_client();
+    assert_eq!(busy.request(json!({"cmd": "stats"}))["ok"], true);
+    // 15 idle ones: 8 silent, 7 trickling a byte every 200 ms and never a newline.
+    let silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&d.control).unwrap())
+        .collect();
+    let trickling: Vec<UnixStream> = (0..7)
+        .map(|_| UnixStream::connect(&d.control).unwrap())
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            busy.request(json!({"cmd": "stats"}))["ok"],
+            true,
+            "the busy client is served after {:?}",
+            start.elapsed()
+        );
+        for t in &trickling {
+            let _ = (&*t).write_all(b" ");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The idle ones were told why and disconnected; their slots came back.
+    for stream in silent.iter().chain(&trickling) {
+        let said = String::from_utf8(read_until_closed(stream)).unwrap();
+        let reply: Value = serde_json::from_str(&said).unwrap_or_else(|e| panic!("{said:?}: {e}"));
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains("idle"), "{reply}");
+    }
+    let stats = busy.request(json!({"cmd": "stats"}));
+    let control = &stats["stats"]["control"];
+    assert_eq!(control["idle_timeouts"], 15, "{stats}");
+    assert_eq!(control["write_timeouts"], 0, "{stats}");
+    assert_eq!(control["clients"], 1, "{stats}");
+    let held: Vec<_> = (0..15).map_while(|_| try_control_client(&d)).collect();
+    assert_eq!(held.len(), 15, "every slot came back");
+}
+
 // ---- 2. faulty frontends -----------------------------------------------------------------------
 
 /// One step of the VMM's set-up, as QEMU sends them.
