@@ -550,8 +550,16 @@ impl Iommu {
     // ---- guest face ----------------------------------------------------------------------
 
     /// ATTACH: attaches `endpoint`, and with it its whole group, to `domain` (created on first
-    /// use). Singleton groups take `attach_device`, multi-endpoint groups
-    /// `attach_device_shared`: the difference is explicit, as in the seed thread.
+    /// use).
+    ///
+    /// The kernel's two attach paths are one here, because a group always moves as a whole
+    /// ([`Iommu::replace_group_domain`]):
+    /// - `iommu_attach_device`: a singleton group, one endpoint to one domain;
+    /// - `iommu_attach_device_shared`: a multi-endpoint group (endpoints the platform cannot
+    ///   isolate from each other): N endpoints share one domain. The first ATTACH moves the
+    ///   whole group; the guest's ATTACHes for the other endpoints of the group to the same
+    ///   domain only count them (the `attach_device_shared` branch of
+    ///   `replace_group_domain`).
     pub fn attach(
         &mut self,
         domain: DomainId,
@@ -563,34 +571,6 @@ impl Iommu {
         if domain < first || domain > last {
             return Err(Error::DomainOutOfRange(domain));
         }
-        if self.topo.group_members(group).len() == 1 {
-            self.attach_device(group, domain, endpoint, kind)
-        } else {
-            self.attach_device_shared(group, domain, endpoint, kind)
-        }
-    }
-
-    /// `iommu_attach_device`: the endpoint is alone in its group, one endpoint to one domain.
-    fn attach_device(
-        &mut self,
-        group: GroupId,
-        domain: DomainId,
-        endpoint: EndpointId,
-        kind: DomainKind,
-    ) -> Result<(), Error> {
-        self.replace_group_domain(group, domain, endpoint, kind)
-    }
-
-    /// `iommu_attach_device_shared`: N endpoints that cannot be isolated share one domain. The
-    /// first ATTACH moves the whole group; the guest's ATTACHes for the other endpoints of the
-    /// group (same domain) only count them.
-    fn attach_device_shared(
-        &mut self,
-        group: GroupId,
-        domain: DomainId,
-        endpoint: EndpointId,
-        kind: DomainKind,
-    ) -> Result<(), Error> {
         self.replace_group_domain(group, domain, endpoint, kind)
     }
 
@@ -607,6 +587,8 @@ impl Iommu {
     ) -> Result<(), Error> {
         let gi = group.0 as usize;
         if self.groups[gi].domain == Some(domain) {
+            // attach_device_shared: another endpoint of a group already on `domain` joins the
+            // count (for a singleton group, a repeated ATTACH); nothing moves.
             if self.domains[&domain].kind != kind {
                 return Err(Error::KindMismatch(domain));
             }
