@@ -248,14 +248,23 @@ struct EndpointCell {
     regions: Box<[ResvRegion]>,
 }
 
-/// Endpoint ID to cell: a dense table for small IDs (PCI requester IDs), else a sorted list.
+/// Endpoint ID to cell: a dense table for small IDs (PCI requester IDs: one load), else a
+/// sorted list (a binary search).
 #[derive(Debug)]
 enum EndpointIndex {
+    /// The position in `Shared::endpoints` of every ID up to the largest, [`NO_ENDPOINT`] for
+    /// IDs in the gaps.
     Dense(Box<[u32]>),
     Sorted(Box<[EndpointId]>),
 }
 
-const DENSE_LIMIT: EndpointId = 1 << 16;
+/// A dense index takes the endpoint IDs below this: a table of at most 256 KiB.
+const DENSE_LIMIT: EndpointId = 0x1_0000;
+
+/// The dense index's entry for an ID without an endpoint: never a position (a dense index
+/// holds at most `DENSE_LIMIT` endpoints), so looking it up in `Shared::endpoints` finds
+/// nothing.
+const NO_ENDPOINT: u32 = u32::MAX;
 
 /// State shared by the writer and all readers.
 #[derive(Debug)]
@@ -313,10 +322,7 @@ impl Shared {
     #[inline]
     fn endpoint(&self, id: EndpointId) -> Option<&EndpointCell> {
         let position = match &self.index {
-            EndpointIndex::Dense(table) => match table.get(id as usize) {
-                Some(&p) if p != u32::MAX => p as usize,
-                _ => return None,
-            },
+            EndpointIndex::Dense(table) => *table.get(id as usize)? as usize,
             EndpointIndex::Sorted(ids) => ids.binary_search(&id).ok()?,
         };
         self.endpoints.get(position)
@@ -425,7 +431,7 @@ impl Iommu {
             .collect();
         let index = match ids.last() {
             Some(&max) if max < DENSE_LIMIT => {
-                let mut table = vec![u32::MAX; max as usize + 1];
+                let mut table = vec![NO_ENDPOINT; max as usize + 1];
                 for (position, id) in ids.iter().enumerate() {
                     table[*id as usize] = position as u32;
                 }

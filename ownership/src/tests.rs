@@ -104,6 +104,40 @@ fn a3_attach_unknown_endpoint_is_noent() {
     assert!(m.domains().is_empty());
 }
 
+/// The endpoint index, dense up to ID 0xffff (one load) and a sorted list beyond, answers
+/// the same either way: every endpoint, nothing for the IDs in the gaps, below the first or
+/// past the last.
+#[test]
+fn endpoint_index_dense_or_sorted_finds_exactly_the_endpoints() {
+    for (ids, dense) in [
+        (vec![0, 3, 0x28, 0xfffe], true),
+        (vec![3, 0x28, 0xffff], true),
+        (vec![3, 0x28, 0x1_0000], false),
+        (vec![3, 0x28, u32::MAX], false),
+    ] {
+        let topo = Topology::builder().endpoints(ids.clone()).build().unwrap();
+        let m = Iommu::new(topo);
+        assert_eq!(
+            matches!(m.shared.index, EndpointIndex::Dense(_)),
+            dense,
+            "{ids:x?}"
+        );
+        let t = m.translator();
+        for (position, &id) in ids.iter().enumerate() {
+            assert_eq!(t.group_of(id), Some(GroupId(position as u32)), "{id:#x}");
+            assert_eq!(m.group(id), Ok(GroupId(position as u32)));
+        }
+        for id in [1, 2, 4, 0x27, 0x29, 0xfffd, 0x1_0001, u32::MAX - 1] {
+            assert_eq!(t.group_of(id), None, "{ids:x?}: {id:#x}");
+            assert_eq!(m.group(id), Err(Error::UnknownEndpoint(id)));
+            assert_eq!(
+                t.translate(Requester::DmaApi, id, 0, 1, Access::Read),
+                Err(Fault::UnknownEndpoint)
+            );
+        }
+    }
+}
+
 #[test]
 fn attach_domain_outside_domain_range_is_range() {
     let mut m = iommu();
