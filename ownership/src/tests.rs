@@ -60,6 +60,23 @@ fn c2_bypass_survives_reset() {
     assert_eq!(read(&t, 1, 0x1234).unwrap().gpa, 0x1234);
 }
 
+/// Only faults of the guest's own programming reach the event queue; an unknown endpoint or
+/// a requester that does not own the group is the host's business.
+#[test]
+fn guest_visible_faults_are_those_of_the_guests_tables() {
+    for (fault, visible) in [
+        (Fault::UnknownEndpoint, false),
+        (Fault::NotOwner, false),
+        (Fault::NoDomain, true),
+        (Fault::Unmapped, true),
+        (Fault::OutOfRange, true),
+        (Fault::Permission, true),
+        (Fault::Reserved, true),
+    ] {
+        assert_eq!(fault.guest_visible(), visible, "{fault:?}");
+    }
+}
+
 #[test]
 fn g4_unattached_endpoint_without_bypass_reaches_nothing() {
     let mut m = iommu();
@@ -410,6 +427,22 @@ fn map_outside_the_input_range_is_range() {
         })
     );
     m.map(1, 0x1000, 0xfff_ffff, 0, RW).unwrap();
+}
+
+/// Translations check the input range too when it starts above 0: below the start and past
+/// the end is OUT_OF_RANGE (fault reason MAPPING), not a walk of the tables.
+#[test]
+fn translate_outside_an_input_range_not_starting_at_0_is_out_of_range() {
+    let mut m = Iommu::new(topology().input_range(0x1000, 0xfff_ffff).build().unwrap());
+    use_all(&mut m);
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0xfff_ffff, 0, RW).unwrap();
+    let t = m.translator();
+    assert_eq!(read(&t, 1, 0x1000).unwrap().gpa, 0);
+    assert_eq!(read(&t, 1, 0xfff_ffff).unwrap().gpa, 0xfff_efff);
+    for iova in [0, 0xfff, 0x1000_0000, 0x1000_0fff, u64::MAX] {
+        assert_eq!(read(&t, 1, iova), Err(Fault::OutOfRange), "{iova:#x}");
+    }
 }
 
 #[test]
