@@ -259,6 +259,15 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::DomainRange { start: 9, end: 8 })
         );
+        // One IOVA, one domain ID: start == end is a valid range.
+        let cfg = Config {
+            input_range_start: 0x1000,
+            input_range_end: 0x1000,
+            domain_range_start: 9,
+            domain_range_end: 9,
+            ..CFG
+        };
+        assert_eq!(cfg.validate(), Ok(()));
     }
 
     proptest! {

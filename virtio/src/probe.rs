@@ -265,6 +265,13 @@ mod tests {
             validate_resv_mem(&[backwards]),
             Err(ProbeError::ResvMemRange { start: 2, end: 1 })
         );
+        // A region of one address (start == end) is valid, and so is one right after another.
+        let one = ResvMem {
+            start: RESV.end + 1,
+            end: RESV.end + 1,
+            ..RESV
+        };
+        assert_eq!(validate_resv_mem(&[RESV, one, MSI]), Ok(()));
     }
 
     #[test]
