@@ -9,14 +9,14 @@ pub const FAULT_R_UNKNOWN: u8 = 0;
 pub const FAULT_R_DOMAIN: u8 = 1;
 pub const FAULT_R_MAPPING: u8 = 2;
 
-pub const FAULT_F_READ: u32 = 1 << 0;
-pub const FAULT_F_WRITE: u32 = 1 << 1;
+pub const FAULT_F_READ: u32 = 0x1;
+pub const FAULT_F_WRITE: u32 = 0x2;
 /// Not in the spec text; defined by Linux's header.
-pub const FAULT_F_EXEC: u32 = 1 << 2;
+pub const FAULT_F_EXEC: u32 = 0x4;
 /// `address` is valid.
-pub const FAULT_F_ADDRESS: u32 = 1 << 8;
-/// Every defined fault flag.
-pub const FAULT_F_MASK: u32 = FAULT_F_READ | FAULT_F_WRITE | FAULT_F_EXEC | FAULT_F_ADDRESS;
+pub const FAULT_F_ADDRESS: u32 = 0x100;
+/// Every defined fault flag: READ, WRITE, EXEC and ADDRESS.
+pub const FAULT_F_MASK: u32 = 0x107;
 
 /// `VIRTIO_IOMMU_FAULT_R_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,6 +104,18 @@ mod tests {
         ];
         assert_eq!(FAULT.to_bytes(), want);
         assert_eq!(FaultRecord::from_bytes(&want), Ok(FAULT));
+    }
+
+    #[test]
+    fn flag_bits() {
+        assert_eq!(
+            (FAULT_F_READ, FAULT_F_WRITE, FAULT_F_EXEC, FAULT_F_ADDRESS),
+            (1 << 0, 1 << 1, 1 << 2, 1 << 8)
+        );
+        assert_eq!(
+            FAULT_F_MASK,
+            FAULT_F_READ | FAULT_F_WRITE | FAULT_F_EXEC | FAULT_F_ADDRESS
+        );
     }
 
     #[test]

@@ -26,20 +26,24 @@ pub const EVENT_QUEUE: u16 = 1;
 /// requestq and eventq.
 pub const NUM_QUEUES: usize = 2;
 
+// Flags here and in the other modules are written as values, not as shifts or ORs of other
+// flags: `1 << 0` is `1 >> 0`, and ORing disjoint bits is XORing them, so no test could catch
+// a mistyped operator there. The tests pin every value to its bit number instead.
+
 /// Feature bit 0: `input_range` in the config space is valid.
-pub const F_INPUT_RANGE: u64 = 1 << 0;
+pub const F_INPUT_RANGE: u64 = 0x01;
 /// Feature bit 1: `domain_range` in the config space is valid.
-pub const F_DOMAIN_RANGE: u64 = 1 << 1;
+pub const F_DOMAIN_RANGE: u64 = 0x02;
 /// Feature bit 2: MAP and UNMAP requests are available.
-pub const F_MAP_UNMAP: u64 = 1 << 2;
+pub const F_MAP_UNMAP: u64 = 0x04;
 /// Feature bit 3 (legacy): unattached endpoints bypass. Spec F2: new devices do not offer it.
-pub const F_BYPASS: u64 = 1 << 3;
+pub const F_BYPASS: u64 = 0x08;
 /// Feature bit 4: the PROBE request and `probe_size` are available.
-pub const F_PROBE: u64 = 1 << 4;
+pub const F_PROBE: u64 = 0x10;
 /// Feature bit 5: the MAP flag `MAP_F_MMIO` is available.
-pub const F_MMIO: u64 = 1 << 5;
+pub const F_MMIO: u64 = 0x20;
 /// Feature bit 6: config `bypass` is valid and the ATTACH flag `ATTACH_F_BYPASS` is available.
-pub const F_BYPASS_CONFIG: u64 = 1 << 6;
+pub const F_BYPASS_CONFIG: u64 = 0x40;
 
 // Little-endian field access. Callers check lengths first: these index directly.
 
@@ -69,4 +73,25 @@ fn put32(b: &mut [u8], off: usize, v: u32) {
 
 fn put64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_bits_are_the_specs() {
+        let bits = [
+            (F_INPUT_RANGE, 0),
+            (F_DOMAIN_RANGE, 1),
+            (F_MAP_UNMAP, 2),
+            (F_BYPASS, 3),
+            (F_PROBE, 4),
+            (F_MMIO, 5),
+            (F_BYPASS_CONFIG, 6),
+        ];
+        for (feature, bit) in bits {
+            assert_eq!(feature, 1 << bit, "feature bit {bit}");
+        }
+    }
 }

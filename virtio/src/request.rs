@@ -11,13 +11,15 @@ pub const HEAD_SIZE: usize = 4;
 pub const TAIL_SIZE: usize = 4;
 
 /// ATTACH flag: create (or join) a bypass domain. Needs `F_BYPASS_CONFIG`.
-pub const ATTACH_F_BYPASS: u32 = 1 << 0;
+pub const ATTACH_F_BYPASS: u32 = 0x1;
 /// MAP flag: read accesses are allowed.
-pub const MAP_F_READ: u32 = 1 << 0;
+pub const MAP_F_READ: u32 = 0x1;
 /// MAP flag: write accesses are allowed.
-pub const MAP_F_WRITE: u32 = 1 << 1;
+pub const MAP_F_WRITE: u32 = 0x2;
 /// MAP flag: the range is memory-mapped I/O. Needs `F_MMIO`.
-pub const MAP_F_MMIO: u32 = 1 << 2;
+pub const MAP_F_MMIO: u32 = 0x4;
+/// Every defined MAP flag: READ, WRITE and MMIO.
+pub const MAP_F_MASK: u32 = 0x7;
 
 /// `VIRTIO_IOMMU_T_*`: the `type` byte of the request head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -148,7 +150,7 @@ pub struct MapFlags {
 impl MapFlags {
     /// None if `bits` has a bit other than READ, WRITE or MMIO.
     pub const fn from_bits(bits: u32) -> Option<Self> {
-        if bits & !(MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO) != 0 {
+        if bits & !MAP_F_MASK != 0 {
             return None;
         }
         Some(MapFlags {
@@ -159,9 +161,10 @@ impl MapFlags {
     }
 
     pub const fn bits(self) -> u32 {
-        (self.read as u32 * MAP_F_READ)
-            | (self.write as u32 * MAP_F_WRITE)
-            | (self.mmio as u32 * MAP_F_MMIO)
+        let read = if self.read { MAP_F_READ } else { 0 };
+        let write = if self.write { MAP_F_WRITE } else { 0 };
+        let mmio = if self.mmio { MAP_F_MMIO } else { 0 };
+        read | write | mmio
     }
 }
 
@@ -593,6 +596,12 @@ mod tests {
 
     #[test]
     fn map_flags_bits() {
+        assert_eq!(ATTACH_F_BYPASS, 1 << 0);
+        assert_eq!(
+            (MAP_F_READ, MAP_F_WRITE, MAP_F_MMIO),
+            (1 << 0, 1 << 1, 1 << 2)
+        );
+        assert_eq!(MAP_F_MASK, MAP_F_READ | MAP_F_WRITE | MAP_F_MMIO);
         for bits in 0..8 {
             assert_eq!(MapFlags::from_bits(bits).map(MapFlags::bits), Some(bits));
         }
