@@ -77,6 +77,20 @@ fn guest_visible_faults_are_those_of_the_guests_tables() {
     }
 }
 
+/// A model's Debug output (in a panic message, a log line) names the page-table arena by its
+/// capacity instead of dumping up to 512 GiB of tables.
+#[test]
+fn debug_output_shows_the_arena_capacity_not_its_tables() {
+    let m = iommu();
+    let text = format!("{m:?}");
+    let capacity = Limits::default().max_table_bytes / NODE_BYTES;
+    assert!(
+        text.contains(&format!("arena: Arena {{ capacity: {capacity} }}")),
+        "{text}"
+    );
+    assert!(text.len() < 16 << 10, "{} bytes", text.len());
+}
+
 #[test]
 fn g4_unattached_endpoint_without_bypass_reaches_nothing() {
     let mut m = iommu();
