@@ -91,6 +91,19 @@ fn debug_output_shows_the_arena_capacity_not_its_tables() {
     assert!(text.len() < 16 << 10, "{} bytes", text.len());
 }
 
+/// The page tables' memory, which the daemon advises the kernel to back with huge pages: the
+/// whole arena, reserved up front.
+#[test]
+fn table_memory_is_the_whole_arena() {
+    let m = iommu_with(Limits {
+        max_table_bytes: 16 << 20,
+        ..Limits::default()
+    });
+    let (start, len) = m.table_memory();
+    assert_ne!(start, 0);
+    assert_eq!(len, 16 << 20);
+}
+
 #[test]
 fn g4_unattached_endpoint_without_bypass_reaches_nothing() {
     let mut m = iommu();
@@ -595,6 +608,21 @@ fn u4_splitting_unmap_removes_nothing() {
     ));
     assert_eq!(m.mappings(1).unwrap(), before);
     assert_eq!(m.unmap(1, 0, u64::MAX), Ok(3));
+}
+
+/// An UNMAP that removes nothing waits for no reader: none can hold what was not mapped.
+#[test]
+fn an_unmap_that_removes_nothing_takes_no_grace_period() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x9000, RW).unwrap();
+    let before = m.stats().grace_periods;
+    // One page (the fast path), and a range.
+    assert_eq!(m.unmap(1, 0x5000, 0x5fff), Ok(0));
+    assert_eq!(m.unmap(1, 0x10_0000, 0x2f_ffff), Ok(0));
+    assert_eq!(m.stats().grace_periods, before);
+    assert_eq!(m.unmap(1, 0x1000, 0x1fff), Ok(1));
+    assert_eq!(m.stats().grace_periods, before + 1);
 }
 
 #[test]

@@ -399,6 +399,21 @@ mod tests {
     }
 
     #[test]
+    fn ranges_of_one_value_are_valid_and_every_setting_is_kept() {
+        let t = Topology::builder()
+            .endpoints([1])
+            .page_size_mask(0x4020_1000)
+            .input_range(0x1000, 0x1000)
+            .domain_range(7, 7)
+            .build()
+            .unwrap();
+        assert_eq!(t.page_size_mask(), 0x4020_1000);
+        assert_eq!(t.granule(), 0x1000);
+        assert_eq!(t.input_range(), (0x1000, 0x1000));
+        assert_eq!(t.domain_range(), (7, 7));
+    }
+
+    #[test]
     fn c1_page_size_mask_must_not_be_zero() {
         let err = Topology::builder().endpoints([1]).page_size_mask(0).build();
         assert_eq!(err, Err(TopologyError::EmptyPageSizeMask));
