@@ -396,6 +396,8 @@ fn m1_map_misaligned_is_range() {
         (0x800, 0x17ff, 0),
         (0x1000, 0x1ffe, 0),
         (0x1000, 0x1fff, 0x10),
+        // One byte: misaligned, not an empty range.
+        (0x1000, 0x1000, 0),
     ] {
         assert_eq!(
             m.map(1, s, e, p, RW),
@@ -811,6 +813,39 @@ fn table_memory_cap_is_nomem_and_bounded() {
     // Unmapping gives the memory back.
     m.unmap(1, 0, u64::MAX).unwrap();
     m.attach(2, 2, DomainKind::Paging).unwrap();
+}
+
+/// Inside a batch, the nodes an UNMAP frees wait for the batch's grace period; a MAP short of
+/// nodes takes that grace period early and gets them. A MAP refused with nothing waiting takes
+/// no grace period.
+#[test]
+fn a_map_short_of_nodes_takes_the_pending_grace_period_early() {
+    const GIB: u64 = 1 << 30;
+    // A root and the level-1 node of one page (an inline run in its entry).
+    let mut m = iommu_with(Limits {
+        max_table_bytes: 2 * 4096,
+        ..Limits::default()
+    });
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0, RW).unwrap();
+    let before = m.stats().grace_periods;
+    assert_eq!(
+        m.map(1, GIB, GIB + 0xfff, 0, RW),
+        Err(Error::OutOfTableMemory)
+    );
+    assert_eq!(m.stats().grace_periods, before, "nothing to wait for");
+    m.begin_batch();
+    assert_eq!(m.unmap(1, 0, 0xfff), Ok(1));
+    assert_eq!(
+        m.stats().grace_periods,
+        before,
+        "deferred to the end of the batch"
+    );
+    m.map(1, GIB, GIB + 0xfff, 0, RW).unwrap();
+    assert_eq!(m.stats().grace_periods, before + 1, "taken early");
+    m.end_batch();
+    assert_eq!(m.stats().grace_periods, before + 1, "and not again");
+    assert_eq!(m.mappings(1).unwrap().len(), 1);
 }
 
 /// A new domain's tree has 3 levels; a MAP above 512 GiB adds a level under a new root that
