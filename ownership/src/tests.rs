@@ -48,6 +48,20 @@ fn use_all(m: &mut Iommu) {
 
 // ---- config and general ------------------------------------------------------------------
 
+/// Turning bypass off takes translations away: it returns only after a grace period. Turning
+/// it on, or setting what is already set, takes none.
+#[test]
+fn only_turning_bypass_off_takes_a_grace_period() {
+    let mut m = iommu();
+    let grace_periods = |m: &Iommu| m.stats().grace_periods;
+    let start = grace_periods(&m);
+    for (bypass, taken) in [(false, 0), (true, 0), (true, 0), (false, 1), (false, 1)] {
+        m.set_bypass(bypass);
+        assert_eq!(m.bypass(), bypass);
+        assert_eq!(grace_periods(&m) - start, taken, "bypass {bypass}");
+    }
+}
+
 #[test]
 fn c2_bypass_survives_reset() {
     let mut m = iommu();
@@ -610,6 +624,28 @@ fn u4_splitting_unmap_removes_nothing() {
     ));
     assert_eq!(m.mappings(1).unwrap(), before);
     assert_eq!(m.unmap(1, 0, u64::MAX), Ok(3));
+}
+
+/// UNMAP ranges need no alignment: a page-long range that is not page-aligned cuts the pages
+/// it straddles (RANGE, nothing removed), as does one byte inside a mapping; one byte where
+/// nothing is mapped removes nothing.
+#[test]
+fn u4_unaligned_unmap_ranges() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.map(1, 0, 0xfff, 0, RW).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x1000, RW).unwrap();
+    let before = m.mappings(1).unwrap();
+    for (start, end) in [(0x800, 0x17ff), (0xfff, 0x1ffe), (0x1000, 0x1000)] {
+        assert_eq!(
+            m.unmap(1, start, end),
+            Err(Error::WouldSplit { start, end }),
+            "{start:#x}-{end:#x}"
+        );
+    }
+    assert_eq!(m.mappings(1).unwrap(), before);
+    assert_eq!(m.unmap(1, 0x5000, 0x5000), Ok(0));
+    assert_eq!(m.unmap(1, 0, 0x1fff), Ok(2));
 }
 
 /// An UNMAP that removes nothing waits for no reader: none can hold what was not mapped.
