@@ -595,7 +595,7 @@ fn control_clients_that_never_read_their_replies_are_cut_off() {
         .map(|i| {
             let request = match i % 3 {
                 0 => json!({"cmd": "mappings", "domain": 1}),
-                1 => json!({"cmd": "groups"}),
+                1 => json!({"cmd": "groups", "all": true}),
                 _ => json!({"cmd": "stats"}),
             };
             let count = if i % 3 == 2 { 2000 } else { 100 };
