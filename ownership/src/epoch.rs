@@ -38,14 +38,30 @@
 //!   guard: the section ends with its reader). A slot is never registered again, so that is
 //!   final; the entry leaves the registry at once, or at the next registration if the lock was
 //!   busy.
+//!
+//! **Readers in other processes** (DMA masters that map the tables read-only, see
+//! [`crate::remote`]) cannot be reached by `membarrier(2)`, so they pay the fence themselves:
+//! [`enter_fenced`] publishes the slot and then passes a full fence before any table load, and
+//! the writer passes one after its epoch bump before it reads their slots. Either the writer
+//! sees the slot inside a section (and waits for it), or the reader's loads come after the
+//! writer's fence and see the unlinked state. Their slots live in memory the master writes
+//! ([`RemoteReaders`]), so nothing the writer relies on is stored there by the writer: a
+//! master that stays inside a section past its bound is *cut off* ([`RemoteReaders::cut_off`]),
+//! the section it is stuck in is abandoned (no grace period waits for that section again), and
+//! its attachment ends with [`Readers::detach_remote`]. A cut-off master that ignores its
+//! revocation can still read tables the writer changes; the promise holds for cooperating
+//! masters, and a cut-off is reported.
 
 use std::{
+    fmt,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{fence, AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, PoisonError, TryLockError,
     },
     time::{Duration, Instant},
 };
+
+use shm::Words;
 
 /// A reader's published state: `epoch | 1` while inside a critical section entered at
 /// `epoch`, `epoch` (even) once it left it, `DEAD` once unregistered. One cache line each,
@@ -60,11 +76,23 @@ pub struct Slot {
 const DEAD: u64 = u64::MAX;
 
 /// Registry of reader slots plus the global epoch (even; bumped by 2 per grace period).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readers {
-    epoch: AtomicU64,
-    /// Apart, so that grace periods write nothing next to what readers read but the epoch.
+    /// Word 0: the epoch. A page of its own (in the file shared with DMA masters, for a model
+    /// that has one), so grace periods write nothing next to what readers read but the epoch.
+    epoch: Words,
     registry: Box<Registry>,
+}
+
+impl Default for Readers {
+    /// Readers with the epoch in this process's memory.
+    ///
+    /// # Panics
+    /// When the host refuses a one-page mapping.
+    fn default() -> Self {
+        let words = Words::anonymous(1).unwrap_or_else(|e| panic!("epoch page: {e}"));
+        Readers::new(words).unwrap_or_else(|| panic!("epoch page: no word"))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +107,10 @@ struct Registry {
     /// The slots grace periods watch: a copy of `slots`. Only grace periods take this lock (so
     /// they run one at a time), and may hold it across their wait.
     watched: Mutex<Watched>,
+    /// Readers in other processes, attached and not detached yet (or not pruned yet).
+    remotes: Mutex<Vec<Arc<Remote>>>,
+    /// Attachments so far, counted under the `remotes` lock.
+    attached: AtomicU64,
 }
 
 /// The grace periods' copy of the registry.
@@ -87,6 +119,148 @@ struct Watched {
     slots: Vec<Arc<Slot>>,
     /// `Registry::registered` when the copy was taken.
     registered: u64,
+    remotes: Vec<Arc<Remote>>,
+    /// `Registry::attached` when the copy was taken.
+    attached: u64,
+}
+
+/// The reader slots of a DMA master in another process, in memory both processes map (the
+/// master writes them). Each slot is one reader thread's section word, with the values
+/// [`enter_fenced`] and [`leave_fenced`] store.
+pub trait RemoteReaders: Send + Sync + fmt::Debug {
+    /// How many slots the master has.
+    fn slot_count(&self) -> usize;
+    /// Slot `index`'s section word.
+    fn slot(&self, index: usize) -> Option<&AtomicU64>;
+    /// A grace period gave up on the master (a section outlived the bound): revoke it. Called
+    /// once, by the grace period, which may hold the model's lock: must not block.
+    fn cut_off(&self);
+}
+
+/// A remote master attached to [`Readers`] (see [`Readers::attach_remote`]).
+#[derive(Debug)]
+pub struct Remote {
+    readers: Arc<dyn RemoteReaders>,
+    /// How long a grace period waits for one of its sections.
+    bound: Duration,
+    /// Detached: grace periods stop watching it. Writer-side memory: the master cannot
+    /// undo it.
+    dead: AtomicBool,
+    /// Cut off by a grace period.
+    cut: AtomicBool,
+    /// Per slot, the section value a cut-off abandoned (0: none): no grace period waits for
+    /// that section again; any other section on the slot is waited for.
+    abandoned: Box<[AtomicU64]>,
+}
+
+/// Whether a remote slot showing `seen` holds up a grace period that bumped the epoch to
+/// `target`: not when it is outside a section (even), inside one that loaded the new epoch,
+/// or inside the section a cut-off abandoned.
+#[inline]
+fn remote_settled(seen: u64, target: u64, abandoned: u64) -> bool {
+    seen & 1 == 0 || seen >= target || seen == abandoned
+}
+
+impl Remote {
+    /// Whether a grace period cut the master off.
+    pub fn is_cut_off(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// Whether it was detached.
+    pub fn is_detached(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Abandons every section the master is inside of now that started before `target`.
+    fn abandon(&self, target: u64) {
+        for (i, abandoned) in self.abandoned.iter().enumerate() {
+            if let Some(slot) = self.readers.slot(i) {
+                let seen = slot.load(Ordering::Acquire);
+                if seen & 1 == 1 && seen < target {
+                    abandoned.store(seen, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Cuts the master off (once): its sections from before `target` are abandoned.
+    fn cut_off(&self, target: u64) {
+        self.abandon(target);
+        if !self.cut.swap(true, Ordering::AcqRel) {
+            self.readers.cut_off();
+        }
+    }
+
+    /// Waits (up to `bound` from `since`) until no slot of the master is inside a section
+    /// other than an abandoned one, for a master that was revoked and is about to be detached:
+    /// a section it entered before it saw the revocation ends first. Sections still open at
+    /// the bound are abandoned. Returns whether every section ended in time.
+    pub fn drain(&self, bound: Duration) -> bool {
+        let since = Instant::now();
+        let mut clean = true;
+        for (i, abandoned) in self.abandoned.iter().enumerate() {
+            let Some(slot) = self.readers.slot(i) else {
+                break;
+            };
+            let seen = slot.load(Ordering::Acquire);
+            if seen & 1 == 0 || seen == abandoned.load(Ordering::Relaxed) {
+                continue;
+            }
+            if !wait_change(slot, seen, since + bound, || self.is_detached()) {
+                abandoned.store(seen, Ordering::Relaxed);
+                clean = false;
+            }
+        }
+        clean
+    }
+}
+
+/// Waits until `slot` no longer shows `seen` (true), or `deadline` passes or `stop()` holds
+/// (false). Spins briefly, then sleeps with backoff: a section this long is a DMA in progress
+/// or a preempted reader, whose CPU it should not steal.
+fn wait_change(slot: &AtomicU64, seen: u64, deadline: Instant, stop: impl Fn() -> bool) -> bool {
+    let since = Instant::now();
+    let mut spins = 0u32;
+    while slot.load(Ordering::Acquire) == seen {
+        if stop() {
+            return false;
+        }
+        spins += 1;
+        if spins < 256 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let nap = (since.elapsed() / 8)
+            .clamp(Duration::from_micros(20), Duration::from_millis(1))
+            .min(deadline - now);
+        std::thread::sleep(nap);
+    }
+    true
+}
+
+/// Enters a read-side critical section on a slot in memory shared with the writer's process:
+/// the protocol of a DMA master, which no heavy barrier can reach. Loads the epoch with
+/// `Relaxed` (the epoch may be mapped read-only), publishes `epoch | 1`, then passes a full
+/// fence before anything else it loads. Returns the token [`leave_fenced`] needs.
+#[inline]
+pub fn enter_fenced(epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
+    let epoch = epoch.load(Ordering::Relaxed) & !1;
+    slot.store(epoch | 1, Ordering::Relaxed);
+    // Pairs with the writer's fence after its bump (see the module documentation); also the
+    // acquire side for the epoch just loaded.
+    fence(Ordering::SeqCst);
+    epoch
+}
+
+/// Leaves a section entered with [`enter_fenced`].
+#[inline]
+pub fn leave_fenced(slot: &AtomicU64, epoch: u64) {
+    slot.store(epoch, Ordering::Release);
 }
 
 /// How long the writer watches the slots for the fast path before it passes the heavy barrier.
@@ -100,6 +274,65 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Readers {
+    /// Readers whose epoch is word 0 of `epoch` (zeroed: a fresh mapping); None when it has no
+    /// word.
+    pub fn new(epoch: Words) -> Option<Self> {
+        if epoch.is_empty() {
+            return None;
+        }
+        Some(Readers {
+            epoch,
+            registry: Box::default(),
+        })
+    }
+
+    #[inline(always)]
+    fn epoch(&self) -> &AtomicU64 {
+        &self.epoch[0]
+    }
+
+    /// The current epoch.
+    pub fn current_epoch(&self) -> u64 {
+        self.epoch().load(Ordering::Acquire)
+    }
+
+    /// Attaches the slots of a DMA master in another process: from now on every grace period
+    /// also waits for its sections, each one for at most `bound` before the master is cut off.
+    /// Never waits for a grace period. Call before the master can enter a section.
+    pub fn attach_remote(&self, readers: Arc<dyn RemoteReaders>, bound: Duration) -> Arc<Remote> {
+        let abandoned = (0..readers.slot_count())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let remote = Arc::new(Remote {
+            readers,
+            bound,
+            dead: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            abandoned,
+        });
+        let registry = &*self.registry;
+        {
+            let mut remotes = lock(&registry.remotes);
+            remotes.retain(|r| !r.is_detached());
+            remotes.push(remote.clone());
+            registry.attached.fetch_add(1, Ordering::SeqCst);
+        }
+        // As in `register`: a grace period whose copy misses this master bumped the epoch
+        // before this load, which then orders its unlinking stores before everything the master
+        // is told after this returns.
+        self.epoch().load(Ordering::SeqCst);
+        remote
+    }
+
+    /// Detaches a master: grace periods stop waiting for it, also one waiting now. Never
+    /// blocks.
+    pub fn detach_remote(&self, remote: &Arc<Remote>) {
+        remote.dead.store(true, Ordering::Release);
+        if let Ok(mut remotes) = self.registry.remotes.try_lock() {
+            remotes.retain(|r| !Arc::ptr_eq(r, remote));
+        }
+    }
+
     /// A new slot for one reader thread. Never waits for a grace period: the registry's lock
     /// is only held briefly, by anyone.
     pub fn register(&self) -> Arc<Slot> {
@@ -117,7 +350,7 @@ impl Readers {
         // After the count, against a grace period's bump then count load (see the module
         // documentation): if that grace period's copy misses this slot, this load returns its
         // epoch, and the slot starts out current.
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let epoch = self.epoch().load(Ordering::SeqCst);
         slot.state.store(epoch, Ordering::Release);
         slot
     }
@@ -144,7 +377,7 @@ impl Readers {
     /// the token [`Readers::leave`] needs.
     #[inline(always)]
     pub fn enter(&self, slot: &Slot) -> u64 {
-        let epoch = self.epoch.load(Ordering::Acquire);
+        let epoch = self.epoch().load(Ordering::Acquire);
         slot.state.store(epoch | 1, Ordering::Release);
         // Ordered before this reader's table loads by the writer's heavy barrier.
         swmr_barrier::light_barrier();
@@ -162,12 +395,14 @@ impl Readers {
     /// it waited (for statistics). Returns at once when no reader is registered.
     ///
     /// A reader that never leaves its section (a guard leaked on a translator that lives on)
-    /// keeps this waiting until its slot is unregistered.
+    /// keeps this waiting until its slot is unregistered. A remote master's section holds it up
+    /// for at most the master's bound (see [`Readers::attach_remote`]).
     pub fn synchronize(&self) -> Duration {
         let registry = &*self.registry;
         let mut watched = lock(&registry.watched);
+        let start = Instant::now();
         // Release: the caller's unlinking stores happen-before any load of the new epoch.
-        let target = self.epoch.fetch_add(2, Ordering::SeqCst) + 2;
+        let target = self.epoch().fetch_add(2, Ordering::SeqCst) + 2;
         // After the bump: a reader whose registration this misses loaded the new epoch when it
         // registered (see `register`).
         if registry.registered.load(Ordering::SeqCst) != watched.registered {
@@ -175,16 +410,55 @@ impl Readers {
             watched.registered = registry.registered.load(Ordering::Relaxed);
             watched.slots.clone_from(&slots);
         }
-        let waited = Self::wait(&watched.slots, target);
+        if registry.attached.load(Ordering::SeqCst) != watched.attached {
+            let remotes = lock(&registry.remotes);
+            watched.attached = registry.attached.load(Ordering::Relaxed);
+            watched.remotes.clone_from(&remotes);
+        }
+        if !watched.remotes.is_empty() {
+            // Pairs with the fence of every remote reader's entry (`enter_fenced`): a slot read
+            // after it as outside belongs to a reader whose next loads see the unlinked state.
+            fence(Ordering::SeqCst);
+        }
+        Self::wait(&watched.slots, target);
+        Self::wait_remotes(&watched.remotes, target, start);
         // Gone readers stay gone: stop copying their slots around.
         watched
             .slots
             .retain(|s| s.state.load(Ordering::Relaxed) != DEAD);
-        waited
+        watched.remotes.retain(|r| !r.is_detached());
+        start.elapsed()
+    }
+
+    /// Waits for the remote masters' sections that started before the epoch `target`; a
+    /// master still inside one at its bound (counted from `start`) is cut off.
+    fn wait_remotes(remotes: &[Arc<Remote>], target: u64, start: Instant) {
+        for remote in remotes {
+            let deadline = start + remote.bound;
+            for (i, abandoned) in remote.abandoned.iter().enumerate() {
+                if remote.is_detached() {
+                    break;
+                }
+                let Some(slot) = remote.readers.slot(i) else {
+                    break;
+                };
+                let seen = slot.load(Ordering::Acquire);
+                if remote_settled(seen, target, abandoned.load(Ordering::Relaxed)) {
+                    continue;
+                }
+                // Any change means that section ended.
+                if !wait_change(slot, seen, deadline, || remote.is_detached())
+                    && !remote.is_detached()
+                {
+                    remote.cut_off(target);
+                    break;
+                }
+            }
+        }
     }
 
     /// Waits until no slot of `slots` shows a section entered before the epoch `target`.
-    fn wait(slots: &[Arc<Slot>], target: u64) -> Duration {
+    fn wait(slots: &[Arc<Slot>], target: u64) {
         let start = Instant::now();
         let mut current = true;
         'fast: for slot in slots.iter() {
@@ -212,7 +486,7 @@ impl Readers {
             }
         }
         if current {
-            return start.elapsed();
+            return;
         }
         // Idle readers (or ones in a long section): make their slots current.
         swmr_barrier::heavy_barrier();
@@ -239,7 +513,6 @@ impl Readers {
                 }
             }
         }
-        start.elapsed()
     }
 }
 
@@ -381,5 +654,152 @@ mod tests {
         );
         readers.leave(&new, entered);
         returns("the second grace period", move || second.join().unwrap());
+    }
+
+    /// Slots of a "remote" master in a page of words: slot `i` is word `16 * (i + 1)`.
+    #[derive(Debug)]
+    struct TestRemote {
+        words: Words,
+        slots: usize,
+        cut_offs: AtomicU64,
+    }
+
+    impl TestRemote {
+        fn new(slots: usize) -> Arc<Self> {
+            Arc::new(TestRemote {
+                words: Words::anonymous(16 * (slots + 1)).unwrap(),
+                slots,
+                cut_offs: AtomicU64::new(0),
+            })
+        }
+
+        fn word(&self, i: usize) -> &AtomicU64 {
+            &self.words[16 * (i + 1)]
+        }
+    }
+
+    impl RemoteReaders for TestRemote {
+        fn slot_count(&self) -> usize {
+            self.slots
+        }
+        fn slot(&self, index: usize) -> Option<&AtomicU64> {
+            (index < self.slots).then(|| self.word(index))
+        }
+        fn cut_off(&self) {
+            self.cut_offs.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Runs a grace period on its own thread; the flag says when it returned.
+    fn grace_period(readers: &Arc<Readers>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+        let done = Arc::new(AtomicBool::new(false));
+        let (r, d) = (readers.clone(), done.clone());
+        let handle = std::thread::spawn(move || {
+            r.synchronize();
+            d.store(true, Ordering::SeqCst);
+        });
+        (done, handle)
+    }
+
+    #[test]
+    fn a_remote_section_holds_a_grace_period_until_it_ends() {
+        let readers = Arc::new(Readers::default());
+        let remote = TestRemote::new(2);
+        let handle = readers.attach_remote(remote.clone(), Duration::from_secs(60));
+        let epoch = enter_fenced(readers.epoch(), remote.word(1));
+        let (done, waiter) = grace_period(&readers);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "ended with a remote reader inside"
+        );
+        leave_fenced(remote.word(1), epoch);
+        returns("the grace period", move || waiter.join().unwrap());
+        // A section entered after the bump does not hold the next one... until the one after.
+        let epoch = enter_fenced(readers.epoch(), remote.word(0));
+        assert_eq!(epoch, readers.current_epoch());
+        leave_fenced(remote.word(0), epoch);
+        readers.synchronize();
+        assert!(!handle.is_cut_off());
+        assert_eq!(remote.cut_offs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_stalled_remote_is_cut_off_at_its_bound_and_its_section_abandoned() {
+        let readers = Arc::new(Readers::default());
+        let remote = TestRemote::new(3);
+        let bound = Duration::from_millis(100);
+        let handle = readers.attach_remote(remote.clone(), bound);
+        let stuck = enter_fenced(readers.epoch(), remote.word(2));
+        let started = Instant::now();
+        readers.synchronize();
+        let waited = started.elapsed();
+        assert!(waited >= bound, "gave up after {waited:?}");
+        assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+        assert!(handle.is_cut_off());
+        assert_eq!(remote.cut_offs.load(Ordering::SeqCst), 1);
+        // The abandoned section holds nothing up any more; another one on another slot does.
+        let started = Instant::now();
+        readers.synchronize();
+        assert!(started.elapsed() < bound);
+        let other = enter_fenced(readers.epoch(), remote.word(0));
+        let (done, waiter) = grace_period(&readers);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!done.load(Ordering::SeqCst));
+        leave_fenced(remote.word(0), other);
+        returns("the grace period", move || waiter.join().unwrap());
+        assert_eq!(remote.cut_offs.load(Ordering::SeqCst), 1, "cut off once");
+        // Draining: the stuck section is abandoned, a later one is waited for (bounded).
+        let racing = enter_fenced(readers.epoch(), remote.word(1));
+        assert!(
+            !handle.drain(Duration::from_millis(20)),
+            "a section was still open"
+        );
+        leave_fenced(remote.word(1), racing);
+        assert!(handle.drain(Duration::from_millis(20)));
+        readers.detach_remote(&handle);
+        leave_fenced(remote.word(2), stuck);
+    }
+
+    #[test]
+    fn detaching_a_remote_ends_a_grace_period_waiting_for_it() {
+        let readers = Arc::new(Readers::default());
+        let remote = TestRemote::new(1);
+        let handle = readers.attach_remote(remote.clone(), Duration::from_secs(60));
+        enter_fenced(readers.epoch(), remote.word(0));
+        let (done, waiter) = grace_period(&readers);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!done.load(Ordering::SeqCst));
+        {
+            let (readers, handle) = (readers.clone(), handle.clone());
+            returns("detach", move || readers.detach_remote(&handle));
+        }
+        returns("the grace period", move || waiter.join().unwrap());
+        assert!(handle.is_detached() && !handle.is_cut_off());
+        // Gone from the registry: nothing is watched any more.
+        readers.synchronize();
+        assert!(lock(&readers.registry.watched).remotes.is_empty());
+        assert!(lock(&readers.registry.remotes).is_empty());
+    }
+
+    /// Values a master cannot be trusted with only hurt that master: garbage in its slots
+    /// never blocks a grace period past the bound and never panics.
+    #[test]
+    fn garbage_in_remote_slots_is_bounded() {
+        let readers = Arc::new(Readers::default());
+        let remote = TestRemote::new(4);
+        for (i, v) in [u64::MAX, 1, 3, 0x8000_0000_0000_0001]
+            .into_iter()
+            .enumerate()
+        {
+            remote.word(i).store(v, Ordering::SeqCst);
+        }
+        readers.synchronize();
+        let bound = Duration::from_millis(40);
+        let handle = readers.attach_remote(remote.clone(), bound);
+        let started = Instant::now();
+        readers.synchronize();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(handle.is_cut_off());
     }
 }

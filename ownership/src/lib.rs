@@ -24,6 +24,7 @@ pub mod epoch;
 pub mod pagetable;
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;
+pub mod remote;
 pub mod state;
 pub mod topology;
 
@@ -31,19 +32,21 @@ use std::{
     cell::Cell,
     collections::{BTreeMap, BTreeSet},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{fence, AtomicU64, Ordering},
         Arc,
     },
 };
 
+use shm::Words;
 use thiserror::Error;
 
 use crate::{
     epoch::{Readers, Slot},
-    pagetable::{Arena, TableError, TableWriter, NODE_BYTES},
+    pagetable::{read, Arena, TableError, TableWriter, NODE_BYTES},
 };
 pub use crate::{
     pagetable::{Mapping, PERM_MMIO, PERM_READ, PERM_WRITE},
+    remote::{SharedLayout, SharedWords},
     state::{Attachment, DomainState, GuestState, RestoreError},
     topology::{
         DomainId, EndpointId, EndpointInfo, GroupId, Limits, ResvKind, ResvRegion, Topology,
@@ -235,17 +238,21 @@ fn encode_state(domain: DomainId, kind: DomainKind, root: u32, levels: u32) -> u
     tag | (u64::from(levels) << 2) | (u64::from(root) << 5) | (u64::from(domain) << 32)
 }
 
-#[derive(Debug, Default)]
-struct GroupCell {
-    state: AtomicU64,
-    owner: AtomicU64,
+/// Words of the control area readers read: the `bypass` flag (0 or 1) on a line of its own,
+/// then two words per group from [`CONTROL_GROUPS`]: the group's state and its owner cell.
+const CONTROL_BYPASS: usize = 0;
+const CONTROL_GROUPS: usize = 16;
+
+/// Words the control area needs for `groups` groups.
+pub(crate) fn control_words(groups: usize) -> usize {
+    CONTROL_GROUPS + 2 * groups
 }
 
 /// An endpoint as readers see it.
 #[derive(Debug)]
-struct EndpointCell {
-    group: u32,
-    regions: Box<[ResvRegion]>,
+pub(crate) struct EndpointCell {
+    pub(crate) group: u32,
+    pub(crate) regions: Box<[ResvRegion]>,
 }
 
 /// Endpoint ID to cell: a dense table for small IDs (PCI requester IDs: one load), else a
@@ -266,16 +273,23 @@ const DENSE_LIMIT: EndpointId = 0x1_0000;
 /// nothing.
 const NO_ENDPOINT: u32 = u32::MAX;
 
-/// State shared by the writer and all readers.
+/// What readers read: the page tables and the control area (bypass flag, group cells). In this
+/// process's memory, or in a file shared with DMA masters, which map it read-only and read it
+/// through this very type ([`remote::RemoteTables`]).
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Tables {
     arena: Arena,
-    readers: Readers,
+    control: Words,
     input_start: u64,
     /// `input_end - input_start`: one compare checks the range.
     input_span: u64,
-    bypass: AtomicBool,
-    groups: Box<[GroupCell]>,
+}
+
+/// State shared by the writer and all readers of this process.
+#[derive(Debug)]
+struct Shared {
+    tables: Tables,
+    readers: Readers,
     endpoints: Box<[EndpointCell]>,
     index: EndpointIndex,
 }
@@ -288,13 +302,73 @@ impl std::fmt::Debug for Arena {
     }
 }
 
-impl Shared {
+impl Tables {
+    /// Tables over `control` (at least [`control_words`] words for `groups`) and `arena`, for
+    /// IOVAs in `input_range`.
+    fn new(
+        arena: Arena,
+        control: Words,
+        groups: usize,
+        (input_start, input_end): (u64, u64),
+    ) -> Option<Tables> {
+        if control.len() < control_words(groups) || input_end < input_start {
+            return None;
+        }
+        Some(Tables {
+            arena,
+            control,
+            input_start,
+            input_span: input_end - input_start,
+        })
+    }
+
     /// Whether `iova` is in the input range (one compare).
     #[inline(always)]
     fn in_range(&self, iova: u64) -> bool {
         iova.wrapping_sub(self.input_start) <= self.input_span
     }
 
+    /// A group's state and owner cell.
+    #[inline(always)]
+    fn group(&self, group: u32) -> Option<&[AtomicU64; 2]> {
+        let at = CONTROL_GROUPS + 2 * group as usize;
+        self.control.get(at..at + 2)?.try_into().ok()
+    }
+
+    /// The `bypass` flag (a reader's load).
+    #[inline(always)]
+    fn bypass(&self) -> bool {
+        self.control
+            .get(CONTROL_BYPASS)
+            .is_some_and(|b| read(b) != 0)
+    }
+
+    /// The owner check and the group's state for an endpoint: its handle. Only valid inside a
+    /// read-side critical section.
+    #[inline(always)]
+    fn view<'a>(
+        &'a self,
+        ep: &'a EndpointCell,
+        requester: Requester,
+    ) -> Result<EndpointView<'a>, Fault> {
+        let cell = self.group(ep.group).ok_or(Fault::UnknownEndpoint)?;
+        // Relaxed loads and a fence: the words may be mapped read-only (see `pagetable::read`).
+        let owner = cell[1].load(Ordering::Relaxed);
+        let state = cell[0].load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let token = requester.token();
+        if token == OWNER_NONE || owner != token {
+            return Err(Fault::NotOwner);
+        }
+        Ok(EndpointView {
+            tables: self,
+            ep,
+            state,
+        })
+    }
+}
+
+impl Shared {
     /// The owner check and the group's state: an endpoint handle. Only valid inside a
     /// read-side critical section.
     #[inline(always)]
@@ -304,19 +378,7 @@ impl Shared {
         endpoint: EndpointId,
     ) -> Result<EndpointView<'_>, Fault> {
         let ep = self.endpoint(endpoint).ok_or(Fault::UnknownEndpoint)?;
-        let cell = self
-            .groups
-            .get(ep.group as usize)
-            .ok_or(Fault::UnknownEndpoint)?;
-        let token = requester.token();
-        if token == OWNER_NONE || cell.owner.load(Ordering::Acquire) != token {
-            return Err(Fault::NotOwner);
-        }
-        Ok(EndpointView {
-            shared: self,
-            ep,
-            state: cell.state.load(Ordering::Acquire),
-        })
+        self.tables.view(ep, requester)
     }
 
     #[inline]
@@ -410,14 +472,37 @@ impl Iommu {
     /// [`Iommu::new`], or an error when the host will not reserve the address space of
     /// `Limits::max_table_bytes` (reserved up front, committed only as tables fill).
     pub fn try_new(topology: Topology) -> Result<Self, TopologyError> {
+        let limits = topology.limits();
+        let nodes = limits.max_table_bytes / NODE_BYTES;
+        let no_memory = |_| TopologyError::TableMemory(limits.max_table_bytes);
+        let words = SharedWords {
+            epoch: Words::anonymous(1).map_err(no_memory)?,
+            control: Words::anonymous(control_words(topology.group_count())).map_err(no_memory)?,
+            nodes: Words::anonymous(
+                nodes.clamp(1, pagetable::MAX_NODES) as usize * pagetable::FANOUT,
+            )
+            .map_err(no_memory)?,
+        };
+        Self::try_new_in(topology, words)
+    }
+
+    /// A model whose readers' words live in `words` (zeroed, sized as
+    /// [`SharedLayout::for_topology`] says): mappings of a file the daemon shares with DMA
+    /// masters in other processes, which map it read-only ([`remote::RemoteTables`]).
+    pub fn try_new_in(topology: Topology, words: SharedWords) -> Result<Self, TopologyError> {
         let (input_start, input_end) = topology.input_range();
         let levels = pagetable::levels_for(input_end);
         let limits = topology.limits();
-        let arena = Arena::new(limits.max_table_bytes / NODE_BYTES)
-            .ok_or(TopologyError::TableMemory(limits.max_table_bytes))?;
-        let groups = (0..topology.group_count())
-            .map(|_| GroupCell::default())
-            .collect();
+        let too_small = || TopologyError::TableMemory(limits.max_table_bytes);
+        let arena = Arena::in_words(words.nodes).ok_or_else(too_small)?;
+        let readers = Readers::new(words.epoch).ok_or_else(too_small)?;
+        let tables = Tables::new(
+            arena,
+            words.control,
+            topology.group_count(),
+            (input_start, input_end),
+        )
+        .ok_or_else(too_small)?;
         let mut ids = Vec::new();
         let endpoints = topology
             .endpoints()
@@ -440,12 +525,8 @@ impl Iommu {
             _ => EndpointIndex::Sorted(ids.into_boxed_slice()),
         };
         let shared = Arc::new(Shared {
-            arena,
-            readers: Readers::default(),
-            input_start,
-            input_span: input_end - input_start,
-            bypass: AtomicBool::new(false),
-            groups,
+            tables,
+            readers,
             endpoints,
             index,
         });
@@ -511,7 +592,7 @@ impl Iommu {
         let waited = self.shared.readers.synchronize();
         self.grace_periods += 1;
         self.grace_wait_max_ns = self.grace_wait_max_ns.max(waited.as_nanos() as u64);
-        self.table.reclaim(&self.shared.arena);
+        self.table.reclaim(&self.shared.tables.arena);
         self.sync_pending = false;
     }
 
@@ -548,9 +629,9 @@ impl Iommu {
                 encode_state(id, d.kind, root, self.table.height(root))
             }
         };
-        self.shared.groups[group.0 as usize]
-            .state
-            .store(state, Ordering::Release);
+        if let Some(cell) = self.shared.tables.group(group.0) {
+            cell[0].store(state, Ordering::Release);
+        }
     }
 
     // ---- guest face ----------------------------------------------------------------------
@@ -621,7 +702,7 @@ impl Iommu {
                 match kind {
                     DomainKind::Paging => Some(
                         self.table
-                            .new_root(&self.shared.arena)
+                            .new_root(&self.shared.tables.arena)
                             .ok_or(Error::OutOfTableMemory)?,
                     ),
                     DomainKind::Identity => None,
@@ -682,7 +763,7 @@ impl Iommu {
             for r in regions {
                 if self
                     .table
-                    .any_mapped(&self.shared.arena, root, r.start, r.end)
+                    .any_mapped(&self.shared.tables.arena, root, r.start, r.end)
                 {
                     return Err(Error::Incompatible { domain, endpoint });
                 }
@@ -711,7 +792,7 @@ impl Iommu {
             if let Some(d) = self.domains.remove(&domain) {
                 self.mappings -= d.mappings;
                 if let Some(root) = d.root {
-                    self.table.retire_tree(&self.shared.arena, root);
+                    self.table.retire_tree(&self.shared.tables.arena, root);
                 }
             }
         }
@@ -808,7 +889,7 @@ impl Iommu {
                         self.publish_group(group);
                     }
                 }
-                Err(_) => self.table.ungrow(&self.shared.arena, top, root),
+                Err(_) => self.table.ungrow(&self.shared.tables.arena, top, root),
             }
         }
         result
@@ -820,11 +901,12 @@ impl Iommu {
         &mut self,
         update: impl Fn(&mut TableWriter, &Arena) -> Result<T, TableError>,
     ) -> Result<T, Error> {
-        match update(&mut self.table, &self.shared.arena) {
+        match update(&mut self.table, &self.shared.tables.arena) {
             Ok(done) => Ok(done),
             Err(_) if self.table.has_retired() => {
                 self.synchronize();
-                update(&mut self.table, &self.shared.arena).map_err(|_| Error::OutOfTableMemory)
+                update(&mut self.table, &self.shared.tables.arena)
+                    .map_err(|_| Error::OutOfTableMemory)
             }
             Err(_) => Err(Error::OutOfTableMemory),
         }
@@ -840,7 +922,7 @@ impl Iommu {
         mapping: Mapping,
     ) -> Result<(), Error> {
         let (start, end) = (mapping.virt_start, mapping.virt_end);
-        let arena = &self.shared.arena;
+        let arena = &self.shared.tables.arena;
         // The common case (a 4 KiB page) walks once to check and once to insert.
         let page = end - start == pagetable::PAGE_MASK;
         let page_nodes = if page {
@@ -888,7 +970,7 @@ impl Iommu {
         if end < start {
             return Err(Error::InvalidRange { start, end });
         }
-        let arena = &self.shared.arena;
+        let arena = &self.shared.tables.arena;
         let removed = if start & pagetable::PAGE_MASK == 0 && end - start == pagetable::PAGE_MASK {
             self.table.unmap_page(arena, root, start)
         } else {
@@ -925,12 +1007,14 @@ impl Iommu {
             g.domain = None;
             g.attached.clear();
         }
-        for cell in self.shared.groups.iter() {
-            cell.state.store(STATE_UNATTACHED, Ordering::Release);
+        for group in 0..self.groups.len() as u32 {
+            if let Some(cell) = self.shared.tables.group(group) {
+                cell[0].store(STATE_UNATTACHED, Ordering::Release);
+            }
         }
         for (_, d) in std::mem::take(&mut self.domains) {
             if let Some(root) = d.root {
-                self.table.retire_tree(&self.shared.arena, root);
+                self.table.retire_tree(&self.shared.tables.arena, root);
             }
         }
         self.mappings = 0;
@@ -939,20 +1023,22 @@ impl Iommu {
 
     /// Sets the config-space `bypass` state: whether unattached endpoints bypass.
     pub fn set_bypass(&mut self, bypass: bool) {
-        let old = self.shared.bypass.swap(bypass, Ordering::AcqRel);
+        let old = self.shared.tables.control[CONTROL_BYPASS]
+            .swap(u64::from(bypass), Ordering::AcqRel)
+            != 0;
         if old && !bypass {
             self.synchronize();
         }
     }
 
     pub fn bypass(&self) -> bool {
-        self.shared.bypass.load(Ordering::Acquire)
+        self.shared.tables.bypass()
     }
 
     /// The mappings of a paging domain, in IOVA order.
     pub fn mappings(&self, domain: DomainId) -> Result<Vec<Mapping>, Error> {
         let (root, _) = self.paging_root(domain)?;
-        Ok(self.table.mappings(&self.shared.arena, root))
+        Ok(self.table.mappings(&self.shared.tables.arena, root))
     }
 
     /// Every live domain.
@@ -981,7 +1067,7 @@ impl Iommu {
     /// nodes are first written. The daemon asks for transparent huge pages on it, so that
     /// random translations over large tables miss the TLB less.
     pub fn table_memory(&self) -> (usize, usize) {
-        self.shared.arena.address_range()
+        self.shared.tables.arena.address_range()
     }
 
     pub fn stats(&self) -> ModelStats {
@@ -1003,9 +1089,9 @@ impl Iommu {
     }
 
     fn publish_owner(&self, group: GroupId, value: u64) {
-        self.shared.groups[group.0 as usize]
-            .owner
-            .store(value, Ordering::Release);
+        if let Some(cell) = self.shared.tables.group(group.0) {
+            cell[1].store(value, Ordering::Release);
+        }
     }
 
     /// `iommu_device_use_default_domain`: a shared DMA-API user of the endpoint's group
@@ -1119,6 +1205,27 @@ impl TranslatorSource {
     /// A fast-path handle for one reader thread, as [`Iommu::translator`].
     pub fn translator(&self) -> Translator {
         Translator::new(self.shared.clone())
+    }
+
+    /// Attaches a DMA master in another process: every grace period from now on also waits
+    /// for its sections, each for at most `bound` (see [`epoch::Readers::attach_remote`]).
+    /// Never waits for the writer.
+    pub fn attach_remote(
+        &self,
+        readers: Arc<dyn epoch::RemoteReaders>,
+        bound: std::time::Duration,
+    ) -> Arc<epoch::Remote> {
+        self.shared.readers.attach_remote(readers, bound)
+    }
+
+    /// Detaches a master attached with [`TranslatorSource::attach_remote`]. Never blocks.
+    pub fn detach_remote(&self, remote: &Arc<epoch::Remote>) {
+        self.shared.readers.detach_remote(remote)
+    }
+
+    /// The current epoch (moves with every grace period).
+    pub fn epoch(&self) -> u64 {
+        self.shared.readers.current_epoch()
     }
 }
 
@@ -1245,7 +1352,7 @@ impl ReadGuard<'_> {
 /// An endpoint resolved inside a read-side critical section (see [`ReadGuard::endpoint`]).
 #[derive(Clone, Copy, Debug)]
 pub struct EndpointView<'g> {
-    shared: &'g Shared,
+    tables: &'g Tables,
     ep: &'g EndpointCell,
     /// The group's published state when the handle was made.
     state: u64,
@@ -1255,7 +1362,7 @@ impl EndpointView<'_> {
     /// Translates the first bytes of `[iova, iova + len)`, as [`ReadGuard::translate`].
     #[inline(always)]
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Translation, Fault> {
-        let shared = self.shared;
+        let shared = self.tables;
         match self.state & 0b11 {
             STATE_PAGING => {
                 if !shared.in_range(iova) {
@@ -1282,7 +1389,7 @@ impl EndpointView<'_> {
             }
             return n;
         }
-        let shared = self.shared;
+        let shared = self.tables;
         for (dmas, out) in dmas
             .chunks(pagetable::GROUP)
             .zip(out.chunks_mut(pagetable::GROUP))
@@ -1359,7 +1466,7 @@ impl EndpointView<'_> {
     fn unpaged(&self, iova: u64, len: u64) -> Result<Translation, Fault> {
         match self.state & 0b11 {
             STATE_IDENTITY => identity(self.ep, iova, len, Some(self.domain())),
-            _ if self.shared.bypass.load(Ordering::Acquire) => identity(self.ep, iova, len, None),
+            _ if self.tables.bypass() => identity(self.ep, iova, len, None),
             _ => Err(Fault::NoDomain),
         }
     }

@@ -32,9 +32,20 @@
 //! moves it into the level-1 entry and retires the block. Anything else writes a new block
 //! and swaps the level-1 entry, so a reader sees each mapping entirely or not at all.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
-use zerocopy::FromZeros;
+use shm::Words;
+
+/// A reader's load of a table word: `Relaxed`, then an acquire fence. The same ordering as an
+/// acquire load (and the same instructions on x86), and also valid on memory mapped read-only,
+/// where the standard library promises relaxed loads only: a DMA master in another process
+/// walks the daemon's tables mapped that way, with this very code.
+#[inline(always)]
+pub(crate) fn read(word: &AtomicU64) -> u64 {
+    let value = word.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    value
+}
 
 /// Base page shift: the leaf size at level 0.
 pub const PAGE_SHIFT: u32 = 12;
@@ -252,11 +263,14 @@ pub fn levels_for(input_end: u64) -> u32 {
 pub const MAX_NODES: u64 = 1 << 27;
 
 /// Fixed-capacity node storage shared by the writer and all readers: one flat array of
-/// entries, node `i` at `[i * FANOUT, (i + 1) * FANOUT)`. It is allocated zeroed and the OS
+/// entries, node `i` at `[i * FANOUT, (i + 1) * FANOUT)`. It is mapped zeroed and the OS
 /// commits its pages only when a node is first written, so the capacity is address space, not
 /// memory. A reader reaches an entry with one load.
+///
+/// The entries are this process's memory ([`Arena::new`]) or a window of a file the caller
+/// mapped ([`Arena::in_words`]), which DMA masters in other processes map read-only.
 pub struct Arena {
-    entries: Box<[AtomicU64]>,
+    entries: Words,
     capacity: u32,
 }
 
@@ -265,8 +279,21 @@ impl Arena {
     /// not reserve that much address space.
     pub fn new(max_nodes: u64) -> Option<Self> {
         let capacity = max_nodes.clamp(1, MAX_NODES) as u32;
-        let entries = <[AtomicU64]>::new_box_zeroed_with_elems(capacity as usize * FANOUT).ok()?;
+        let entries = Words::anonymous(capacity as usize * FANOUT).ok()?;
         Some(Arena { entries, capacity })
+    }
+
+    /// An arena in `words` (zeroed), as many whole nodes as they hold up to [`MAX_NODES`];
+    /// None when they hold no node.
+    pub fn in_words(words: Words) -> Option<Self> {
+        let capacity = (words.len() / FANOUT).min(MAX_NODES as usize) as u32;
+        if capacity == 0 {
+            return None;
+        }
+        Some(Arena {
+            entries: words,
+            capacity,
+        })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -276,10 +303,7 @@ impl Arena {
     /// Where the arena's entries live: start address and length in bytes, for a caller that
     /// wants to advise the kernel about the memory (huge pages); never dereferenced here.
     pub fn address_range(&self) -> (usize, usize) {
-        (
-            self.entries.as_ptr() as usize,
-            std::mem::size_of_val(&*self.entries),
-        )
+        self.entries.address_range()
     }
 
     #[inline]
@@ -343,7 +367,7 @@ fn scan_runs(arena: &Arena, block: usize, iova: u64) -> Option<u64> {
 /// Loads the middle slot of a runs block: where its search starts.
 #[inline(always)]
 fn middle_slot(slots: &[AtomicU64; RUN_SLOTS]) -> u64 {
-    slots[RUN_SLOTS / 2].load(Ordering::Acquire)
+    read(&slots[RUN_SLOTS / 2])
 }
 
 /// [`scan_runs`], the block's middle slot loaded by `middle` (or loaded already).
@@ -358,13 +382,12 @@ fn scan_runs_from(
     let page = page_index(iova);
     // Keys are first page + 1: a slot is at or below the page when its key is at most
     // page + 1 (free slots have the greatest key and never are).
-    let at_or_below =
-        |at: usize| run_key(slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire)) <= page + 1;
+    let at_or_below = |at: usize| run_key(read(&slots[at & (RUN_SLOTS - 1)])) <= page + 1;
     let mut at = 4 * usize::from(run_key(middle(slots)) <= page + 1);
     at += 2 * usize::from(at_or_below(at + 2));
     at += usize::from(at_or_below(at + 1));
     // Slot 0 when none is: then its own check below fails.
-    let run = slots[at & (RUN_SLOTS - 1)].load(Ordering::Acquire);
+    let run = read(&slots[at & (RUN_SLOTS - 1)]);
     run_covers(run, iova).then_some(run)
 }
 
@@ -527,9 +550,7 @@ fn walk_from(arena: &Arena, root: u32, top: u32, iova: u64) -> Option<Found> {
     let mut base = root as usize * FANOUT;
     let mut level = top;
     loop {
-        let entry = entries
-            .get(base | entry_index(iova, level))?
-            .load(Ordering::Acquire);
+        let entry = read(entries.get(base | entry_index(iova, level))?);
         if entry & KIND_MASK == KIND_TABLE && level > 0 {
             base = (entry & CHILD_MASK) as usize;
             level -= 1;
@@ -625,7 +646,7 @@ fn walk_group_from(
             }
             let entry = entries
                 .get(base | entry_index(*iova, level))
-                .map_or(0, |e| e.load(Ordering::Acquire));
+                .map_or(0, read);
             if entry & KIND_MASK == KIND_TABLE {
                 base = (entry & CHILD_MASK) as usize;
                 level -= 1;
@@ -637,7 +658,7 @@ fn walk_group_from(
     // Stage 2: every level-1 entry, in a loop that only loads, so that all the misses are in
     // flight at once (a walk that stopped above loads entry 0 and drops it).
     for (stop, &at) in stop.iter_mut().zip(at.iter()) {
-        let entry = entries.get(at).map_or(0, |e| e.load(Ordering::Acquire));
+        let entry = entries.get(at).map_or(0, read);
         if stop.1 == 1 {
             stop.0 = entry;
         }
@@ -656,7 +677,7 @@ fn walk_group_from(
     }
     let mut last = [0u64; GROUP];
     for (last, &at) in last.iter_mut().zip(at.iter()) {
-        *last = entries.get(at).map_or(0, |e| e.load(Ordering::Acquire));
+        *last = entries.get(at).map_or(0, read);
     }
     // Stage 4: each walk's end, as `walk_from` ends it.
     for (i, ((&iova, &(entry, level)), &last)) in

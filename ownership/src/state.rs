@@ -105,7 +105,7 @@ impl Iommu {
                 kind: d.kind,
                 mappings: d
                     .root
-                    .map(|root| self.table.mappings(&self.shared.arena, root))
+                    .map(|root| self.table.mappings(&self.shared.tables.arena, root))
                     .unwrap_or_default(),
             })
             .collect();

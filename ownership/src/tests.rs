@@ -1447,5 +1447,6 @@ fn a_guard_leaked_by_a_thread_that_exits_holds_no_grace_period() {
 }
 
 mod isolation;
+mod mapped;
 mod model;
 mod stress;
