@@ -89,6 +89,8 @@ pub struct Device {
     stopped: Mutex<Option<RingStop>>,
     /// `stopped` is set: the worker compares before it touches a queue.
     stop_pending: AtomicBool,
+    /// The model's tables as DMA masters map them (`--master-socket`).
+    shared_tables: Option<Arc<crate::masters::SharedTables>>,
     /// `--state-file`: every request that reaches the model is journaled. Taken before the
     /// model's lock wherever both are held.
     journal: Option<Mutex<Journal>>,
@@ -169,8 +171,18 @@ impl Device {
     pub fn new(config: &DaemonConfig) -> Result<Arc<Self>, DeviceError> {
         let stats = Arc::new(Stats::default());
         let faults = Arc::new(FaultQueue::new(config.fault_backlog, stats.clone())?);
-        let mut iommu = Iommu::try_new(config.topology.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e.to_string()))?;
+        // With DMA masters, the tables live in a memfd they map read-only.
+        let (mut iommu, shared_tables) = match &config.masters {
+            Some(_) => {
+                let (iommu, tables) = crate::masters::model(&config.topology)?;
+                (iommu, Some(Arc::new(tables)))
+            }
+            None => (
+                Iommu::try_new(config.topology.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e.to_string()))?,
+                None,
+            ),
+        };
         iommu.set_bypass(effective_bypass(&config.config, config.features));
         // Page tables on transparent huge pages: fewer TLB misses on the DMA fast path.
         match crate::hugepages::advise_table_memory(&iommu) {
@@ -204,6 +216,7 @@ impl Device {
             transfer: Mutex::new(None),
             stopped: Mutex::new(None),
             stop_pending: AtomicBool::new(false),
+            shared_tables,
             iommu: Mutex::new(iommu),
             config: Mutex::new(config.config),
             initial: config.config,
@@ -367,6 +380,11 @@ impl Device {
 
     pub fn faults(&self) -> &Arc<FaultQueue> {
         &self.faults
+    }
+
+    /// The file DMA masters map the tables from, when the device was built for them.
+    pub fn shared_tables(&self) -> Option<&Arc<crate::masters::SharedTables>> {
+        self.shared_tables.as_ref()
     }
 
     /// Device features offered to the frontend (without PROTOCOL_FEATURES).

@@ -256,6 +256,23 @@ pub struct ServeArgs {
         requires = "state_file"
     )]
     pub state_journal_records: u64,
+
+    /// Socket for DMA masters in other processes (device backends linking the
+    /// vhost-iommu-client crate): they map the page tables read-only and translate IOVAs
+    /// themselves. Without it, the tables stay in the daemon's private memory.
+    #[arg(long, value_name = "PATH")]
+    pub master_socket: Option<PathBuf>,
+
+    /// How long a grace period (an UNMAP, DETACH, ATTACH elsewhere, reset) waits for one
+    /// section of a DMA master before it cuts the master off, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub master_stall_ms: u64,
+
+    /// DMA masters served at once; more are refused.
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_masters: u64,
 }
 
 /// An option that is `on` or `off`.
@@ -418,6 +435,17 @@ pub struct DaemonConfig {
     pub state_file: Option<PathBuf>,
     pub fresh_state: bool,
     pub state_journal_records: usize,
+    /// DMA masters: their socket (None: no masters, tables in private memory), the bound on
+    /// one of their sections, how many at once.
+    pub masters: Option<MastersConfig>,
+}
+
+/// `--master-socket` and its options.
+#[derive(Debug, Clone)]
+pub struct MastersConfig {
+    pub socket: PathBuf,
+    pub stall: Duration,
+    pub max: usize,
 }
 
 /// Parses `0x1f`, `31` or `1_000`.
@@ -745,6 +773,11 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             state_file: args.state_file,
             fresh_state: args.fresh_state,
             state_journal_records: args.state_journal_records as usize,
+            masters: args.master_socket.map(|socket| MastersConfig {
+                socket,
+                stall: Duration::from_millis(args.master_stall_ms),
+                max: args.max_masters as usize,
+            }),
         })
     }
 }

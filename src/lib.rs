@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod device;
 pub mod events;
 pub mod hugepages;
+pub mod masters;
 pub mod ratelimit;
 mod ring;
 pub mod seccomp;

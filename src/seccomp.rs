@@ -123,6 +123,10 @@ const ALLOWED: &[&[libc::c_long]] = &[
         libc::SYS_rt_sigaction,
         libc::SYS_getpid,
     ],
+    // DMA masters (--master-socket): a page of reader slots per master, in a memfd of its
+    // own created when it connects (memfd_create, ftruncate; sealed with fcntl, mapped with
+    // mmap, both allowed above).
+    &[libc::SYS_memfd_create, libc::SYS_ftruncate],
     // Logging (stderr) and the control socket's replies.
     &[libc::SYS_write],
     // Shutdown: the signal thread unlinks the sockets (unlink on x86_64, in `LEGACY`), then

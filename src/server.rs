@@ -194,6 +194,12 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
             .map_err(ServerError::Device)?;
         info!("control socket on {}", path.display());
     }
+    if let Some(masters) = &config.masters {
+        let listener = bind_socket(&masters.socket, config.socket_mode)?;
+        created.push(masters.socket.clone());
+        crate::masters::spawn(listener, device.clone(), masters).map_err(ServerError::Device)?;
+        info!("DMA master socket on {}", masters.socket.display());
+    }
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
     spawn_signal_thread(created.clone(), current.clone(), device.clone())?;
     // Least privilege: the sockets exist; from here on, only what serving needs (every thread).

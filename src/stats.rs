@@ -47,6 +47,43 @@ pub struct Stats {
     /// the journal after a restart instead of being applied again.
     pub state_compactions: AtomicU64,
     pub state_replayed: AtomicU64,
+    /// DMA masters in other processes (the master socket).
+    pub masters: MasterStats,
+}
+
+/// Counters of the DMA masters (see `crate::masters`).
+#[derive(Debug, Default)]
+pub struct MasterStats {
+    /// Connected now, and ever.
+    pub connected: AtomicU64,
+    pub served: AtomicU64,
+    /// Refused at the door (too many masters).
+    pub refused: AtomicU64,
+    /// Cut off by a grace period (a section outlived the bound).
+    pub cut_off: AtomicU64,
+    /// Disconnected for a malformed or out-of-place message.
+    pub bad_messages: AtomicU64,
+    /// Endpoints held now (exclusive claims and DMA-API uses).
+    pub endpoints: AtomicU64,
+    /// Fault reports taken from masters (each one a fault record, as for the daemon's own
+    /// translations), and reports refused (an endpoint the master does not hold).
+    pub faults: AtomicU64,
+    pub faults_refused: AtomicU64,
+}
+
+impl MasterStats {
+    fn to_json(&self) -> Value {
+        json!({
+            "connected": self.connected.load(Relaxed),
+            "served": self.served.load(Relaxed),
+            "refused": self.refused.load(Relaxed),
+            "cut_off": self.cut_off.load(Relaxed),
+            "bad_messages": self.bad_messages.load(Relaxed),
+            "endpoints": self.endpoints.load(Relaxed),
+            "faults": self.faults.load(Relaxed),
+            "faults_refused": self.faults_refused.load(Relaxed),
+        })
+    }
 }
 
 impl Stats {
@@ -68,6 +105,12 @@ impl Stats {
 
     /// The counters as JSON (only non-zero request/status pairs).
     pub fn to_json(&self) -> Value {
+        let mut value = self.counters_json();
+        value["masters"] = self.masters.to_json();
+        value
+    }
+
+    fn counters_json(&self) -> Value {
         let mut requests = Map::new();
         for t in RequestType::ALL {
             let mut by_status = Map::new();
