@@ -42,7 +42,7 @@ fn caps() -> Caps {
 
 /// Makes the header's length and fingerprint and the trailing checksum right for the bytes
 /// between them.
-pub fn fix_up(bytes: &mut Vec<u8>) {
+pub fn fix_up(bytes: &mut [u8]) {
     if bytes.len() < 28 {
         return;
     }
