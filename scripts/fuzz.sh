@@ -4,7 +4,7 @@
 #   scripts/fuzz.sh [SECONDS]        each target for SECONDS (default 60)
 #
 # Environment:
-#   FUZZ_TARGETS   targets to run (default: "parse model chain state")
+#   FUZZ_TARGETS   targets to run (default: "parse model chain state masters")
 #   FUZZ_TIMEOUT   seconds one input may take before it counts as a hang (default 10)
 #   FUZZ_ARGS      extra libFuzzer arguments (e.g. "-jobs=2" or "-dict=...")
 #   FUZZ_CORPUS    directory for the corpus grown by this run (default: a temporary one,
@@ -18,7 +18,7 @@
 set -euo pipefail
 
 seconds="${1:-60}"
-targets="${FUZZ_TARGETS:-parse model chain state}"
+targets="${FUZZ_TARGETS:-parse model chain state masters}"
 timeout="${FUZZ_TIMEOUT:-10}"
 extra="${FUZZ_ARGS:-}"
 cargo_fuzz_version="0.13.2"

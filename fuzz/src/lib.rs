@@ -6,13 +6,16 @@
 //!   [`ownership::reference::Reference`];
 //! - [`chain`]: hostile descriptor chains through the daemon's request path on real guest
 //!   memory;
-//! - [`state`]: the device-state loader on hostile bytes.
+//! - [`state`]: the device-state loader on hostile bytes;
+//! - [`masters`]: the daemon's side of the DMA-master socket (frames, sessions) on hostile
+//!   bytes.
 //!
 //! Inputs are decoded with `arbitrary`; [`enc`] is its inverse, used to write the seeds
 //! (`cargo test -- --ignored write_corpus`).
 
 pub mod chain;
 pub mod enc;
+pub mod masters;
 pub mod model;
 pub mod parse;
 pub mod state;
@@ -34,7 +37,7 @@ pub fn describe(target: &str, data: &[u8]) -> String {
             None => "empty".into(),
         },
         "chain" => format!("{:#?}", chain::Input::decode(data)),
-        "state" => format!("{data:02x?}"),
+        "state" | "masters" => format!("{data:02x?}"),
         other => format!("unknown target {other}"),
     }
 }

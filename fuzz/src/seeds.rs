@@ -682,7 +682,77 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in state_seeds() {
         out.push(("state", format!("seed-{name}"), bytes));
     }
+    for (name, bytes) in masters_seeds() {
+        out.push(("masters", format!("seed-{name}"), bytes));
+    }
     out
+}
+
+/// DMA masters: records `[selector][frame]` (see `masters::run`).
+fn masters_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use vhost_iommu_client::wire::{FaultAccess, FaultReason, FaultReport, Request};
+    let r = crate::masters::record;
+    let claim = |endpoint, cookie| Request::Claim { endpoint, cookie };
+    let fault = |endpoint, reason| {
+        Request::Fault(FaultReport {
+            endpoint,
+            reason,
+            access: FaultAccess::Write,
+            iova: 0x1000,
+        })
+    };
+    vec![
+        (
+            "claim-release",
+            [
+                r(0, &claim(0x10, 7)),
+                r(0, &Request::Release { endpoint: 0x10 }),
+                r(0, &claim(0x12, 7)),
+                r(0, &claim(0x13, 7)),
+            ]
+            .concat(),
+        ),
+        (
+            "two-masters",
+            [
+                r(0, &claim(0x12, 7)),
+                r(1, &claim(0x13, 8)),
+                r(1, &Request::UseDmaApi { endpoint: 0x14 }),
+                r(0, &Request::UseDmaApi { endpoint: 0x14 }),
+                r(1, &claim(0x14, 9)),
+                r(0, &Request::Release { endpoint: 0x14 }),
+            ]
+            .concat(),
+        ),
+        (
+            "faults",
+            [
+                r(0, &claim(0x11, 3)),
+                r(0, &fault(0x11, FaultReason::Unmapped)),
+                r(0, &fault(0x11, FaultReason::NoDomain)),
+                r(1, &fault(0x11, FaultReason::Permission)),
+                r(0, &fault(0x15, FaultReason::Reserved)),
+            ]
+            .concat(),
+        ),
+        (
+            "hostile",
+            [
+                r(0, &claim(0x10, 1)),
+                vec![0, 1, 0, 0, 0, 4, 0, 0, 0],
+                r(
+                    1,
+                    &Request::Hello {
+                        version: 1,
+                        slots: 4,
+                    },
+                ),
+                r(0, &claim(0x10, 0)),
+                vec![1, 0x55, 0, 0, 0, 2, 0, 0, 0, 1, 2],
+            ]
+            .concat(),
+        ),
+    ]
 }
 
 /// Device states: `[mode]` then a state the daemon wrote (see `state::run` for the mode).
@@ -735,6 +805,7 @@ fn harness(target: &str) -> fn(&[u8]) {
         "model" => model::run,
         "chain" => chain::run,
         "state" => state::run,
+        "masters" => crate::masters::run,
         other => panic!("unknown target {other}"),
     }
 }
@@ -824,7 +895,7 @@ fn state_seeds_load() {
 #[test]
 fn corpus_replays() {
     let mut n = 0;
-    for target in ["parse", "model", "chain", "state"] {
+    for target in ["parse", "model", "chain", "state", "masters"] {
         let Ok(dir) = std::fs::read_dir(corpus_dir(target)) else {
             continue;
         };
