@@ -216,29 +216,43 @@ impl Remote {
     }
 }
 
+/// How long a wait for a remote section spins before it yields its CPU, and how long it
+/// yields before it sleeps. A master's section is normally one DMA, microseconds: spinning
+/// ends most waits at once (sleeping would cost each grace period a timer wake-up); a
+/// section still open after that is preempted (yielding lets it run where CPUs are scarce)
+/// or long, and then the wait sleeps instead of stealing a CPU.
+const REMOTE_SPIN: Duration = Duration::from_micros(50);
+const REMOTE_YIELD: Duration = Duration::from_millis(1);
+
 /// Waits until `slot` no longer shows `seen` (true), or `deadline` passes or `stop()` holds
-/// (false). Spins briefly, then sleeps with backoff: a section this long is a DMA in progress
-/// or a preempted reader, whose CPU it should not steal.
+/// (false).
 fn wait_change(slot: &AtomicU64, seen: u64, deadline: Instant, stop: impl Fn() -> bool) -> bool {
     let since = Instant::now();
     let mut spins = 0u32;
     while slot.load(Ordering::Acquire) == seen {
-        if stop() {
-            return false;
-        }
-        spins += 1;
-        if spins < 256 {
+        spins = spins.wrapping_add(1);
+        if spins % 64 != 0 {
             std::hint::spin_loop();
             continue;
+        }
+        if stop() {
+            return false;
         }
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        let nap = (since.elapsed() / 8)
-            .clamp(Duration::from_micros(20), Duration::from_millis(1))
-            .min(deadline - now);
-        std::thread::sleep(nap);
+        let waited = now - since;
+        if waited < REMOTE_SPIN {
+            std::hint::spin_loop();
+        } else if waited < REMOTE_YIELD {
+            std::thread::yield_now();
+        } else {
+            let nap = (waited / 8)
+                .clamp(Duration::from_micros(20), Duration::from_millis(1))
+                .min(deadline - now);
+            std::thread::sleep(nap);
+        }
     }
     true
 }
