@@ -141,12 +141,15 @@ struct Remote {
     endpoint: Endpoint,
 }
 
-fn spawn_with_masters(extra: &[&str]) -> (SpawnedDaemon, tempfile::TempDir, PathBuf) {
+fn spawn_with_masters(
+    extra: &[&str],
+    cpu: Option<usize>,
+) -> (SpawnedDaemon, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let masters = dir.path().join("masters.sock");
     let mut args = vec!["--master-socket".to_string(), masters.display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = SpawnedDaemon::spawn(Path::new(DAEMON), &args, None).expect("daemon");
+    let daemon = SpawnedDaemon::spawn(Path::new(DAEMON), &args, cpu).expect("daemon");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !masters.exists() {
         assert!(Instant::now() < deadline, "no master socket");
@@ -157,12 +160,15 @@ fn spawn_with_masters(extra: &[&str]) -> (SpawnedDaemon, tempfile::TempDir, Path
 
 fn remote(n: u64) -> Remote {
     let limit = (n + 1024).to_string();
-    let (daemon, dir, masters) = spawn_with_masters(&[
-        "--max-mappings",
-        &limit,
-        "--max-mappings-per-domain",
-        &limit,
-    ]);
+    let (daemon, dir, masters) = spawn_with_masters(
+        &[
+            "--max-mappings",
+            &limit,
+            "--max-mappings-per-domain",
+            &limit,
+        ],
+        None,
+    );
     let mut guest = Device::connect(&daemon.socket, Options::default()).expect("guest");
     let send = |dev: &mut Device, requests: &[Vec<u8>]| {
         let chains: Vec<Chain<'_>> = requests.iter().map(|r| Chain::request(r, 4)).collect();
@@ -413,6 +419,10 @@ enum Masters {
     NoSocket,
     Idle(usize),
     Busy(usize),
+    /// One busy master bound to a CPU (the guest's: 0, the daemon's: 1).
+    BusyOn(usize),
+    /// Busy, but yielding its CPU between sections.
+    Yielding(usize),
     Paced(usize),
 }
 
@@ -437,17 +447,22 @@ const ANCHOR: u64 = (1 << 32) - (2 << 20);
 
 fn attach_masters(socket: &Path, how: Masters) -> Attached {
     let stop = Arc::new(AtomicBool::new(false));
-    let (n, busy, pace) = match how {
-        Masters::NoSocket => (0, false, None),
-        Masters::Idle(n) => (n, false, None),
-        Masters::Busy(n) => (n, true, None),
-        Masters::Paced(n) => (n, true, Some(Duration::from_micros(100))),
+    let (n, busy, pace, cpu) = match how {
+        Masters::NoSocket => (0, false, None, None),
+        Masters::Idle(n) => (n, false, None, None),
+        Masters::Busy(n) => (n, true, None, None),
+        Masters::BusyOn(cpu) => (1, true, None, Some(cpu)),
+        Masters::Yielding(n) => (n, true, Some(Duration::ZERO), None),
+        Masters::Paced(n) => (n, true, Some(Duration::from_micros(100)), None),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let threads = (0..n)
         .map(|_| {
             let (stop, socket, ready) = (stop.clone(), socket.to_owned(), ready_tx.clone());
             thread::spawn(move || {
+                // Anywhere (the guest's thread is pinned, a master is another program), or
+                // where the variant says.
+                loadgen::pin_current_thread(cpu);
                 let master = Master::connect(&socket).expect("master");
                 // One owner cookie for all of them: an owner may claim again.
                 let ep = master.claim(EP, COOKIE).expect("claim");
@@ -462,8 +477,10 @@ fn attach_masters(socket: &Path, how: Masters) -> Attached {
                             black_box(s.translate(ANCHOR, 8, Access::Read).ok());
                         }
                     }
-                    if let Some(pace) = pace {
-                        thread::sleep(pace);
+                    match pace {
+                        Some(Duration::ZERO) => thread::yield_now(),
+                        Some(pace) => thread::sleep(pace),
+                        None => {}
                     }
                 }
             })
@@ -481,13 +498,25 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
         Masters::Idle(0),
         Masters::Idle(1),
         Masters::Busy(1),
+        Masters::BusyOn(1),
+        Masters::BusyOn(0),
+        Masters::Yielding(1),
         Masters::Paced(1),
         Masters::Idle(4),
         Masters::Paced(4),
+        Masters::Yielding(4),
         Masters::Busy(4),
     ];
-    let plain = SpawnedDaemon::spawn(Path::new(DAEMON), &[], None).expect("daemon");
-    let (with, _dir, socket) = spawn_with_masters(&[]);
+    // Pinned, as in benches/request_path.rs: the guest on CPU 0, the daemons on CPU 1, so that
+    // the two ends of the ring do not take turns on one CPU (which makes each request cost a
+    // scheduler time slice). MASTERS_PIN=0 leaves everything unpinned.
+    let pin = std::env::var("MASTERS_PIN").map_or(true, |v| v != "0");
+    let cpu = pin.then_some(1);
+    if pin && !loadgen::pin_current_thread(Some(0)) {
+        eprintln!("(could not pin the guest's thread)");
+    }
+    let plain = SpawnedDaemon::spawn(Path::new(DAEMON), &[], cpu).expect("daemon");
+    let (with, _dir, socket) = spawn_with_masters(&[], cpu);
     let opts = LoadOptions {
         anchored: true,
         ..LoadOptions::default()
@@ -513,7 +542,8 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
         }
         let r: Vec<_> = samples.into_iter().map(stats).collect();
         println!(
-            "\n### Guest UNMAPs per second (MAP/UNMAP pairs, K={k} per kick), median [IQR] of {rounds} rounds (load {})\n",
+            "\n### Guest UNMAPs per second (MAP/UNMAP pairs, K={k} per kick{}), median [IQR] of {rounds} rounds (load {})\n",
+            if pin { ", guest on CPU 0, daemon on CPU 1" } else { ", unpinned" },
             load_average()
         );
         println!("| daemon | masters | UNMAPs/s | no masters / this |");
@@ -524,7 +554,18 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
                 Masters::Idle(0) => ("--master-socket", "0".into()),
                 Masters::Idle(n) => ("--master-socket", format!("{n} idle")),
                 Masters::Busy(n) => ("--master-socket", format!("{n} busy (flat out)")),
+                Masters::BusyOn(cpu) => (
+                    "--master-socket",
+                    format!(
+                        "1 busy on CPU {cpu} ({})",
+                        ["the guest's", "the daemon's"][*cpu]
+                    ),
+                ),
                 Masters::Paced(n) => ("--master-socket", format!("{n} paced (64 per 100 us)")),
+                Masters::Yielding(n) => (
+                    "--master-socket",
+                    format!("{n} busy, yielding the CPU between sections"),
+                ),
             };
             println!(
                 "| {daemon} | {masters} | {} | {:.2}x |",
