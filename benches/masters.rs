@@ -248,9 +248,14 @@ fn handle<'a>(order: &'a [u64], t: &ownership::Translator) -> Box<dyn FnMut() + 
     chunked(order, move |chunk| {
         let g = t.read();
         let view = g.endpoint(Requester::DmaApi, EP).unwrap();
+        let mut sum = 0u64;
         for &v in chunk {
-            black_box(view.translate(v, 8, Access::Read).ok());
+            sum = sum.wrapping_add(
+                view.translate(v, 8, Access::Read)
+                    .map_or(u64::MAX, |t| t.gpa),
+            );
         }
+        black_box(sum);
     })
 }
 
@@ -306,9 +311,13 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                     "master, section per 64",
                     chunked(&order, |chunk| {
                         let s = ep.section().unwrap();
+                        let mut sum = 0u64;
                         for &v in chunk {
-                            black_box(s.translate(v, 8, Access::Read).ok());
+                            sum = sum.wrapping_add(
+                                s.translate(v, 8, Access::Read).map_or(u64::MAX, |t| t.gpa),
+                            );
                         }
+                        black_box(sum);
                     }),
                     CHUNK,
                 ),
@@ -344,18 +353,27 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                 (
                     "in-process one-shot Translator::translate",
                     chunked(&order, |chunk| {
+                        let mut sum = 0u64;
                         for &v in chunk {
-                            black_box(tp.translate(Requester::DmaApi, EP, v, 8, Access::Read).ok());
+                            sum = sum.wrapping_add(
+                                tp.translate(Requester::DmaApi, EP, v, 8, Access::Read)
+                                    .map_or(u64::MAX, |t| t.gpa),
+                            );
                         }
+                        black_box(sum);
                     }),
                     CHUNK,
                 ),
                 (
                     "master one-shot Endpoint::translate (a section each)",
                     chunked(&order, |chunk| {
+                        let mut sum = 0u64;
                         for &v in chunk {
-                            black_box(ep.translate(v, 8, Access::Read).ok());
+                            sum = sum.wrapping_add(
+                                ep.translate(v, 8, Access::Read).map_or(u64::MAX, |t| t.gpa),
+                            );
                         }
+                        black_box(sum);
                     }),
                     CHUNK,
                 ),
@@ -375,9 +393,14 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                     "master, unmapped IOVA in a section (fault reported)",
                     Box::new(|| {
                         let s = ep.section().unwrap();
+                        let mut sum = 0u64;
                         for &v in &unmapped {
-                            black_box(s.translate(v, 8, Access::Read).err());
+                            sum = sum.wrapping_add(
+                                s.translate(v, 8, Access::Read)
+                                    .map_or_else(|f| f as u64, |t| t.gpa),
+                            );
                         }
+                        black_box(sum);
                     }),
                     CHUNK,
                 ),
@@ -386,9 +409,14 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                     Box::new(|| {
                         let g = tp.read();
                         let view = g.endpoint(Requester::DmaApi, EP).unwrap();
+                        let mut sum = 0u64;
                         for &v in &unmapped {
-                            black_box(view.translate(v, 8, Access::Read).err());
+                            sum = sum.wrapping_add(
+                                view.translate(v, 8, Access::Read)
+                                    .map_or_else(|f| f as u64, |t| t.gpa),
+                            );
                         }
+                        black_box(sum);
                     }),
                     CHUNK,
                 ),
