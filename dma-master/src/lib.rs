@@ -242,7 +242,9 @@ impl Connection {
     fn lease(&self) -> Result<(usize, MutexGuard<'_, SlotState>), Error> {
         let n = self.pool.len();
         let start = SLOT_HINT.get() % n;
-        let until = Instant::now() + self.timeout;
+        // Read the clock only once every slot was found taken (a clock read costs as much as
+        // the rest of a lease).
+        let mut until = None;
         loop {
             for k in 0..n {
                 let i = (start + k) % n;
@@ -255,7 +257,8 @@ impl Connection {
                 return Ok((i, lease));
             }
             // Every slot is held (by other threads, or nested sections of this one).
-            if Instant::now() >= until {
+            let now = Instant::now();
+            if now >= *until.get_or_insert(now + self.timeout) {
                 return Err(Error::NoSlot);
             }
             std::thread::yield_now();
@@ -650,6 +653,17 @@ impl Section<'_> {
         n
     }
 
+    /// The endpoint's handle for this section, to keep in a local across many translations
+    /// (a value the compiler can hold in registers, where [`Section::translate`] reads the
+    /// section's copy each time). Refusals are reported alike.
+    #[inline]
+    pub fn handle(&self) -> Result<Handle<'_>, Fault> {
+        self.view.map(|view| Handle {
+            view,
+            endpoint: self.endpoint,
+        })
+    }
+
     /// Leaves the section, and says whether the master was cut off meanwhile
     /// ([`Error::Revoked`]): then the daemon stopped waiting for this section, and a DMA made
     /// through it may have raced an UNMAP the guest was already told about.
@@ -661,6 +675,34 @@ impl Section<'_> {
         } else {
             Ok(())
         }
+    }
+}
+
+/// An endpoint resolved in a [`Section`] (see [`Section::handle`]); valid while the section
+/// lasts.
+#[derive(Clone, Copy)]
+pub struct Handle<'s> {
+    view: EndpointView<'s>,
+    endpoint: &'s Endpoint,
+}
+
+impl fmt::Debug for Handle<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("endpoint", &self.endpoint.id())
+            .finish()
+    }
+}
+
+impl Handle<'_> {
+    /// As [`Section::translate`].
+    #[inline]
+    pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Translation, Fault> {
+        let result = self.view.translate(iova, len, access);
+        if let Err(fault) = result {
+            self.endpoint.report(fault, iova, access);
+        }
+        result
     }
 }
 
