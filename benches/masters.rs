@@ -322,6 +322,21 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                     CHUNK,
                 ),
                 (
+                    "master, section and handle per 64",
+                    chunked(&order, |chunk| {
+                        let s = ep.section().unwrap();
+                        let h = s.handle().unwrap();
+                        let mut sum = 0u64;
+                        for &v in chunk {
+                            sum = sum.wrapping_add(
+                                h.translate(v, 8, Access::Read).map_or(u64::MAX, |t| t.gpa),
+                            );
+                        }
+                        black_box(sum);
+                    }),
+                    CHUNK,
+                ),
+                (
                     "master, vm-memory translate (IOTLB hit)",
                     Box::new(|| {
                         for &v in &hot {
