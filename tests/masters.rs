@@ -150,6 +150,11 @@ fn a_master_translates_what_the_guest_mapped_through_iommu_memory() {
         assert_eq!(t.gpa, gpa + 0x10);
         assert!(t.len >= PAGE - 0x10 && t.len <= 2 * PAGE - 0x10, "{t:?}");
         assert_eq!(t.domain, Some(1));
+        let handle = section.handle().unwrap();
+        assert_eq!(
+            handle.translate(IOVA + 0x10, 0x10_0000, Access::Write),
+            Ok(t)
+        );
         section.finish().unwrap();
     }
 
