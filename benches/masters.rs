@@ -21,8 +21,9 @@
 //! Samples alternate over the variants (each after a warm-up), rounds are repeated and each
 //! variant keeps its median and IQR, so that every variant sees the same machine.
 //! Environment: `BENCH_SCALE` multiplies every measurement time; `MASTERS_SECTIONS=hit,miss,
-//! unmap` picks sections. Under `cargo test --benches` (no `--bench`) everything runs once,
-//! small.
+//! unmap` picks sections; `MASTERS_VARIANTS=busy` runs only the UNMAP variants whose name
+//! contains a word given; `MASTERS_DAEMON=PATH` runs another daemon binary. Under
+//! `cargo test --benches` (no `--bench`) everything runs once, small.
 
 #[path = "../examples/loadgen.rs"]
 mod loadgen;
@@ -46,7 +47,12 @@ use virtio::{MapFlags, Request};
 use vm_memory::Iommu as VmIommu;
 use vm_memory::{GuestAddress, Permissions};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vhost-device-iommu");
+
+/// The daemon binary: this build's, or `MASTERS_DAEMON` (another build, to compare).
+fn daemon_bin() -> PathBuf {
+    std::env::var_os("MASTERS_DAEMON").map_or_else(|| PathBuf::from(DAEMON_BIN), PathBuf::from)
+}
 const EP: EndpointId = 0x28;
 const COOKIE: u64 = 0xbe9c;
 const PAGE: u64 = 4096;
@@ -149,7 +155,7 @@ fn spawn_with_masters(
     let masters = dir.path().join("masters.sock");
     let mut args = vec!["--master-socket".to_string(), masters.display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = SpawnedDaemon::spawn(Path::new(DAEMON), &args, cpu).expect("daemon");
+    let daemon = SpawnedDaemon::spawn(&daemon_bin(), &args, cpu).expect("daemon");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !masters.exists() {
         assert!(Instant::now() < deadline, "no master socket");
@@ -558,7 +564,7 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
     if pin && !loadgen::pin_current_thread(Some(0)) {
         eprintln!("(could not pin the guest's thread)");
     }
-    let plain = SpawnedDaemon::spawn(Path::new(DAEMON), &[], cpu).expect("daemon");
+    let plain = SpawnedDaemon::spawn(&daemon_bin(), &[], cpu).expect("daemon");
     let (with, _dir, socket) = spawn_with_masters(&[], cpu);
     let opts = LoadOptions {
         anchored: true,
@@ -568,6 +574,14 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
         Guest::connect(&plain.socket, opts.clone()).unwrap(),
         Guest::connect(&with.socket, opts).unwrap(),
     ];
+    let wanted = std::env::var("MASTERS_VARIANTS").ok();
+    let picked = |how: &Masters| {
+        wanted.as_deref().is_none_or(|w| {
+            let name = format!("{how:?}").to_lowercase();
+            matches!(how, Masters::Idle(0)) || w.split(',').any(|w| name.contains(w))
+        })
+    };
+    let variants: Vec<Masters> = variants.into_iter().filter(picked).collect();
     for &k in ks {
         let mut samples = vec![Vec::new(); variants.len()];
         for _ in 0..rounds {
@@ -584,6 +598,10 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
             }
         }
         let r: Vec<_> = samples.into_iter().map(stats).collect();
+        let none = variants
+            .iter()
+            .position(|v| *v == Masters::Idle(0))
+            .map_or(f64::NAN, |i| r[i].0);
         println!(
             "\n### Guest UNMAPs per second (MAP/UNMAP pairs, K={k} per kick{}), median [IQR] of {rounds} rounds (load {})\n",
             if pin { ", guest on CPU 0, daemon on CPU 1" } else { ", unpinned" },
@@ -613,7 +631,7 @@ fn unmap_rate(time: Duration, rounds: usize, ks: &[usize]) {
             println!(
                 "| {daemon} | {masters} | {} | {:.2}x |",
                 fmt(r[i]),
-                r[1].0 / r[i].0
+                none / r[i].0
             );
         }
     }

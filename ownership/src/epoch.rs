@@ -216,13 +216,14 @@ impl Remote {
     }
 }
 
-/// How long a wait for a remote section spins before it yields its CPU, and how long it
-/// yields before it sleeps. A master's section is normally one DMA, microseconds: spinning
-/// ends most waits at once (sleeping would cost each grace period a timer wake-up); a
-/// section still open after that is preempted (yielding lets it run where CPUs are scarce)
-/// or long, and then the wait sleeps instead of stealing a CPU.
-const REMOTE_SPIN: Duration = Duration::from_micros(50);
-const REMOTE_YIELD: Duration = Duration::from_millis(1);
+/// How long a wait for a remote section spins before it sleeps. A master's section is
+/// normally one DMA, microseconds: spinning ends most waits at once (a sleep costs a timer
+/// wake-up). A section still open after that belongs to a preempted master or a long DMA:
+/// the wait then sleeps (with backoff), which also lets a master that shares the CPU run and
+/// leave its section. (Yielding instead does not: the scheduler gives the CPU back to the
+/// waiter, and a busy master on the same CPU then held every grace period for milliseconds.)
+const REMOTE_SPIN: Duration = Duration::from_micros(SPIN_US);
+const SPIN_US: u64 = 50;
 
 /// Waits until `slot` no longer shows `seen` (true), or `deadline` passes or `stop()` holds
 /// (false).
@@ -243,11 +244,7 @@ fn wait_change(slot: &AtomicU64, seen: u64, deadline: Instant, stop: impl Fn() -
             return false;
         }
         let waited = now - since;
-        if waited < REMOTE_SPIN {
-            std::hint::spin_loop();
-        } else if waited < REMOTE_YIELD {
-            std::thread::yield_now();
-        } else {
+        if waited >= REMOTE_SPIN {
             let nap = (waited / 8)
                 .clamp(Duration::from_micros(20), Duration::from_millis(1))
                 .min(deadline - now);
