@@ -399,7 +399,7 @@ fn hit_and_miss(sizes: &[(u64, &str)], time: Duration, rounds: usize, sections: 
                     CHUNK,
                 ),
                 (
-                    "master, vm-memory translate, random IOVAs (IOTLB miss at 1M)",
+                    "master, vm-memory translate, random IOVAs over every mapping (a miss at 1M)",
                     chunked(&order, |chunk| {
                         for &v in chunk {
                             let mut it =
