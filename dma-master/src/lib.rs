@@ -45,7 +45,8 @@
 //! section that was stuck could still use the old translation, which [`Section::finish`]
 //! reports. The promise holds for masters that use this crate as documented.
 //!
-//! **Sections.** Keep one across a DMA: translate, copy, drop. `vm_memory` accesses through
+//! **Sections.** Keep one across a DMA: translate, copy, drop. In a loop of translations use
+//! the section's [`Handle`] ([`Section::handle`]), kept in a local. `vm_memory` accesses through
 //! `Bytes` hold one for the length of the copy. A [`vm_memory::VolatileSlice`] kept past its
 //! call is not covered: hold a [`Section`] on the same thread around the whole use. Never
 //! block for long inside a section (disk or network I/O): past the bound the master is cut
