@@ -123,10 +123,6 @@ const ALLOWED: &[&[libc::c_long]] = &[
         libc::SYS_rt_sigaction,
         libc::SYS_getpid,
     ],
-    // DMA masters (--master-socket): a page of reader slots per master, in a memfd of its
-    // own created when it connects (memfd_create, ftruncate; sealed with fcntl, mapped with
-    // mmap, both allowed above).
-    &[libc::SYS_memfd_create, libc::SYS_ftruncate],
     // Logging (stderr) and the control socket's replies.
     &[libc::SYS_write],
     // Shutdown: the signal thread unlinks the sockets (unlink on x86_64, in `LEGACY`), then
@@ -175,11 +171,18 @@ const STATE_FILE: &[libc::c_long] = &[
     libc::SYS_ftruncate,
 ];
 
+/// `--master-socket`: a page of reader slots per DMA master, in a memfd of its own created
+/// when the master connects (memfd_create, ftruncate; sealed with fcntl and mapped without
+/// PROT_EXEC, both allowed without it).
+const MASTERS: &[libc::c_long] = &[libc::SYS_memfd_create, libc::SYS_ftruncate];
+
 /// What the daemon's options add to the allowlist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Needs {
     /// `--state-file` (see `STATE_FILE`).
     pub state_file: bool,
+    /// `--master-socket` (see `MASTERS`).
+    pub masters: bool,
 }
 
 /// Exit status of a daemon stopped by `--seccomp trap` (128 + SIGSYS, as a shell reports a
@@ -217,7 +220,13 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, Error> {
 
 /// [`filters`] for a daemon whose options need `needs`.
 pub fn filters_for(mode: SeccompMode, needs: Needs) -> Result<Vec<BpfProgram>, Error> {
-    let extra: &[libc::c_long] = if needs.state_file { STATE_FILE } else { &[] };
+    let mut extra: Vec<libc::c_long> = Vec::new();
+    if needs.state_file {
+        extra.extend_from_slice(STATE_FILE);
+    }
+    if needs.masters {
+        extra.extend_from_slice(MASTERS);
+    }
     let refused: Vec<libc::c_long> = REFUSED
         .iter()
         .copied()
@@ -233,7 +242,7 @@ pub fn filters_for(mode: SeccompMode, needs: Needs) -> Result<Vec<BpfProgram>, E
         .iter()
         .flat_map(|group| group.iter())
         .chain(REFUSED)
-        .chain(extra)
+        .chain(&extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
     let no_exec = arg_rule(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?;
@@ -384,6 +393,26 @@ mod tests {
                 assert!(!program.is_empty() && program.len() < 4096, "{mode:?}");
             }
         }
+    }
+
+    /// A memfd per DMA master only with --master-socket; longer filters for more needs.
+    #[test]
+    fn masters_add_memfds_to_the_allowlist() {
+        assert!(!allowed_syscalls().contains(&libc::SYS_memfd_create));
+        let len = |needs| filters_for(SeccompMode::Kill, needs).unwrap()[1].len();
+        let plain = len(Needs::default());
+        let masters = len(Needs {
+            masters: true,
+            ..Needs::default()
+        });
+        let both = len(Needs {
+            masters: true,
+            state_file: true,
+        });
+        assert!(
+            plain < masters && masters < both,
+            "{plain} {masters} {both}"
+        );
     }
 
     #[test]

@@ -207,6 +207,7 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
         config.seccomp,
         crate::seccomp::Needs {
             state_file: config.state_file.is_some(),
+            masters: config.masters.is_some(),
         },
     )?;
 
