@@ -470,6 +470,32 @@ fn exclusive_claims_are_exclusive_and_masters_reconnect() {
     );
 }
 
+/// The daemon answers a release only once every section of the master ended: from inside a
+/// section a request would wait for itself. It is refused, and a release (or a drop) from
+/// there is deferred to the next request.
+#[test]
+fn requests_from_inside_a_section_are_refused_and_releases_deferred() {
+    let rig = Rig::start(10_000, &[]);
+    let mut dev = rig.daemon.connect();
+    guest_maps(&mut dev, 1);
+    let master = rig.master();
+    let endpoint = master.claim(EP, 1).unwrap();
+    let other = master.use_dma_api(EP2).unwrap();
+    let section = endpoint.section().unwrap();
+    assert!(matches!(master.claim(EP3, 1), Err(Error::InSection)));
+    assert!(matches!(other.release(), Err(Error::InSection)));
+    section.translate(IOVA, 1, Access::Read).unwrap();
+    drop(section);
+    assert_eq!(rig.masters_stats()["endpoints"], 2);
+    // The next request releases EP2 first.
+    let third = master.claim(EP3, 1).unwrap();
+    assert_eq!(rig.masters_stats()["endpoints"], 2);
+    drop(third);
+    drop(endpoint);
+    assert_eq!(rig.masters_stats()["endpoints"], 0);
+    assert_eq!(rig.masters_stats()["cut_off"], 0);
+}
+
 #[test]
 fn a_refused_translation_reaches_the_guest_event_queue() {
     let rig = Rig::start(10_000, &["--fault-backlog", "16"]);

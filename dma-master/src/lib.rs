@@ -116,6 +116,11 @@ pub enum Error {
     Released,
     #[error("every reader slot is held by this thread")]
     NoSlot,
+    #[error(
+        "this thread holds a section: the daemon answers a claim or release only after every \
+         section of this master ended (a release is deferred)"
+    )]
+    InSection,
     #[error("translation refused: {0:?}")]
     Fault(Fault),
 }
@@ -175,6 +180,9 @@ struct Connection {
     pool: Box<[Mutex<SlotState>]>,
     /// The daemon hung up (or cut the master off).
     closed: Arc<AtomicBool>,
+    /// Endpoints dropped while their thread held a section: released by the next request (or
+    /// by the end of the connection).
+    deferred: Mutex<Vec<EndpointId>>,
     watcher: EventFd,
     timeout: Duration,
     stall_bound: Duration,
@@ -204,10 +212,36 @@ impl Drop for Connection {
 thread_local! {
     /// The slot this thread leased last: where its next lease starts looking.
     static SLOT_HINT: Cell<usize> = const { Cell::new(0) };
+    /// Sections this thread holds (of any connection).
+    static OPEN_SECTIONS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether this thread holds a section.
+fn in_section() -> bool {
+    OPEN_SECTIONS.get() > 0
 }
 
 impl Connection {
+    /// One request and its reply. Refused inside a section: the daemon may hold its answer
+    /// until every section of this master ended (a release waits for a grace period), so a
+    /// thread asking from inside one would wait for itself until the master is cut off.
     fn request(&self, request: &Request) -> Result<Reply, Error> {
+        if in_section() {
+            return Err(Error::InSection);
+        }
+        let deferred =
+            std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        for endpoint in deferred {
+            // Already gone on the daemon's side counts as done.
+            match self.exchange(&Request::Release { endpoint }) {
+                Ok(_) | Err(Error::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.exchange(request)
+    }
+
+    fn exchange(&self, request: &Request) -> Result<Reply, Error> {
         let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Revoked);
@@ -278,12 +312,14 @@ impl Connection {
             self.tables.leave(word, token);
             return Err(Error::Revoked);
         }
+        OPEN_SECTIONS.set(OPEN_SECTIONS.get() + 1);
         Ok((token, self.tables.epoch()))
     }
 
     #[inline]
     fn leave(&self, slot: usize, token: u64) {
         self.tables.leave(self.slot(slot), token);
+        OPEN_SECTIONS.set(OPEN_SECTIONS.get().saturating_sub(1));
     }
 
     /// Reports a refused translation (guest-visible ones only); never blocks.
@@ -423,6 +459,7 @@ impl Master {
                 slot_words,
                 pool: (0..slots).map(|_| Mutex::default()).collect(),
                 closed,
+                deferred: Mutex::new(Vec::new()),
                 watcher,
                 timeout: options.timeout,
                 stall_bound: Duration::from_millis(u64::from(welcome.stall_bound_ms)),
@@ -565,7 +602,8 @@ impl Endpoint {
     }
 
     /// Gives the endpoint back to the daemon now (dropping it does the same, without the
-    /// answer).
+    /// answer). From a thread that holds a section: [`Error::InSection`], and the release
+    /// happens with the connection's next request or at its end.
     pub fn release(self) -> Result<(), Error> {
         self.release_now()
     }
@@ -573,6 +611,14 @@ impl Endpoint {
     fn release_now(&self) -> Result<(), Error> {
         if self.released.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        if in_section() {
+            self.conn
+                .deferred
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.ep.id());
+            return Err(Error::InSection);
         }
         match self.conn.request(&Request::Release {
             endpoint: self.ep.id(),
