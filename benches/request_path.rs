@@ -6,7 +6,7 @@
 //!   nodes are never freed and re-allocated);
 //! - a minimal backend on the same rust-vmm crates that answers OK without a model and
 //!   allocates per request (`benches/common/minimal.rs`), sleeping between kicks or spinning
-//!   50 us on the avail ring after work: the "minimal backend" of issue 6, rebuilt here so
+//!   50 us on the avail ring after work: the "minimal backend", rebuilt here so
 //!   it runs on the same machine at the same time.
 //!
 //! The guest side is `examples/loadgen.rs` (compiled in here): MAP/UNMAP pairs, K requests
@@ -260,7 +260,7 @@ fn main() {
         }
     }
     println!();
-    println!("== targets (issue 6; one daemon thread, polling on) ==");
+    println!("== targets (one daemon thread, polling on) ==");
     let find = |k: usize| ks.iter().position(|&x| x == k);
     for (name, _, medians) in &all {
         for (k, target) in [(64, 6e6), (2, 3e6)] {

@@ -18,7 +18,7 @@
 //! 4. memory per 4 KiB mapping at 1M mappings (each side built in a fresh child process:
 //!    heap bytes from a counting allocator, RSS from /proc/self/statm).
 //!
-//! At the end a table with ratios and the targets of issue 6 is printed.
+//! At the end a table with ratios and the targets (BENCHMARKS.md) is printed.
 //!
 //! Environment: `BENCH_SCALE` (default 1) multiplies every measurement time;
 //! `TRANSLATE_SECTIONS=single,writer,conc,mem` picks sections; `TRANSLATE_ONLY=1M/4K,...` (or a
@@ -1364,7 +1364,7 @@ fn report(single: &[SingleRow], writer: &[WriterRow], conc: &[ConcRow], mem: &[M
     }
 
     println!();
-    println!("== targets (issue 6) ==");
+    println!("== targets ==");
     if let Some(r) = single
         .iter()
         .find(|r| r.n == 1 << 20 && r.sizes == Sizes::Small && r.random)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The guest's view (issue 6, part 3): the guest's VFIO map/unmap loop against QEMU's built-in
+# The guest's view: the guest's VFIO map/unmap loop against QEMU's built-in
 # virtio-iommu and against our daemon (release build), alternated in one run; prints a
 # markdown table with ratios and the daemon's CPU use while the guest idles.
 #

@@ -1,4 +1,4 @@
-//! The guest's view of performance (issue 6, part 3): the same VFIO map/unmap loop against
+//! The guest's view of performance: the same VFIO map/unmap loop against
 //! QEMU's built-in virtio-iommu-pci and against our daemon, alternated in one run, same kernel,
 //! same accelerator; plus the daemon's CPU use while the guest idles.
 //!

@@ -1,4 +1,4 @@
-//! Hostile guests and faulty peers (issue 5), against the real daemon binary: every resource a
+//! Hostile guests and faulty peers, against the real daemon binary: every resource a
 //! guest can make the daemon allocate is capped and answered (NOMEM, an error line), counted,
 //! and memory stays bounded; frontends that disconnect at any point, replace the memory table
 //! under running rings, point rings outside memory, kick early, send garbage or never finish the

@@ -1,4 +1,4 @@
-//! Least privilege (issue 5): the daemon under its seccomp filter. Representative flows run
+//! Least privilege: the daemon under its seccomp filter. Representative flows run
 //! with `--seccomp kill`, so a system call missing from the allowlist kills the daemon and
 //! fails the test: the handshake, every request type, config space, faults on the event
 //! queue, the control socket (translate, claim, a translator registered across UNMAPs: the

@@ -1,7 +1,7 @@
 //! The virtio-iommu model: endpoints, groups, domains, DMA owners and page tables.
 //!
-//! A pure state machine with no I/O. Two faces, as in the kernel model the project grew from
-//! (see DESIGN.md and notes/linux-ownership-model.md):
+//! A pure state machine with no I/O. Two faces, after the Linux IOMMU core's DMA-ownership
+//! API (use the DMA API, claim and release an owner with a cookie, replace a group's domain):
 //!
 //! - the **guest face** ([`Iommu::attach`], [`Iommu::detach`], [`Iommu::map`],
 //!   [`Iommu::unmap`], [`Iommu::probe`]): what the guest driver programs, per the virtio spec;

@@ -1,4 +1,4 @@
-//! Conformance tests (named after the checklist IDs of notes/virtio-iommu-spec.md), the group
+//! Conformance tests (named after the IDs of docs/spec-checklist.md), the group
 //! and ownership rules, limits, and the IOTLB-sync ordering. `model` and `isolation` are
 //! property tests; `stress` is the long randomized reader/writer test of the grace periods
 //! (a few seconds by default, `VHOST_IOMMU_STRESS_SECS=300` for five minutes; see its

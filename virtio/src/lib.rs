@@ -3,7 +3,7 @@
 //! Bytes <-> typed values: requests and their status tail, the config space, PROBE
 //! properties and fault records. No I/O, no state: checks that need the device's state
 //! (alignment, ranges, domains, endpoints) belong to the model. IDs such as A1, M3 or P7
-//! refer to the conformance checklist in `shared/notes/virtio-iommu-spec.md`; names follow
+//! refer to the conformance checklist in the repository's `docs/spec-checklist.md`; names follow
 //! the spec and Linux's `include/uapi/linux/virtio_iommu.h` without the `VIRTIO_IOMMU_` prefix.
 #![forbid(unsafe_code)]
 
