@@ -37,6 +37,7 @@ use vmm_sys_util::{
 use crate::{
     config::DaemonConfig,
     device::{self, Reply},
+    dirty::DirtyLog,
     events::FaultQueue,
     log_limited,
     ring::{self, FastChain, RegionCache, RingKey, Rings, SliceWriter},
@@ -46,8 +47,9 @@ use crate::{
     translate::TranslationService,
 };
 
-/// Guest memory as the backend sees it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as the backend sees it: every write through it is logged while the frontend
+/// asks for a dirty-page log (live migration; see [`crate::dirty`]).
+pub type GuestMemory = GuestMemoryMmap<DirtyLog>;
 type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
 /// The epoll id of the fault backlog's eventfd (ids up to `NUM_QUEUES` are reserved).
@@ -1497,7 +1499,7 @@ impl IommuBackend {
 }
 
 impl VhostUserBackend for IommuBackend {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod device;
+pub mod dirty;
 pub mod events;
 pub mod hugepages;
 pub mod masters;

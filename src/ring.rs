@@ -24,7 +24,11 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, VolatileSlice,
 };
 
-use crate::backend::GuestMemory;
+use crate::{backend::GuestMemory, dirty::DirtySlice};
+
+/// Guest memory as the fast path holds it: writes through it are logged while a dirty-page log
+/// is set (see [`crate::dirty`]).
+pub(crate) type Slice<'m> = VolatileSlice<'m, DirtySlice<'m>>;
 
 /// Descriptor flags (virtio 1.x, 2.7.5), as the 16-bit field holds them.
 const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
@@ -63,11 +67,11 @@ impl RingKey {
 pub(crate) struct Rings<'m> {
     pub(crate) key: RingKey,
     /// `16 * size` bytes.
-    desc: VolatileSlice<'m>,
+    desc: Slice<'m>,
     /// flags, idx, ring[size], used_event: `6 + 2 * size` bytes.
-    avail: VolatileSlice<'m>,
+    avail: Slice<'m>,
     /// flags, idx, ring[size], avail_event: `6 + 8 * size` bytes.
-    used: VolatileSlice<'m>,
+    used: Slice<'m>,
 }
 
 impl<'m> Rings<'m> {
@@ -226,7 +230,7 @@ impl<'m> Rings<'m> {
 /// The guest memory region the last buffer was found in (buffers of one guest cluster).
 #[derive(Debug, Default)]
 pub(crate) struct RegionCache<'m> {
-    region: Option<(u64, VolatileSlice<'m>)>,
+    region: Option<(u64, Slice<'m>)>,
 }
 
 impl<'m> RegionCache<'m> {
@@ -236,7 +240,7 @@ impl<'m> RegionCache<'m> {
         mem: &'m GuestMemory,
         addr: u64,
         len: usize,
-    ) -> Option<VolatileSlice<'m>> {
+    ) -> Option<Slice<'m>> {
         if let Some((start, slice)) = self.region {
             if let Some(s) = within(start, slice, addr, len) {
                 return Some(s);
@@ -250,12 +254,7 @@ impl<'m> RegionCache<'m> {
     }
 }
 
-fn within<'m>(
-    start: u64,
-    slice: VolatileSlice<'m>,
-    addr: u64,
-    len: usize,
-) -> Option<VolatileSlice<'m>> {
+fn within<'m>(start: u64, slice: Slice<'m>, addr: u64, len: usize) -> Option<Slice<'m>> {
     let off = usize::try_from(addr.checked_sub(start)?).ok()?;
     slice.subslice(off, len).ok()
 }
@@ -268,7 +267,7 @@ pub(crate) const FAST_MAX_WRITABLE: usize = 16;
 pub(crate) struct FastChain<'m> {
     pub(crate) readable: [u8; crate::backend::MAX_READABLE],
     pub(crate) readable_len: usize,
-    pub(crate) writable: [Option<VolatileSlice<'m>>; FAST_MAX_WRITABLE],
+    pub(crate) writable: [Option<Slice<'m>>; FAST_MAX_WRITABLE],
     pub(crate) n_writable: usize,
     pub(crate) writable_len: usize,
 }
@@ -287,13 +286,13 @@ impl Default for FastChain<'_> {
 
 /// Writes sequentially across a fast chain's device-writable slices.
 pub(crate) struct SliceWriter<'a, 'm> {
-    slices: &'a [Option<VolatileSlice<'m>>],
+    slices: &'a [Option<Slice<'m>>],
     index: usize,
     offset: usize,
 }
 
 impl<'a, 'm> SliceWriter<'a, 'm> {
-    pub(crate) fn new(slices: &'a [Option<VolatileSlice<'m>>]) -> Self {
+    pub(crate) fn new(slices: &'a [Option<Slice<'m>>]) -> Self {
         SliceWriter {
             slices,
             index: 0,
