@@ -98,6 +98,9 @@ pub struct Device {
     journal: Option<Mutex<Journal>>,
     /// The daemon is stopping (SIGINT/SIGTERM): a disconnect now is not the guest's end.
     shutting_down: AtomicBool,
+    /// The frontend acknowledged `VHOST_F_LOG_ALL`: writes to guest memory are logged once it
+    /// set a log (SET_LOG_BASE).
+    dirty_logging: AtomicBool,
 }
 
 /// Why a device could not be set up.
@@ -212,6 +215,7 @@ impl Device {
         let device = Arc::new(Device {
             journal: None,
             shutting_down: AtomicBool::new(false),
+            dirty_logging: AtomicBool::new(false),
             translators: iommu.translator_source(),
             fingerprint: state::fingerprint(&config.topology, config.features),
             caps,
@@ -394,6 +398,11 @@ impl Device {
         self.offered
     }
 
+    /// Whether the frontend asked for a dirty-page log (`VHOST_F_LOG_ALL`, a migration).
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging.load(Relaxed)
+    }
+
     /// A fast-path handle for one thread, reporting faults to this device's event queue. Never
     /// waits for the model (a thread inside a read section may ask for one).
     pub fn translation_service(&self) -> TranslationService {
@@ -469,6 +478,7 @@ impl Device {
         }
         let mut journal = self.journal();
         *self.config() = self.initial;
+        self.dirty_logging.store(false, Relaxed);
         let mut iommu = self.iommu();
         iommu.reset();
         iommu.set_bypass(effective_bypass(&self.initial, self.offered));
@@ -506,6 +516,9 @@ impl Device {
             bytes.len()
         );
         self.stats.state_saves.fetch_add(1, Relaxed);
+        self.stats
+            .state_last_bytes
+            .store(bytes.len() as u64, Relaxed);
         bytes
     }
 
@@ -1210,10 +1223,23 @@ impl Device {
         returned
     }
 
-    fn set_features(&self, features: u64) {
+    /// SET_FEATURES: the driver's features, and `VHOST_F_LOG_ALL`, the frontend's request for
+    /// a dirty-page log, which is no feature of the guest's: it is neither kept with the
+    /// driver's features nor saved with the device state. Returns whether logging stopped.
+    fn set_features(&self, features: u64) -> bool {
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let features = features & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        let was_logging = self.dirty_logging.swap(log_all, Relaxed);
+        if log_all && !was_logging {
+            self.stats.dirty_log_starts.fetch_add(1, Relaxed);
+            info!("dirty-page logging requested (VHOST_F_LOG_ALL)");
+        } else if was_logging && !log_all {
+            info!("dirty-page logging ended");
+        }
         self.acked.store(features, Relaxed);
         let mut iommu = self.iommu();
         iommu.set_bypass(effective_bypass(&self.config(), features | self.offered));
+        was_logging && !log_all
     }
 }
 
@@ -1467,6 +1493,10 @@ pub struct IommuBackend {
     /// The request queue, kept from the first event so that GET_VRING_BASE can note where
     /// it stopped (vhost-user-backend hands queues to `handle_event` only).
     requestq: Arc<std::sync::OnceLock<Vring>>,
+    /// The dirty-page logs of the memory table in use, one per region (shared with the
+    /// regions, which SET_LOG_BASE gives a log): stopped when the frontend clears
+    /// `VHOST_F_LOG_ALL`, carried over to the regions of a new memory table while logging.
+    logs: Arc<Mutex<Vec<DirtyLog>>>,
 }
 
 impl IommuBackend {
@@ -1478,12 +1508,41 @@ impl IommuBackend {
             exit: Arc::new(exit),
             exit_fds: Arc::default(),
             requestq: Arc::default(),
+            logs: Arc::default(),
         })
     }
 
     /// Stops the worker threads of this connection.
     pub fn exit(&self) {
         let _ = self.exit.1.notify();
+    }
+
+    /// A new memory table while logging: its regions log into the log the old ones had
+    /// (vhost-user-backend builds the new regions without one, and QEMU sends SET_LOG_BASE
+    /// again only when the log must grow). The handler swapped the table in just before this
+    /// runs: a write in between is not logged.
+    fn carry_logs(&self, mem: &GuestMemory) {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let old = logs.iter().find(|l| l.is_on()).cloned();
+        if let Some(old) = old.filter(|_| self.device.dirty_logging()) {
+            for region in mem.iter() {
+                match old.region_log(region) {
+                    Some(Ok(log)) => {
+                        use vhost_user_backend::bitmap::BitmapReplace;
+                        crate::dirty::of(region).replace(log);
+                    }
+                    Some(Err(e)) => log_limited!(
+                        log::Level::Error,
+                        "the dirty-page log does not cover the region at GPA {:#x}: its pages \
+                         are not logged ({e})",
+                        region.start_addr().0
+                    ),
+                    None => {}
+                }
+            }
+        }
+        *logs = mem.iter().map(|r| crate::dirty::of(r).clone()).collect();
     }
 
     /// Closes the exit-event descriptors vhost-user-backend leaked. Call only after the
@@ -1510,21 +1569,33 @@ impl VhostUserBackend for IommuBackend {
         usize::from(self.device.queue_size)
     }
 
+    /// The device's features, `PROTOCOL_FEATURES`, and `VHOST_F_LOG_ALL`: every write to
+    /// guest memory can be logged (QEMU refuses to migrate a vhost-user device without it).
     fn features(&self) -> u64 {
-        self.device.offered | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.offered
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
         debug!("features acked: {features:#x}");
-        self.device.set_features(features);
+        if self.device.set_features(features) {
+            // The migration ended (or failed): the frontend lets its log go.
+            for log in self.logs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                log.clear();
+            }
+        }
     }
 
+    /// LOG_SHMFD: the dirty-page log comes as shared memory (SET_LOG_BASE), the only way
+    /// vhost-user-backend takes one; DEVICE_STATE: the guest's state goes with a migration.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn reset_device(&self) {
@@ -1575,6 +1646,7 @@ impl VhostUserBackend for IommuBackend {
             warn!("memory table refused: {e}");
             return Err(e);
         }
+        self.carry_logs(&mem.memory());
         *slot = Some(mem);
         Ok(())
     }

@@ -362,6 +362,7 @@ impl Session<'_> {
         stats["grace_periods"] = model.grace_periods.into();
         stats["grace_wait_max_ns"] = model.grace_wait_max_ns.into();
         stats["faults"]["backlog"] = self.device.faults().len().into();
+        stats["dirty_log"]["on"] = self.device.dirty_logging().into();
         json!({ "ok": true, "stats": stats })
     }
 

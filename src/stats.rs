@@ -47,6 +47,10 @@ pub struct Stats {
     /// the journal after a restart instead of being applied again.
     pub state_compactions: AtomicU64,
     pub state_replayed: AtomicU64,
+    /// Size of the last device state saved (SET_DEVICE_STATE_FD or the state file), in bytes.
+    pub state_last_bytes: AtomicU64,
+    /// Times the frontend asked for a dirty-page log (`VHOST_F_LOG_ALL`: a migration began).
+    pub dirty_log_starts: AtomicU64,
     /// DMA masters in other processes (the master socket).
     pub masters: MasterStats,
 }
@@ -153,6 +157,10 @@ impl Stats {
                 "refused": self.state_refused.load(Relaxed),
                 "compactions": self.state_compactions.load(Relaxed),
                 "replayed": self.state_replayed.load(Relaxed),
+                "last_bytes": self.state_last_bytes.load(Relaxed),
+            },
+            "dirty_log": {
+                "starts": self.dirty_log_starts.load(Relaxed),
             },
         })
     }
