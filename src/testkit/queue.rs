@@ -306,6 +306,9 @@ pub struct Completion {
     /// The whole device-writable area of the chain, in chain order (poison bytes where the
     /// device wrote nothing). Empty for raw chains.
     pub data: Vec<u8>,
+    /// Where that area is: guest-physical address and length of each device-writable buffer,
+    /// in chain order. Empty for raw chains.
+    pub writable: Vec<(u64, u32)>,
 }
 
 impl Completion {
@@ -1015,6 +1018,11 @@ impl Virtqueue {
         let (token, raw_chain, writable_len) = (entry.token, entry.raw, entry.writable_len);
         let mut data = Vec::new();
         let mut read_result = Ok(());
+        let writable = if raw_chain {
+            Vec::new()
+        } else {
+            entry.writable.clone()
+        };
         if !raw_chain {
             data.resize(writable_len, 0);
             let mut at = 0;
@@ -1033,6 +1041,7 @@ impl Virtqueue {
             head: head as u16,
             used_len,
             data,
+            writable,
         }))
     }
 
