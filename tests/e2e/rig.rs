@@ -283,6 +283,12 @@ pub struct GuestConfig {
     pub timeout: Duration,
     pub extra_append: Vec<String>,
     pub extra_args: Vec<String>,
+    /// `-no-reboot` (default): a guest reboot ends QEMU. Off, a reboot (or QMP
+    /// `system_reset`) boots the guest again in the same QEMU.
+    pub no_reboot: bool,
+    /// `reconnect-ms=` on the vhost-user chardev: QEMU reconnects to a restarted daemon (the
+    /// patched QEMU only; stock QEMU 10.2's generic device fails at start with it).
+    pub reconnect_ms: Option<u32>,
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -313,6 +319,8 @@ impl GuestConfig {
             timeout: Duration::from_secs(env_u64("VHOST_IOMMU_E2E_TIMEOUT", 600)),
             extra_append: Vec::new(),
             extra_args: Vec::new(),
+            no_reboot: true,
+            reconnect_ms: None,
         }
     }
 
@@ -347,7 +355,6 @@ pub fn qemu_args(rig: &Rig, config: &GuestConfig, mem_path: &Path) -> Vec<String
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
-        "-no-reboot".into(),
         "-machine".into(),
         accel[0].into(),
         "-cpu".into(),
@@ -363,6 +370,9 @@ pub fn qemu_args(rig: &Rig, config: &GuestConfig, mem_path: &Path) -> Vec<String
             mem_path.display()
         ),
     ];
+    if config.no_reboot {
+        args.push("-no-reboot".into());
+    }
     for dir in &rig.firmware {
         args.push("-L".into());
         args.push(dir.display().to_string());
@@ -387,7 +397,14 @@ pub fn qemu_args(rig: &Rig, config: &GuestConfig, mem_path: &Path) -> Vec<String
         }
         Iommu::VhostUser { socket } => {
             args.push("-chardev".into());
-            args.push(format!("socket,id=viommu,path={}", socket.display()));
+            let reconnect = config
+                .reconnect_ms
+                .map(|ms| format!(",reconnect-ms={ms}"))
+                .unwrap_or_default();
+            args.push(format!(
+                "socket,id=viommu,path={}{reconnect}",
+                socket.display()
+            ));
             args.push("-device".into());
             args.push(format!("{},addr={IOMMU_ADDR}", vhost_user_device("viommu")));
         }
@@ -486,6 +503,15 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
+    /// The RAM file of a running QEMU.
+    pub fn open(path: &Path) -> Result<GuestMemory, String> {
+        let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(GuestMemory {
+            file,
+            size: GUEST_MEM_MIB << 20,
+        })
+    }
+
     pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, String> {
         if gpa
             .checked_add(len as u64)
@@ -854,4 +880,489 @@ where
                 .map_err(|e| format!("cannot answer GO {seq}: {e}"))?;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QMP, and sessions of one guest over several QEMUs (pause, reset, migration, reconnect)
+// ---------------------------------------------------------------------------------------------
+
+/// A QMP client on a QEMU's `-qmp unix:PATH,server=on,wait=off` socket. Events that arrive
+/// while waiting for a command's answer are kept in `events`.
+pub struct Qmp {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    /// Connects (retrying while QEMU starts, up to `timeout`), reads the greeting and leaves
+    /// capabilities negotiation mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, String> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("QMP socket {}: {e}", path.display())),
+            }
+        };
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("QMP: QEMU closed the socket".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP: {e}: {line:?}")),
+            Err(e) => Err(format!("QMP: {e}")),
+        }
+    }
+
+    /// Runs a command; its `return` value, or its `error` as an `Err`.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let request = serde_json::json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{request}").map_err(|e| format!("QMP {command}: {e}"))?;
+        loop {
+            let reply = self.read()?;
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(format!("QMP {command}: {e}"));
+            }
+            self.events.push(reply);
+        }
+    }
+
+    /// The run state (`query-status`'s `status`: running, paused, postmigrate, inmigrate...).
+    pub fn status(&mut self) -> Result<String, String> {
+        let r = self.execute("query-status", serde_json::json!({}))?;
+        Ok(r["status"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Polls `query-migrate` until the migration is over; its last answer (`downtime`,
+    /// `total-time`, `ram`, ...), or an error if it did not complete.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<serde_json::Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.execute("query-migrate", serde_json::json!({}))?;
+            match r["status"].as_str() {
+                Some("completed") => return Ok(r),
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!("migration ended: {r}"));
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(format!("migration not done within {timeout:?}: {r}"));
+                }
+                _ => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// One QEMU of a [`Session`].
+pub struct Vm {
+    pub label: String,
+    pub args: Vec<String>,
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stderr: Option<thread::JoinHandle<String>>,
+    /// Guest RAM (`memory-backend-file`, ours; QEMU sizes it).
+    mem: tempfile::NamedTempFile,
+    qmp: Option<Qmp>,
+    /// For the QMP socket and migration sockets or files.
+    pub dir: tempfile::TempDir,
+    exited: Option<std::process::ExitStatus>,
+}
+
+impl Vm {
+    /// Guest RAM of this QEMU as the host sees it.
+    pub fn memory(&self) -> Result<GuestMemory, String> {
+        GuestMemory::open(self.mem.path())
+    }
+
+    /// Its QMP client.
+    pub fn qmp(&mut self) -> Result<&mut Qmp, String> {
+        self.qmp
+            .as_mut()
+            .ok_or_else(|| format!("QEMU {} has no QMP connection", self.label))
+    }
+
+    /// A QMP command (see [`Qmp::execute`]).
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let label = self.label.clone();
+        self.qmp()?
+            .execute(command, arguments)
+            .map_err(|e| format!("QEMU {label}: {e}"))
+    }
+
+    /// Asks QEMU to quit and waits for it.
+    pub fn quit(&mut self) -> Result<(), String> {
+        if self.exited.is_some() {
+            return Ok(());
+        }
+        if let Some(qmp) = self.qmp.as_mut() {
+            let _ = qmp.execute("quit", serde_json::json!({}));
+        }
+        let status = wait_child(&mut self.child, Duration::from_secs(30))
+            .ok_or_else(|| format!("QEMU {} did not quit", self.label))?;
+        self.exited = Some(status);
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => return None,
+        }
+    }
+}
+
+/// One guest over one or more QEMUs, driven step by step: markers come from any QEMU's
+/// console (a migrated guest prints on the destination's), `GO` goes to the QEMU that runs the
+/// guest now ([`Session::active`]). Used where a test acts between markers (QMP commands, a
+/// second QEMU, a daemon restart), where [`run_guest`]'s callback is not enough.
+pub struct Session<'r> {
+    rig: &'r Rig,
+    pub config: GuestConfig,
+    tx: mpsc::Sender<(usize, Option<String>)>,
+    rx: mpsc::Receiver<(usize, Option<String>)>,
+    pub vms: Vec<Vm>,
+    /// The QEMU the guest runs on: `GO` lines go there.
+    pub active: usize,
+    pub run: GuestRun,
+    in_dmesg: bool,
+    open_consoles: usize,
+    start: Instant,
+    deadline: Instant,
+    _one_at_a_time: MutexGuard<'static, ()>,
+}
+
+impl<'r> Session<'r> {
+    /// Boots the guest of `config` on a first QEMU (labelled `label`).
+    pub fn start(rig: &'r Rig, config: GuestConfig, label: &str) -> Result<Session<'r>, String> {
+        let lock = guest_lock();
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        let mut session = Session {
+            rig,
+            deadline: start + config.timeout,
+            config,
+            tx,
+            rx,
+            vms: Vec::new(),
+            active: 0,
+            run: GuestRun::default(),
+            in_dmesg: false,
+            open_consoles: 0,
+            start,
+            _one_at_a_time: lock,
+        };
+        session.spawn(label, &[])?;
+        Ok(session)
+    }
+
+    /// Starts another QEMU with the same configuration and `extra` arguments (for example
+    /// `-incoming defer`), with RAM of its own; returns its index.
+    pub fn spawn(&mut self, label: &str, extra: &[&str]) -> Result<usize, String> {
+        let index = self.vms.len();
+        let mem = tempfile::Builder::new()
+            .prefix("vhost-iommu-e2e-")
+            .suffix(".mem")
+            .tempfile_in("/dev/shm")
+            .map_err(|e| format!("cannot create guest RAM file in /dev/shm: {e}"))?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let qmp_path = dir.path().join("qmp.sock");
+        let mut args = qemu_args(self.rig, &self.config, mem.path());
+        args.push("-qmp".into());
+        args.push(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let qemu = self.rig.qemu_binary(self.config.qemu)?;
+        let mut child = Command::new(qemu)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let tx = self.tx.clone();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send((index, None));
+                        return;
+                    }
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
+                        if tx.send((index, Some(line))).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        self.open_consoles += 1;
+        let mut vm = Vm {
+            label: label.to_string(),
+            args,
+            child,
+            stdin,
+            stderr: Some(stderr),
+            mem,
+            qmp: None,
+            dir,
+            exited: None,
+        };
+        // Kept even when QMP fails, so that the report shows this QEMU's stderr.
+        let qmp = Qmp::connect(&qmp_path, Duration::from_secs(60));
+        let result = qmp.map(|q| vm.qmp = Some(q));
+        self.vms.push(vm);
+        result
+            .map(|()| index)
+            .map_err(|e| format!("QEMU {label}: {e}"))
+    }
+
+    pub fn vm(&mut self, index: usize) -> &mut Vm {
+        &mut self.vms[index]
+    }
+
+    /// The next marker from any QEMU's console (every line is kept in `run.console`, prefixed
+    /// with its QEMU's label); `None` once every console closed.
+    pub fn next_marker(&mut self) -> Result<Option<(usize, Marker)>, String> {
+        loop {
+            if self.open_consoles == 0 {
+                return Ok(None);
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let (index, line) = match self.rx.recv_timeout(left) {
+                Ok(x) => x,
+                Err(_) => {
+                    return Err(format!(
+                        "timeout after {:?} waiting for the guest",
+                        self.config.timeout
+                    ))
+                }
+            };
+            let Some(line) = line else {
+                self.open_consoles -= 1;
+                continue;
+            };
+            let label = &self.vms[index].label;
+            eprintln!("[guest {label}] {line}");
+            self.run.console.push(format!("{label}| {line}"));
+            let Some(marker) = Marker::parse(&line) else {
+                if self.in_dmesg {
+                    self.run.dmesg.push(line);
+                }
+                continue;
+            };
+            match marker.event.as_str() {
+                "DMESG_BEGIN" => self.in_dmesg = true,
+                "DMESG_END" => self.in_dmesg = false,
+                _ => {}
+            }
+            self.run.markers.push(marker.clone());
+            return Ok(Some((index, marker)));
+        }
+    }
+
+    /// The next marker, which must be `event` (other markers without `wait=` are skipped;
+    /// a `FAIL` or another waiting marker is an error).
+    pub fn expect(&mut self, event: &str) -> Result<Marker, String> {
+        loop {
+            let Some((_, m)) = self.next_marker()? else {
+                return Err(format!("the guest ended before {event}"));
+            };
+            if m.event == event {
+                return Ok(m);
+            }
+            if m.event == "FAIL" {
+                return Err(format!("the guest reported: {}", m.line));
+            }
+            if m.wait().is_some() {
+                return Err(format!("expected {event}, got {}", m.line));
+            }
+        }
+    }
+
+    /// Answers a `wait=<n>` marker: `GO <n>` to the active QEMU.
+    pub fn go(&mut self, marker: &Marker) -> Result<(), String> {
+        let Some(seq) = marker.wait() else {
+            return Ok(());
+        };
+        let vm = &mut self.vms[self.active];
+        let stdin = vm
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("QEMU {} has no console", vm.label))?;
+        writeln!(stdin, "GO {seq}")
+            .and_then(|_| stdin.flush())
+            .map_err(|e| format!("cannot answer GO {seq} to {}: {e}", vm.label))
+    }
+
+    /// Reads the guest to its end (`DONE`), answering every `wait=` marker, then waits for the
+    /// active QEMU to exit (the guest powers off) and quits the others. The run succeeds when
+    /// the guest said `DONE status=ok`, reported no `FAIL`, and its QEMU exited cleanly.
+    pub fn finish(&mut self) -> Result<(), String> {
+        let mut done = None;
+        while let Some((_, m)) = self.next_marker()? {
+            if m.event == "DONE" {
+                done = Some(m.clone());
+            }
+            self.go(&m)?;
+            if done.is_some() {
+                break;
+            }
+        }
+        let done = done.ok_or("the guest ended without E2E DONE")?;
+        let active = self.active;
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let status = wait_child(
+            &mut self.vms[active].child,
+            left.max(Duration::from_secs(5)),
+        )
+        .ok_or("QEMU did not exit after the guest powered off")?;
+        self.vms[active].exited = Some(status);
+        for (i, vm) in self.vms.iter_mut().enumerate() {
+            if i != active {
+                vm.quit()?;
+            }
+        }
+        self.run.elapsed = self.start.elapsed();
+        if !status.success() {
+            return Err(format!("QEMU exited with {status}"));
+        }
+        if done.fields.get("status").map(String::as_str) != Some("ok") {
+            return Err(format!("the guest reported failure: {}", done.line));
+        }
+        if let Some(failure) = self.run.find("FAIL") {
+            return Err(format!("the guest reported: {}", failure.line));
+        }
+        Ok(())
+    }
+
+    /// A failed session: every QEMU killed, the reason with everything the consoles and the
+    /// QEMUs printed (for a panic message).
+    pub fn report(&mut self, reason: &str) -> String {
+        let mut out = format!("e2e session failed: {reason}\n");
+        for vm in &mut self.vms {
+            let _ = vm.child.kill();
+            let _ = vm.child.wait();
+            let stderr = vm
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            out += &format!(
+                "--- qemu {}: {}\n--- its stderr:\n{stderr}\n",
+                vm.label,
+                vm.args.join(" ")
+            );
+        }
+        out += &format!(
+            "--- console ({} lines, {:.1?}):\n",
+            self.run.console.len(),
+            self.start.elapsed()
+        );
+        for line in &self.run.console {
+            out += &format!("  | {line}\n");
+        }
+        out += &format!(
+            "--- end of e2e log; reason: {reason} (VHOST_IOMMU_E2E_LOGLEVEL=8 shows the kernel's \
+             own console output)"
+        );
+        out
+    }
+}
+
+/// Sizes of the device sections in a migration stream (`migrate` to `file:`), from the
+/// description QEMU appends to it (the vmdesc JSON: per device, its fields and the bytes each
+/// took): `(section name, bytes)` for every section whose name contains `name`.
+pub fn migration_section_sizes(stream: &Path, name: &str) -> Result<Vec<(String, u64)>, String> {
+    let bytes = fs::read(stream).map_err(|e| format!("{}: {e}", stream.display()))?;
+    // QEMU_VM_VMDESCRIPTION (6), a big-endian u32 length, then the JSON, at the very end.
+    let key = b"{\"page_size\"";
+    let at = bytes
+        .windows(key.len())
+        .rposition(|w| w == key)
+        .ok_or("no device description at the end of the migration stream")?;
+    if at < 5 || bytes[at - 5] != 6 {
+        return Err("the device description is not where QEMU puts it".into());
+    }
+    let len = u32::from_be_bytes(bytes[at - 4..at].try_into().unwrap()) as usize;
+    let json: serde_json::Value = serde_json::from_slice(
+        bytes
+            .get(at..at + len)
+            .ok_or("device description truncated")?,
+    )
+    .map_err(|e| format!("device description: {e}"))?;
+    fn size_of(v: &serde_json::Value) -> u64 {
+        let fields: u64 = v["fields"]
+            .as_array()
+            .map(|f| f.iter().map(|f| f["size"].as_u64().unwrap_or(0)).sum())
+            .unwrap_or(0);
+        let subs: u64 = v["subsections"]
+            .as_array()
+            .map(|s| s.iter().map(size_of).sum())
+            .unwrap_or(0);
+        fields + subs
+    }
+    Ok(json["devices"]
+        .as_array()
+        .ok_or("no devices in the description")?
+        .iter()
+        .filter_map(|d| {
+            let n = d["name"].as_str()?;
+            n.contains(name).then(|| (n.to_string(), size_of(d)))
+        })
+        .collect())
 }
