@@ -25,6 +25,10 @@ pub struct Daemon {
     pub dir: TempDir,
     pub socket: PathBuf,
     pub control: PathBuf,
+    /// How it was started, for [`Daemon::kill_and_restart`].
+    args: Vec<String>,
+    logged: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -49,31 +53,19 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("viommu.sock");
         let control = dir.path().join("viommu.ctl");
-        let mut command = Command::new(BIN);
-        command
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--control-socket")
-            .arg(&control)
-            .args(args)
-            .args(seccomp_args(args))
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
-        if let Some(level) = logged {
-            let log = std::fs::File::create(dir.path().join(LOG_FILE)).unwrap();
-            command.env("RUST_LOG", level).stderr(log);
-        }
-        let child = command.spawn().expect("spawn the daemon");
-        let daemon = Daemon {
-            child: Some(child),
+        let mut daemon = Daemon {
+            child: None,
             dir,
             socket,
             control,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            logged: logged.map(String::from),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         };
+        daemon.child = Some(daemon.command().spawn().expect("spawn the daemon"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(daemon.socket.exists() && daemon.control.exists()) {
             assert!(
@@ -83,6 +75,56 @@ impl Daemon {
             thread::sleep(Duration::from_millis(5));
         }
         daemon
+    }
+
+    fn command(&self) -> Command {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut command = Command::new(BIN);
+        command
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .arg("--control-socket")
+            .arg(&self.control)
+            .args(&args)
+            .args(seccomp_args(&args))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        if let Some(level) = &self.logged {
+            // Appended to: a restarted daemon's lines follow the dead one's.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(LOG_FILE))
+                .unwrap();
+            command.env("RUST_LOG", level).stderr(log);
+        }
+        command
+    }
+
+    /// Kills the daemon with SIGKILL and starts it again with the same arguments, sockets and
+    /// environment (what a crash and a supervisor's restart do); returns once the new one
+    /// answers on its control socket.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.child = Some(self.command().spawn().expect("spawn the daemon again"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The dead daemon's socket files stay until the new one replaces them: wait for a
+        // control connection, which only a live daemon accepts.
+        while UnixStream::connect(&self.control).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted daemon did not open its control socket"
+            );
+            assert!(self.alive(), "the restarted daemon exited: {}", self.log());
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn pid(&self) -> u32 {
