@@ -16,11 +16,14 @@
 // timeout the guest reports a failure and carries on to its end.
 //
 // Parameters come from the kernel command line (all optional):
-//   e2e.steps=viot,iommu,groups,bench,host,group   steps to run (default: all of them)
+//   e2e.steps=viot,iommu,groups,bench,host,group   steps to run (default: those six; `hold`,
+//                                             the life-cycle step, runs only when named)
 //   e2e.ep=0000:00:05.0                       endpoint for bench and host steps
 //   e2e.group_ep=0000:00:06.0                 a member of the multi-function group
 //   e2e.n4k=20000 e2e.rounds32=1000 e2e.n2m=2000   VFIO loop iteration counts
 //   e2e.wait=120                              seconds to wait for each GO
+//   e2e.hold_loop_ms=2000                     length of the hold step's MAP/UNMAP loop
+//   e2e.hold_extra=0                          pages the hold step also maps one by one
 //
 // Buffers shown to the host carry a pattern: the little-endian u64 at byte offset `o` of the
 // buffer is `(seed << 32) | o`, with `seed` printed as pattern=0x... on the marker line.
@@ -51,6 +54,10 @@
 #define IOVA_HOST 0x40000000UL
 #define IOVA_GROUP_A 0x50000000UL
 #define IOVA_GROUP_B 0x60000000UL
+#define IOVA_HOLD 0x70000000UL
+#define IOVA_HOLD_LOOP 0x71000000UL
+#define IOVA_HOLD_NEXT 0x72000000UL
+#define IOVA_HOLD_EXTRA 0x80000000UL
 
 static char cmdline[4096];
 static unsigned wait_secs = 120;
@@ -723,6 +730,143 @@ static void step_group(const char *gep)
 	marker_wait("GROUP_DONE group=%d devices=%s", g, members);
 }
 
+// One container of the hold step: its group, a buffer held mapped, and the loop's page.
+struct held {
+	struct vfio v;
+	const char *bdf;
+	char members[1024];
+	size_t len;
+	uint32_t seed;
+	char *buf, *loop_buf, *next_buf;
+	char gpas[512];
+};
+
+static int hold_open(struct held *h, const char *bdf, size_t len, uint32_t seed)
+{
+	memset(h, 0, sizeof(*h));
+	h->bdf = bdf;
+	h->len = len;
+	h->seed = seed;
+	h->v.container = h->v.group = -1;
+	h->buf = alloc_buffer(len);
+	h->loop_buf = alloc_buffer(PAGE);
+	h->next_buf = alloc_buffer(PAGE);
+	if (!h->buf || !h->loop_buf || !h->next_buf) {
+		fail("step=hold bdf=%s reason=alloc", bdf);
+		return -1;
+	}
+	fill_pattern(h->buf, len, seed);
+	fill_pattern(h->next_buf, PAGE, seed + 1);
+	if (vfio_open(&h->v, bdf, "hold") < 0)
+		return -1;
+	group_members(h->v.group_id, h->members, sizeof(h->members));
+	if (dma_map(&h->v, h->buf, IOVA_HOLD, len) < 0) {
+		fail("step=hold bdf=%s reason=map errno=%d", bdf, errno);
+		return -1;
+	}
+	gpa_list(h->buf, len, h->gpas, sizeof(h->gpas));
+	return 0;
+}
+
+// The life-cycle step: two containers (a single-function group and the two-function group)
+// hold patterned buffers mapped while the host pauses, migrates, restarts or resets around
+// them; then both run a MAP/UNMAP loop for e2e.hold_loop_ms, map one more buffer each, and
+// unmap everything. Every MAP/UNMAP status is counted: the host expects errors=0.
+static void step_hold(const char *ep, const char *gep)
+{
+	unsigned long loop_ms = param_ul("hold_loop_ms", 2000);
+	unsigned long extra = param_ul("hold_extra", 0), mapped_extra = 0;
+	char *extra_buf = NULL;
+	unsigned long pairs = 0, errors = 0;
+	int first_errno = 0;
+	struct held h[2];
+	char gpas[2][64];
+	double t0;
+
+	memset(h, 0, sizeof(h));
+	for (int i = 0; i < 2; i++)
+		h[i].v.container = h[i].v.group = -1;
+	if (hold_open(&h[0], ep, 4 * PAGE, 0x5eed0c00) < 0 ||
+	    hold_open(&h[1], gep, PAGE, 0x5eed0d00) < 0)
+		goto out;
+	// More state to carry: single pages, each its own MAP (and mapping), in the endpoint's
+	// container.
+	if (extra) {
+		extra_buf = alloc_buffer(extra * PAGE);
+		if (!extra_buf) {
+			fail("step=hold reason=alloc-extra");
+			goto out;
+		}
+		fill_pattern(extra_buf, extra * PAGE, 0x5eed0e00);
+	}
+	for (; mapped_extra < extra; mapped_extra++) {
+		if (dma_map(&h[0].v, extra_buf + mapped_extra * PAGE,
+			    IOVA_HOLD_EXTRA + 2 * mapped_extra * PAGE, PAGE) < 0) {
+			fail("step=hold reason=map-extra i=%lu errno=%d", mapped_extra, errno);
+			goto out;
+		}
+	}
+	if (marker_wait("HELD extra=%lu extra_iova=0x%lx extra_pattern=0x%x ep=%s ep_group=%d ep_devices=%s ep_iova=0x%lx ep_len=%zu "
+			"ep_pattern=0x%x ep_gpas=%s group=%d group_devices=%s group_iova=0x%lx "
+			"group_len=%zu group_pattern=0x%x group_gpas=%s",
+			extra, IOVA_HOLD_EXTRA, 0x5eed0e00, ep, h[0].v.group_id, h[0].members, IOVA_HOLD, h[0].len, h[0].seed, h[0].gpas,
+			h[1].v.group_id, h[1].members, IOVA_HOLD, h[1].len, h[1].seed,
+			h[1].gpas) < 0)
+		goto out;
+
+	// The loop: alternately in each container, one page at a time.
+	t0 = now();
+	while ((now() - t0) * 1000 < loop_ms) {
+		for (int i = 0; i < 2; i++) {
+			int r = dma_map(&h[i].v, h[i].loop_buf, IOVA_HOLD_LOOP, PAGE);
+			if (r == 0)
+				r = dma_unmap(&h[i].v, IOVA_HOLD_LOOP, PAGE);
+			if (r < 0) {
+				if (!errors++)
+					first_errno = errno;
+				// A failed UNMAP leaves the page mapped: try to clean up.
+				dma_unmap(&h[i].v, IOVA_HOLD_LOOP, PAGE);
+			} else {
+				pairs++;
+			}
+		}
+	}
+	if (marker_wait("HOLD_LOOP pairs=%lu errors=%lu errno=%d secs=%.3f", pairs, errors,
+			first_errno, now() - t0) < 0)
+		goto out;
+
+	// The next MAP in each container, beside the held buffers.
+	for (int i = 0; i < 2; i++) {
+		if (dma_map(&h[i].v, h[i].next_buf, IOVA_HOLD_NEXT, PAGE) < 0) {
+			fail("step=hold bdf=%s reason=map-next errno=%d", h[i].bdf, errno);
+			goto out;
+		}
+		gpa_list(h[i].next_buf, PAGE, gpas[i], sizeof(gpas[i]));
+	}
+	if (marker_wait("HOLD_NEXT ep=%s ep_iova=0x%lx ep_pattern=0x%x ep_gpas=%s group=%d "
+			"group_iova=0x%lx group_pattern=0x%x group_gpas=%s len=%lu",
+			ep, IOVA_HOLD_NEXT, h[0].seed + 1, gpas[0], h[1].v.group_id, IOVA_HOLD_NEXT,
+			h[1].seed + 1, gpas[1], PAGE) < 0)
+		goto out;
+	for (int i = 0; i < 2; i++) {
+		if (dma_unmap(&h[i].v, IOVA_HOLD_NEXT, PAGE) < 0)
+			fail("step=hold bdf=%s reason=unmap-next errno=%d", h[i].bdf, errno);
+		if (dma_unmap(&h[i].v, IOVA_HOLD, h[i].len) < 0)
+			fail("step=hold bdf=%s reason=unmap errno=%d", h[i].bdf, errno);
+	}
+	for (unsigned long i = 0; i < mapped_extra; i++) {
+		if (dma_unmap(&h[0].v, IOVA_HOLD_EXTRA + 2 * i * PAGE, PAGE) < 0) {
+			fail("step=hold reason=unmap-extra i=%lu errno=%d", i, errno);
+			break;
+		}
+	}
+	mapped_extra = 0;
+	marker("HOLD_DONE ep=%s group=%d", ep, h[1].v.group_id);
+out:
+	vfio_close(&h[0].v);
+	vfio_close(&h[1].v);
+}
+
 int main(void)
 {
 	const char *steps, *ep, *gep;
@@ -753,6 +897,8 @@ int main(void)
 		step_host(ep);
 	if (step_enabled(steps, "group"))
 		step_group(gep);
+	if (step_enabled(steps, "hold"))
+		step_hold(ep, gep);
 	dump_dmesg();
 	marker("DONE status=%s failures=%d", failures ? "fail" : "ok", failures);
 	return failures ? 1 : 0;
