@@ -7,7 +7,10 @@
 //! - a minimal backend on the same rust-vmm crates that answers OK without a model and
 //!   allocates per request (`benches/common/minimal.rs`), sleeping between kicks or spinning
 //!   50 us on the avail ring after work: the "minimal backend", rebuilt here so
-//!   it runs on the same machine at the same time.
+//!   it runs on the same machine at the same time;
+//! - the daemon with `--state-file` (every request journaled, every pass committed before its
+//!   answers are published), and the daemon logging every page it writes into a dirty-page
+//!   log, as while QEMU migrates the VM (SET_LOG_BASE, `VHOST_F_LOG_ALL`).
 //!
 //! The guest side is `examples/loadgen.rs` (compiled in here): MAP/UNMAP pairs, K requests
 //! per kick, busy-polling the used ring. Every backend is a separate process; rounds rotate
@@ -37,6 +40,8 @@ struct Backend {
     guest: Guest,
     /// Per K: the runs.
     results: Vec<(usize, Vec<BatchResult>)>,
+    /// Where a `--state-file` daemon keeps its file.
+    _state: Option<tempfile::TempDir>,
 }
 
 fn scale() -> f64 {
@@ -50,7 +55,7 @@ fn spawn(
     label: &'static str,
     minimal_poll_us: Option<u64>,
     args: &[&str],
-    anchored: bool,
+    opts: LoadOptions,
     cpu: Option<usize>,
 ) -> Backend {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -69,16 +74,13 @@ fn spawn(
         }
     }
     .unwrap_or_else(|e| panic!("{label}: {e}"));
-    let opts = LoadOptions {
-        anchored,
-        ..LoadOptions::default()
-    };
     let guest = Guest::connect(&daemon.socket, opts).unwrap_or_else(|e| panic!("{label}: {e}"));
     Backend {
         label,
         daemon,
         guest,
         results: Vec::new(),
+        _state: None,
     }
 }
 
@@ -88,13 +90,60 @@ fn baseline_daemon() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Indices of the backends in [`spawn_all`]'s order.
+const DEFAULT: usize = 0;
+const NO_POLL: usize = 1;
+const ANCHORED: usize = 2;
+const MINIMAL_SLEEPS: usize = 3;
+const MINIMAL_SPINS: usize = 4;
+const STATE_FILE: usize = 5;
+const DIRTY_LOG: usize = 6;
+const BASELINE: usize = 7;
+
 fn spawn_all(cpu: Option<usize>) -> Vec<Backend> {
+    let plain = LoadOptions::default;
+    let state = tempfile::tempdir().expect("tempdir");
+    let state_file = state.path().join("viommu.state");
+    let mut with_state = spawn(
+        "daemon, poll 50 us, --state-file",
+        None,
+        &["--state-file", state_file.to_str().expect("utf-8 path")],
+        plain(),
+        cpu,
+    );
+    with_state._state = Some(state);
     let mut backends = vec![
-        spawn("daemon, poll 50 us (default)", None, &[], false, cpu),
-        spawn("daemon, --poll-us 0", None, &["--poll-us", "0"], false, cpu),
-        spawn("daemon, poll 50 us, anchored", None, &[], true, cpu),
-        spawn("minimal, sleeps between kicks", Some(0), &[], false, cpu),
-        spawn("minimal, spins 50 us", Some(50), &[], false, cpu),
+        spawn("daemon, poll 50 us (default)", None, &[], plain(), cpu),
+        spawn(
+            "daemon, --poll-us 0",
+            None,
+            &["--poll-us", "0"],
+            plain(),
+            cpu,
+        ),
+        spawn(
+            "daemon, poll 50 us, anchored",
+            None,
+            &[],
+            LoadOptions {
+                anchored: true,
+                ..plain()
+            },
+            cpu,
+        ),
+        spawn("minimal, sleeps between kicks", Some(0), &[], plain(), cpu),
+        spawn("minimal, spins 50 us", Some(50), &[], plain(), cpu),
+        with_state,
+        spawn(
+            "daemon, poll 50 us, dirty-page log on",
+            None,
+            &[],
+            LoadOptions {
+                dirty_log: true,
+                ..plain()
+            },
+            cpu,
+        ),
     ];
     if let Some(path) = baseline_daemon() {
         let daemon = SpawnedDaemon::spawn(Path::new(&path), &[], cpu)
@@ -106,6 +155,7 @@ fn spawn_all(cpu: Option<usize>) -> Vec<Backend> {
             daemon,
             guest,
             results: Vec::new(),
+            _state: None,
         });
     }
     backends
@@ -221,28 +271,30 @@ fn main() {
         println!();
         println!("ratios (requests/s), {name}:");
         println!();
-        let baseline = medians.len() > 5;
+        let baseline = medians.len() > BASELINE;
         println!(
-            "| K | daemon poll / minimal spin | daemon no-poll / minimal sleep | daemon poll / daemon no-poll | anchored / not |{}",
+            "| K | daemon poll / minimal spin | daemon no-poll / minimal sleep | daemon poll / daemon no-poll | anchored / not | --state-file / not | dirty log / not |{}",
             if baseline { " daemon poll / baseline daemon |" } else { "" }
         );
         println!(
-            "|---:|---:|---:|---:|---:|{}",
+            "|---:|---:|---:|---:|---:|---:|---:|{}",
             if baseline { "---:|" } else { "" }
         );
         for (ki, &k) in ks.iter().enumerate() {
             let r = |i: usize| medians[i][ki].requests_per_sec();
             let extra = if baseline {
-                format!(" {:.2} |", r(0) / r(5))
+                format!(" {:.2} |", r(DEFAULT) / r(BASELINE))
             } else {
                 String::new()
             };
             println!(
-                "| {k} | {:.2} | {:.2} | {:.2} | {:.2} |{extra}",
-                r(0) / r(4),
-                r(1) / r(3),
-                r(0) / r(1),
-                r(2) / r(0)
+                "| {k} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |{extra}",
+                r(DEFAULT) / r(MINIMAL_SPINS),
+                r(NO_POLL) / r(MINIMAL_SLEEPS),
+                r(DEFAULT) / r(NO_POLL),
+                r(ANCHORED) / r(DEFAULT),
+                r(STATE_FILE) / r(DEFAULT),
+                r(DIRTY_LOG) / r(DEFAULT),
             );
         }
     }
@@ -274,6 +326,23 @@ fn main() {
                 );
             }
         }
+    }
+    println!();
+    println!("== targets (issue 13) ==");
+    for (name, backends, medians) in &all {
+        if let Some(i) = find(64) {
+            let ratio =
+                medians[STATE_FILE][i].requests_per_sec() / medians[DEFAULT][i].requests_per_sec();
+            println!(
+                "- --state-file >= 0.9x at 64 per kick ({name}): {ratio:.2}x: {}",
+                if ratio >= 0.9 { "MET" } else { "NOT MET" }
+            );
+        }
+        // The log was really written (a daemon that ignored it would look free).
+        println!(
+            "- dirty-page log ({name}): {} pages marked",
+            backends[DIRTY_LOG].guest.dirty_pages()
+        );
     }
     let per_placement = all.first().map_or(5, |(_, bs, _)| bs.len());
     let worst_idle = idle_pct

@@ -70,6 +70,9 @@ pub struct LoadOptions {
     /// stay allocated (as in a domain with other live mappings).
     pub anchored: bool,
     pub wait: WaitMode,
+    /// Ask for a dirty-page log as QEMU does while migrating (LOG_SHMFD, SET_LOG_BASE with a
+    /// memfd, `VHOST_F_LOG_ALL`): every page the daemon writes is then logged.
+    pub dirty_log: bool,
 }
 
 impl Default for LoadOptions {
@@ -82,8 +85,47 @@ impl Default for LoadOptions {
             domain: 1,
             anchored: false,
             wait: WaitMode::Spin,
+            dirty_log: false,
         }
     }
+}
+
+/// What QEMU does when a migration starts: a log in shared memory covering guest RAM
+/// (SET_LOG_BASE with a memfd), then SET_FEATURES with `VHOST_F_LOG_ALL`. Returns the log.
+fn start_dirty_log(dev: &mut Device) -> Result<std::fs::File, String> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vhost::{vhost_user::VhostUserVirtioFeatures, VhostBackend, VhostUserDirtyLogRegion};
+    let top = dev
+        .options()
+        .memory
+        .iter()
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0);
+    let bytes = (top / PAGE).div_ceil(8);
+    // SAFETY: a static NUL-terminated name, no flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"dirty-log".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let log = unsafe { std::fs::File::from_raw_fd(fd) };
+    log.set_len(bytes).map_err(|e| format!("log: {e}"))?;
+    let region = VhostUserDirtyLogRegion {
+        mmap_size: bytes,
+        mmap_offset: 0,
+        mmap_handle: log.as_raw_fd(),
+    };
+    let features = dev.options().features_to_ack(dev.negotiated().features)
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
+    let frontend = dev.connection().frontend();
+    frontend
+        .set_log_base(0, Some(region))
+        .map_err(|e| format!("SET_LOG_BASE: {e}"))?;
+    frontend
+        .set_features(features)
+        .map_err(|e| format!("SET_FEATURES with LOG_ALL: {e}"))?;
+    Ok(log)
 }
 
 /// The result of one batch size.
@@ -296,17 +338,27 @@ pub struct Guest {
     pub opts: LoadOptions,
     /// Pages mapped for good (anchors), as IOVAs.
     anchors: Vec<u64>,
+    /// The dirty-page log the daemon writes into (`dirty_log`).
+    log: Option<std::fs::File>,
 }
 
 impl Guest {
     pub fn connect(socket: &Path, opts: LoadOptions) -> Result<Self, String> {
-        let options = Options {
+        let mut options = Options {
             queue_size: opts.queue_size,
             event_idx: opts.event_idx,
             wait: opts.wait,
             ..Options::default()
         };
+        if opts.dirty_log {
+            options.protocol_features |= vhost::vhost_user::VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         let mut dev = Device::connect(socket, options).map_err(|e| format!("connect: {e}"))?;
+        let log = if opts.dirty_log {
+            Some(start_dirty_log(&mut dev)?)
+        } else {
+            None
+        };
         let attach = Request::Attach {
             domain: opts.domain,
             endpoint: opts.endpoint,
@@ -322,7 +374,22 @@ impl Guest {
             dev,
             opts,
             anchors: Vec::new(),
+            log,
         })
+    }
+
+    /// Pages marked in the dirty-page log so far (0 without one).
+    pub fn dirty_pages(&self) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let Some(log) = &self.log else {
+            return 0;
+        };
+        let len = log.metadata().map_or(0, |m| m.len()) as usize;
+        let mut buf = vec![0u8; len];
+        if log.read_exact_at(&mut buf, 0).is_err() {
+            return 0;
+        }
+        buf.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 
     fn send(&mut self, r: &Request) -> Result<(), String> {
@@ -953,6 +1020,9 @@ struct Cli {
     /// Keep a page mapped in every 2 MiB region of the window (page-table nodes stay).
     #[arg(long)]
     anchored: bool,
+    /// Have the daemon log every page it writes, as during a migration (SET_LOG_BASE).
+    #[arg(long)]
+    dirty_log: bool,
     /// Pin: CLIENT_CPU,DAEMON_CPU (e.g. 0,1), so the two spinners never share a CPU. The
     /// daemon is pinned only when spawned.
     #[arg(long, value_name = "CPU,CPU", value_delimiter = ',')]
@@ -1028,6 +1098,7 @@ fn main() {
         } else {
             WaitMode::Poll
         },
+        dirty_log: cli.dirty_log,
     };
     if let Some(&cpu) = cli.pin.first() {
         if !pin_current_thread(Some(cpu)) {
