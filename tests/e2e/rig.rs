@@ -961,6 +961,22 @@ impl Qmp {
         Ok(r["status"].as_str().unwrap_or_default().to_string())
     }
 
+    /// Polls `query-status` until the run state is no longer `from` (e.g. `inmigrate` on a
+    /// destination); the new state.
+    pub fn wait_status_change(&mut self, from: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status()?;
+            if status != from {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("still {from} after {timeout:?}"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Polls `query-migrate` until the migration is over; its last answer (`downtime`,
     /// `total-time`, `ram`, ...), or an error if it did not complete.
     pub fn wait_migration(&mut self, timeout: Duration) -> Result<serde_json::Value, String> {
@@ -1066,6 +1082,8 @@ pub struct Session<'r> {
     pub vms: Vec<Vm>,
     /// The QEMU the guest runs on: `GO` lines go there.
     pub active: usize,
+    /// The QEMU whose console printed the last marker.
+    pub last_from: usize,
     pub run: GuestRun,
     in_dmesg: bool,
     open_consoles: usize,
@@ -1088,6 +1106,7 @@ impl<'r> Session<'r> {
             rx,
             vms: Vec::new(),
             active: 0,
+            last_from: 0,
             run: GuestRun::default(),
             in_dmesg: false,
             open_consoles: 0,
@@ -1101,6 +1120,17 @@ impl<'r> Session<'r> {
     /// Starts another QEMU with the same configuration and `extra` arguments (for example
     /// `-incoming defer`), with RAM of its own; returns its index.
     pub fn spawn(&mut self, label: &str, extra: &[&str]) -> Result<usize, String> {
+        let config = self.config.clone();
+        self.spawn_with(label, &config, extra)
+    }
+
+    /// [`Session::spawn`] with another configuration (another daemon's socket, say).
+    pub fn spawn_with(
+        &mut self,
+        label: &str,
+        config: &GuestConfig,
+        extra: &[&str],
+    ) -> Result<usize, String> {
         let index = self.vms.len();
         let mem = tempfile::Builder::new()
             .prefix("vhost-iommu-e2e-")
@@ -1109,11 +1139,11 @@ impl<'r> Session<'r> {
             .map_err(|e| format!("cannot create guest RAM file in /dev/shm: {e}"))?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let qmp_path = dir.path().join("qmp.sock");
-        let mut args = qemu_args(self.rig, &self.config, mem.path());
+        let mut args = qemu_args(self.rig, config, mem.path());
         args.push("-qmp".into());
         args.push(format!("unix:{},server=on,wait=off", qmp_path.display()));
         args.extend(extra.iter().map(|a| a.to_string()));
-        let qemu = self.rig.qemu_binary(self.config.qemu)?;
+        let qemu = self.rig.qemu_binary(config.qemu)?;
         let mut child = Command::new(qemu)
             .args(&args)
             .stdin(Stdio::piped())
@@ -1211,6 +1241,7 @@ impl<'r> Session<'r> {
                 _ => {}
             }
             self.run.markers.push(marker.clone());
+            self.last_from = index;
             return Ok(Some((index, marker)));
         }
     }
@@ -1324,27 +1355,31 @@ impl<'r> Session<'r> {
     }
 }
 
+/// A device's section in a migration stream: its name, its bytes, and its top-level fields'
+/// bytes (`virtio` is the virtio device's own state, queues and config space included).
+#[derive(Clone, Debug)]
+pub struct Section {
+    pub name: String,
+    pub bytes: u64,
+    pub fields: Vec<(String, u64)>,
+}
+
 /// Sizes of the device sections in a migration stream (`migrate` to `file:`), from the
 /// description QEMU appends to it (the vmdesc JSON: per device, its fields and the bytes each
-/// took): `(section name, bytes)` for every section whose name contains `name`.
-pub fn migration_section_sizes(stream: &Path, name: &str) -> Result<Vec<(String, u64)>, String> {
+/// took), for every section whose name contains `name`.
+pub fn migration_section_sizes(stream: &Path, name: &str) -> Result<Vec<Section>, String> {
     let bytes = fs::read(stream).map_err(|e| format!("{}: {e}", stream.display()))?;
-    // QEMU_VM_VMDESCRIPTION (6), a big-endian u32 length, then the JSON, at the very end.
-    let key = b"{\"page_size\"";
-    let at = bytes
-        .windows(key.len())
-        .rposition(|w| w == key)
+    // QEMU_VM_VMDESCRIPTION (6), a big-endian u32 length, then the JSON, ending the stream.
+    let at = (0..bytes.len().saturating_sub(5))
+        .rev()
+        .take(16 << 20)
+        .find(|&p| {
+            let len = u32::from_be_bytes(bytes[p + 1..p + 5].try_into().unwrap()) as usize;
+            bytes[p] == 6 && bytes[p + 5] == b'{' && p + 5 + len == bytes.len()
+        })
         .ok_or("no device description at the end of the migration stream")?;
-    if at < 5 || bytes[at - 5] != 6 {
-        return Err("the device description is not where QEMU puts it".into());
-    }
-    let len = u32::from_be_bytes(bytes[at - 4..at].try_into().unwrap()) as usize;
-    let json: serde_json::Value = serde_json::from_slice(
-        bytes
-            .get(at..at + len)
-            .ok_or("device description truncated")?,
-    )
-    .map_err(|e| format!("device description: {e}"))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes[at + 5..]).map_err(|e| format!("device description: {e}"))?;
     fn size_of(v: &serde_json::Value) -> u64 {
         let fields: u64 = v["fields"]
             .as_array()
@@ -1362,7 +1397,22 @@ pub fn migration_section_sizes(stream: &Path, name: &str) -> Result<Vec<(String,
         .iter()
         .filter_map(|d| {
             let n = d["name"].as_str()?;
-            n.contains(name).then(|| (n.to_string(), size_of(d)))
+            let fields = d["fields"]
+                .as_array()
+                .map(|f| {
+                    f.iter()
+                        .map(|f| {
+                            let name = f["name"].as_str().unwrap_or("?").to_string();
+                            (name, f["size"].as_u64().unwrap_or(0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            n.contains(name).then(|| Section {
+                name: n.to_string(),
+                bytes: size_of(d),
+                fields,
+            })
         })
         .collect())
 }
