@@ -359,3 +359,343 @@ fn a_guest_reset_gives_the_next_boot_a_fresh_device() {
     });
     eprintln!("a_guest_reset_gives_the_next_boot_a_fresh_device: {took:.1?}");
 }
+
+/// Single-page mappings the guest adds to its held buffers in the migration runs: device state
+/// worth comparing between our daemon and QEMU's built-in device.
+const MIGRATION_EXTRA_PAGES: u64 = 1000;
+/// Migrations here are local: bandwidth is not what is measured.
+const MAX_BANDWIDTH: u64 = 4 << 30;
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What one migration cost, as `query-migrate` reports it on the source.
+fn migration_line(device: &str, mode: &str, info: &Value, sizes: &str) -> String {
+    format!(
+        "MIGRATION device={device} mode={mode} downtime_ms={} total_ms={} setup_ms={} \
+         ram_bytes={}{sizes}",
+        info["downtime"], info["total-time"], info["setup-time"], info["ram"]["transferred"],
+    )
+}
+
+/// Starts the guest's loop on QEMU `src`, migrates it live to QEMU `dst` (started with
+/// `-incoming defer`) while the loop runs, and makes `dst` the active QEMU; `query-migrate`'s
+/// last answer on the source.
+fn migrate_live(
+    s: &mut Session<'_>,
+    held: &Marker,
+    src: usize,
+    dst: usize,
+) -> Result<Value, String> {
+    let uri = format!("unix:{}", s.vm(dst).dir.path().join("mig.sock").display());
+    s.vm(dst)
+        .execute("migrate-incoming", json!({ "uri": uri }))?;
+    s.vm(src).execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": MAX_BANDWIDTH }),
+    )?;
+    s.go(held)?;
+    // The guest is in its MAP/UNMAP loop when the migration starts and when it ends.
+    thread::sleep(Duration::from_millis(300));
+    s.vm(src).execute("migrate", json!({ "uri": uri }))?;
+    let info = s.vm(src).qmp()?.wait_migration(MIGRATION_TIMEOUT)?;
+    s.active = dst;
+    let status = s
+        .vm(dst)
+        .qmp()?
+        .wait_status_change("inmigrate", MIGRATION_TIMEOUT)?;
+    if status != "running" {
+        return Err(format!("the destination is {status} after the migration"));
+    }
+    Ok(info)
+}
+
+/// A migration through a file: the QEMU it was restored into (paused, not active yet),
+/// `query-migrate` on the source, the device sections' sizes in the file, the file's size.
+struct Restored {
+    vm: usize,
+    info: Value,
+    sections: Vec<rig::Section>,
+    file_bytes: u64,
+}
+
+/// Stops QEMU `src`, migrates it to a file, quits it, and (once `between` ran: the old daemon
+/// goes, a fresh one comes) restores the file into a fresh QEMU started by `spawn`; the device
+/// sections are those named like `section`.
+fn migrate_through_a_file(
+    s: &mut Session<'_>,
+    src: usize,
+    section: &str,
+    between: impl FnOnce(),
+    spawn: impl FnOnce(&mut Session<'_>) -> Result<usize, String>,
+) -> Result<Restored, String> {
+    let file = s.vm(src).dir.path().join("guest.mig");
+    s.vm(src).execute("stop", json!({}))?;
+    s.vm(src).execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": MAX_BANDWIDTH }),
+    )?;
+    s.vm(src).execute(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )?;
+    let info = s.vm(src).qmp()?.wait_migration(MIGRATION_TIMEOUT)?;
+    let sizes = rig::migration_section_sizes(&file, section)?;
+    let file_bytes = std::fs::metadata(&file).map_err(|e| e.to_string())?.len();
+    s.vm(src).quit()?;
+    between();
+    let dst = spawn(s)?;
+    s.vm(dst).execute(
+        "migrate-incoming",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )?;
+    let status = s
+        .vm(dst)
+        .qmp()?
+        .wait_status_change("inmigrate", MIGRATION_TIMEOUT)?;
+    if status != "paused" {
+        return Err(format!("restored from the file, the VM is {status}"));
+    }
+    Ok(Restored {
+        vm: dst,
+        info,
+        sections: sizes,
+        file_bytes,
+    })
+}
+
+fn sizes_text(sizes: &[rig::Section]) -> String {
+    sizes
+        .iter()
+        .map(|s| {
+            let fields: Vec<String> = s.fields.iter().map(|(f, b)| format!("{f}:{b}")).collect();
+            format!(
+                " section={} section_bytes={} fields={}",
+                s.name,
+                s.bytes,
+                fields.join(",")
+            )
+        })
+        .collect()
+}
+
+/// Live migration of a running guest with live VFIO mappings from QEMU A + daemon A to QEMU B
+/// (`-incoming`) + daemon B, the guest mapping and unmapping in a loop across the switch-over;
+/// then a migration of the paused guest to a file, restored into a fresh QEMU C + daemon C.
+/// On B and on C the host finds every mapping, the guest carries on with every MAP/UNMAP OK,
+/// and nothing was reset.
+#[test]
+fn live_migration_and_a_file_restore_carry_the_mappings() {
+    let Some(rig) = Rig::get("live_migration_and_a_file_restore_carry_the_mappings") else {
+        return;
+    };
+    let da = daemon(&[]);
+    let mut config = our_config(&da, 4000, MIGRATION_EXTRA_PAGES);
+    // Migrating the generic vhost-user device (scripts/qemu-patches/0001).
+    config.qemu = rig::QemuBuild::Patched;
+    let base = config.clone();
+    let took = session(&rig, config, |s| {
+        let held = s.expect("HELD")?;
+        let held_buffers = buffers(&held)?;
+        let extra = held.u64("extra")?;
+        check_daemon(&da, &s.vm(0).memory()?, &held_buffers)?;
+        let mappings = check_stats(&da, "A")?["mappings"].as_u64().unwrap_or(0);
+        // (Besides the guest's default domains' own, if any.)
+        if mappings < 2 + extra {
+            return Err(format!("{mappings} mappings on A, {extra} extra + 2 held"));
+        }
+
+        // Live, A -> B, while the guest maps in its loop.
+        let db = daemon(&[]);
+        let mut cb = base.clone();
+        cb.iommu = Iommu::VhostUser {
+            socket: db.socket.clone(),
+        };
+        let b = s.spawn_with("B", &cb, &["-incoming", "defer"])?;
+        let live = migrate_live(s, &held, 0, b)?;
+        let saved_bytes = da.stats()["state"]["last_bytes"].as_u64().unwrap_or(0);
+        let a_stats = da.stats();
+        if a_stats["dirty_log"]["starts"] != 1 || a_stats["state"]["saved"] != 1 {
+            return Err(format!("daemon A did not log and save once: {a_stats}"));
+        }
+        let looped = s.expect("HOLD_LOOP")?;
+        let pairs = check_loop(&looped)?;
+        let loop_ended_on = s.vm(s.last_from).label.clone();
+        let memory_b = s.vm(b).memory()?;
+        check_daemon(&db, &memory_b, &held_buffers).map_err(|e| format!("on B: {e}"))?;
+        let b_stats = check_stats(&db, "B")?;
+        if b_stats["state"]["loaded"] != 1 || b_stats["mappings"] != mappings {
+            return Err(format!("daemon B: {b_stats}"));
+        }
+        s.go(&looped)?;
+        let next = s.expect("HOLD_NEXT")?;
+        let next_buffers = buffers(&next)?;
+        check_daemon(&db, &memory_b, &next_buffers)?;
+        eprintln!(
+            "{} daemon_state_bytes={saved_bytes} loop_pairs={pairs} loop_ended_on={loop_ended_on}",
+            migration_line("ours", "live", &live, "")
+        );
+
+        // To a file, and into a fresh QEMU C + daemon C.
+        let dc = daemon(&[]);
+        let mut cc = base.clone();
+        cc.iommu = Iommu::VhostUser {
+            socket: dc.socket.clone(),
+        };
+        let restored = migrate_through_a_file(
+            s,
+            b,
+            "vhost-user-test-device",
+            || drop(db),
+            |s| s.spawn_with("C", &cc, &["-incoming", "defer"]),
+        )?;
+        let c = restored.vm;
+        let memory_c = s.vm(c).memory()?;
+        check_daemon(&dc, &memory_c, &held_buffers).map_err(|e| format!("on C: {e}"))?;
+        check_daemon(&dc, &memory_c, &next_buffers).map_err(|e| format!("on C: {e}"))?;
+        s.vm(c).execute("cont", json!({}))?;
+        s.active = c;
+        s.go(&next)?;
+        s.finish()?;
+        check_guest(s)?;
+        let c_stats = check_stats(&dc, "C")?;
+        if c_stats["state"]["loaded"] != 1 {
+            return Err(format!("daemon C: {c_stats}"));
+        }
+        eprintln!(
+            "{} file_bytes={}",
+            migration_line(
+                "ours",
+                "file",
+                &restored.info,
+                &sizes_text(&restored.sections)
+            ),
+            restored.file_bytes
+        );
+        Ok(())
+    });
+    eprintln!("live_migration_and_a_file_restore_carry_the_mappings: {took:.1?}");
+}
+
+/// The anchor: the same guest behind QEMU's built-in virtio-iommu, on the same (patched) QEMU
+/// binary, migrated the same ways. Its state is in QEMU; the host checks the guest's RAM on
+/// the destination and the guest checks its MAP/UNMAP statuses.
+#[test]
+fn builtin_virtio_iommu_migrates_the_same_way() {
+    let Some(rig) = Rig::get("builtin_virtio_iommu_migrates_the_same_way") else {
+        return;
+    };
+    let mut config = config(Iommu::Builtin, None, 4000, MIGRATION_EXTRA_PAGES);
+    // The same binary as the daemon's migration runs (the built-in device needs no patch).
+    config.qemu = rig::QemuBuild::Patched;
+    let took = session(&rig, config, |s| {
+        let held = s.expect("HELD")?;
+        let held_buffers = buffers(&held)?;
+        check_ram(&s.vm(0).memory()?, &held_buffers)?;
+        let b = s.spawn("B", &["-incoming", "defer"])?;
+        let live = migrate_live(s, &held, 0, b)?;
+        let looped = s.expect("HOLD_LOOP")?;
+        let pairs = check_loop(&looped)?;
+        let loop_ended_on = s.vm(s.last_from).label.clone();
+        check_ram(&s.vm(b).memory()?, &held_buffers)?;
+        s.go(&looped)?;
+        let next = s.expect("HOLD_NEXT")?;
+        check_ram(&s.vm(b).memory()?, &buffers(&next)?)?;
+        eprintln!(
+            "{} loop_pairs={pairs} loop_ended_on={loop_ended_on}",
+            migration_line("builtin", "live", &live, "")
+        );
+        let restored = migrate_through_a_file(
+            s,
+            b,
+            "virtio-iommu",
+            || {},
+            |s| s.spawn("C", &["-incoming", "defer"]),
+        )?;
+        let c = restored.vm;
+        check_ram(&s.vm(c).memory()?, &held_buffers)?;
+        s.vm(c).execute("cont", json!({}))?;
+        s.active = c;
+        s.go(&next)?;
+        s.finish()?;
+        check_guest(s)?;
+        eprintln!(
+            "{} file_bytes={}",
+            migration_line(
+                "builtin",
+                "file",
+                &restored.info,
+                &sizes_text(&restored.sections)
+            ),
+            restored.file_bytes
+        );
+        Ok(())
+    });
+    eprintln!("builtin_virtio_iommu_migrates_the_same_way: {took:.1?}");
+}
+
+/// Waits until the daemon serves a frontend again (QEMU reconnected).
+fn wait_reconnected(d: &Daemon) {
+    d.wait_stats("QEMU to reconnect", |s| s["connections"] == 1);
+}
+
+/// The daemon killed with SIGKILL and started again with the same `--state-file` while the
+/// guest holds mappings, then twice while the guest maps and unmaps in a loop: QEMU reconnects
+/// (`reconnect-ms`, scripts/qemu-patches/0002), the restarted daemon has every mapping, and
+/// every MAP/UNMAP of the guest is answered OK, at most once each.
+#[test]
+fn a_restarted_daemon_carries_on_under_qemu_reconnect() {
+    let Some(rig) = Rig::get("a_restarted_daemon_carries_on_under_qemu_reconnect") else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("viommu.state");
+    let mut d = daemon(&["--state-file", state_file.to_str().unwrap()]);
+    let mut config = our_config(&d, 6000, 0);
+    config.qemu = rig::QemuBuild::Patched;
+    config.reconnect_ms = Some(200);
+    let took = session(&rig, config, |s| {
+        let held = s.expect("HELD")?;
+        let held_buffers = buffers(&held)?;
+        let memory = s.vm(0).memory()?;
+        check_daemon(&d, &memory, &held_buffers)?;
+        let t = Instant::now();
+        d.kill_and_restart();
+        check_daemon(&d, &memory, &held_buffers).map_err(|e| format!("restarted: {e}"))?;
+        wait_reconnected(&d);
+        eprintln!(
+            "restart while holding: QEMU reconnected after {:.2?}",
+            t.elapsed()
+        );
+        s.go(&held)?;
+        let mut replayed = 0;
+        for round in 0..2 {
+            thread::sleep(Duration::from_millis(1200));
+            replayed += d.stats()["state"]["replayed"].as_u64().unwrap_or(0);
+            let t = Instant::now();
+            d.kill_and_restart();
+            wait_reconnected(&d);
+            eprintln!(
+                "restart {round} in the loop: QEMU reconnected after {:.2?}",
+                t.elapsed()
+            );
+            check_daemon(&d, &memory, &held_buffers)
+                .map_err(|e| format!("restart {round} in the loop: {e}"))?;
+        }
+        let looped = s.expect("HOLD_LOOP")?;
+        let pairs = check_loop(&looped)?;
+        check_daemon(&d, &memory, &held_buffers)?;
+        s.go(&looped)?;
+        let next = s.expect("HOLD_NEXT")?;
+        check_daemon(&d, &memory, &buffers(&next)?)?;
+        s.go(&next)?;
+        s.finish()?;
+        check_guest(s)?;
+        let stats = check_stats(&d, "the last daemon")?;
+        replayed += stats["state"]["replayed"].as_u64().unwrap_or(0);
+        eprintln!(
+            "restart: {pairs} MAP/UNMAP pairs in the loop across 2 restarts, {replayed} \
+             requests answered again from the state file"
+        );
+        Ok(())
+    });
+    eprintln!("a_restarted_daemon_carries_on_under_qemu_reconnect: {took:.1?}");
+}
