@@ -328,7 +328,7 @@ fn main() {
         }
     }
     println!();
-    println!("== targets (issue 13) ==");
+    println!("== targets (state file) ==");
     for (name, backends, medians) in &all {
         if let Some(i) = find(64) {
             let ratio =

@@ -15,7 +15,7 @@
 //! model's `restore`, which rebuilds the page tables). Samples alternate save and load; each
 //! figure is the median of the samples, with the fastest and slowest beside it.
 //!
-//! Goals (issue 13): save and load each within 1 s, at most 16 bytes of state per mapping.
+//! Goals: save and load each within 1 s, at most 16 bytes of state per mapping.
 //! Environment: `STATE_BENCH_SAMPLES` (default 7). Under `cargo test --benches` it runs once on
 //! 10K mappings.
 
@@ -221,7 +221,7 @@ fn main() {
         );
     }
     println!();
-    println!("== targets (issue 13) ==");
+    println!("== targets ==");
     for (name, _, per, save, load) in &rows {
         let met = |ok: bool| if ok { "MET" } else { "NOT MET" };
         println!(
