@@ -232,12 +232,23 @@ fetch_qemu_source() {
     fi
 }
 
+qemu_cached() {
+    [ -x "$1/qemu-system-x86_64" ] && [ -f "$1/stamp" ]
+}
+
+# The stock build's tree, kept (with a .kept mark) when the patched build follows in the same
+# run: the patches then touch a few files of a configured, built tree, and ninja rebuilds only
+# those (a minute instead of a whole build).
+stock_tree=$cache/build-qemu-stock
+
 # build_qemu LABEL DIR [PATCH...]: QEMU into DIR/qemu-system-x86_64, with PATCHes applied.
+# With keep_tree=1 the build tree stays (for the patched build to reuse).
+keep_tree=0
 build_qemu() {
     local label=$1 dir=$2
     shift 2
     local bin=$dir/qemu-system-x86_64
-    if [ -x "$bin" ] && [ -f "$dir/stamp" ]; then
+    if qemu_cached "$dir"; then
         log "QEMU $qemu_version $label cached: $bin"
         return
     fi
@@ -256,25 +267,37 @@ build_qemu() {
     fi
 
     work=$cache/build-qemu-$label
-    rm -rf "$work"
-    mkdir -p "$work"
-    log "unpacking $(basename "$tarball")"
-    # roms/ (firmware sources, 200 MB of the 330) is not needed for an x86 build without blobs.
-    tar --no-same-owner -xJf "$tarball" -C "$work" --exclude='qemu-*/roms/?*'
-    src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n1)
-    [ -f "$src/configure" ] || die "unpacked QEMU source has no configure"
-    build_fix_qemu_source "$src"
+    if [ $# -gt 0 ] && [ -f "$stock_tree/.kept" ]; then
+        # On top of the stock build of this run: same source, same configuration, in place
+        # (a meson build tree names its paths absolutely).
+        log "patching the stock build's tree"
+        rm -f "$stock_tree/.kept"
+        work=$stock_tree
+        src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n1)
+    else
+        rm -rf "$work"
+        mkdir -p "$work"
+        log "unpacking $(basename "$tarball")"
+        # roms/ (firmware sources, 200 MB of the 330) is not needed for an x86 build without
+        # blobs.
+        tar --no-same-owner -xJf "$tarball" -C "$work" --exclude='qemu-*/roms/?*'
+        src=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n1)
+        [ -f "$src/configure" ] || die "unpacked QEMU source has no configure"
+        build_fix_qemu_source "$src"
+    fi
     for p in "$@"; do
         log "applying $(basename "$p")"
         patch -d "$src" -p1 --batch --forward --fuzz=0 <"$p" >"$work/patch.log" 2>&1 \
             || { cat "$work/patch.log" >&2; die "$p does not apply to QEMU $qemu_version"; }
     done
 
-    log "configure"
-    mkdir -p "$src/build"
-    (cd "$src/build" && PATH="$venv/bin:$PATH" ../configure --python="$venv/bin/python3" \
-        "${qemu_configure_flags[@]}" >"$work/configure.log" 2>&1) \
-        || { tail -n 40 "$work/configure.log" >&2; die "QEMU configure failed"; }
+    if [ ! -f "$src/build/build.ninja" ]; then
+        log "configure"
+        mkdir -p "$src/build"
+        (cd "$src/build" && PATH="$venv/bin:$PATH" ../configure --python="$venv/bin/python3" \
+            "${qemu_configure_flags[@]}" >"$work/configure.log" 2>&1) \
+            || { tail -n 40 "$work/configure.log" >&2; die "QEMU configure failed"; }
+    fi
     log "ninja -j$jobs qemu-system-x86_64"
     (cd "$src/build" && PATH="$venv/bin:$PATH" ninja -j"$jobs" qemu-system-x86_64 \
         >"$work/build.log" 2>&1) \
@@ -295,16 +318,28 @@ build_qemu() {
         echo "debian source: qemu $qemu_debian"
         for p in "$@"; do echo "patch: $(basename "$p") $(sha256sum <"$p" | cut -c1-12)"; done
     } >"$dir/stamp"
-    rm -rf "$work"
+    if [ "$keep_tree" = 1 ]; then
+        touch "$work/.kept"
+    else
+        rm -rf "$work"
+    fi
     log "QEMU $label built in $(($(date +%s) - t0))s: $bin"
 }
 
 build_qemus() {
     check_patch_headers
+    # A tree kept by a run that stopped before its patched build: stale.
+    rm -rf "$stock_tree"
+    if [ -n "$qemu_patched_bin" ] && ! qemu_cached "$qemu_dir" \
+        && ! qemu_cached "$qemu_patched_dir"; then
+        keep_tree=1
+    fi
     build_qemu stock "$qemu_dir"
+    keep_tree=0
     if [ -n "$qemu_patched_bin" ]; then
         build_qemu patched "$qemu_patched_dir" "${qemu_patches[@]}"
     fi
+    rm -rf "$stock_tree"
 }
 
 # ---------------------------------------------------------------------------------------------
