@@ -829,7 +829,17 @@ fn hostile_master_messages_end_that_master_only() {
     // --max-masters is turned away.
     let _silent = raw(&rig);
     let _silent2 = raw(&rig);
-    thread::sleep(Duration::from_millis(100));
+    // The bad masters above are gone and the silent ones counted (not a fixed sleep: the
+    // machine may be loaded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rig.masters_stats()["connected"] != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            rig.masters_stats()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     let turned_away = raw(&rig);
     assert_eq!(read_to_close(turned_away), error(ErrorCode::TooMany));
     let stats = rig.masters_stats();
