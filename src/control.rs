@@ -185,11 +185,14 @@ fn line_of(reply: &Value) -> Vec<u8> {
 /// Writes one reply line within the write timeout. False when the client is gone or did not
 /// take the reply in time (counted): the connection is then closed.
 fn send(stream: &UnixStream, reply: &Value, timeouts: Timeouts, stats: &Stats) -> bool {
+    // The line is made before the clock starts: the timeout is the client's to keep, and a
+    // big reply (every group of a large topology) takes a while to serialize.
+    let line = line_of(reply);
     let mut writer = Deadline {
         stream,
         deadline: Instant::now() + timeouts.write,
     };
-    match writer.write_all(&line_of(reply)) {
+    match writer.write_all(&line) {
         Ok(()) => true,
         Err(e) => {
             if timed_out(&e) {

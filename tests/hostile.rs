@@ -613,8 +613,11 @@ fn control_clients_that_never_read_their_replies_are_cut_off() {
         );
         thread::sleep(Duration::from_millis(20));
     }
-    for stream in &deaf {
-        assert!(!read_until_closed(stream).is_empty(), "some replies came");
+    for (i, stream) in deaf.iter().enumerate() {
+        assert!(
+            !read_until_closed(stream).is_empty(),
+            "client {i}: no reply came before the cut-off"
+        );
     }
     let stats = client.request(json!({"cmd": "stats"}));
     let control = &stats["stats"]["control"];
