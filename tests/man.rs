@@ -1,4 +1,4 @@
-//! The man pages in doc/man are generated from the CLI definition (clap_mangen): this test
+//! The man pages in docs/man are generated from the CLI definition (clap_mangen): this test
 //! fails when they are out of date, and rewrites them with
 //! `VHOST_IOMMU_UPDATE_MAN=1 cargo test --test man`.
 
@@ -13,7 +13,7 @@ use vhost_device_iommu::config::Cli;
 const UPDATE: &str = "VHOST_IOMMU_UPDATE_MAN";
 
 fn man_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("doc/man")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/man")
 }
 
 /// Every page: the program's and one per subcommand (`vhost-device-iommu-ctl.1`, ...), as
@@ -60,12 +60,12 @@ fn committed_man_pages_match_the_cli() {
     assert_eq!(
         names(&committed),
         names(&pages),
-        "doc/man has other pages than the CLI defines: run `{UPDATE}=1 cargo test --test man`"
+        "docs/man has other pages than the CLI defines: run `{UPDATE}=1 cargo test --test man`"
     );
     for (name, page) in &pages {
         assert!(
             committed[name] == *page,
-            "doc/man/{name} is out of date with the CLI: run `{UPDATE}=1 cargo test --test man`"
+            "docs/man/{name} is out of date with the CLI: run `{UPDATE}=1 cargo test --test man`"
         );
     }
 }
