@@ -41,8 +41,8 @@ use std::{
 
 use loadgen::{Guest, LoadOptions, SpawnedDaemon};
 use ownership::{Access, DomainKind, EndpointId, Iommu, Limits, Requester, Topology};
-use vhost_device_iommu::testkit::{Chain, Device, Options};
 use vhost_iommu_client::{Endpoint, Master};
+use vhost_iommu_testkit::{Chain, Device, Options};
 use virtio::{MapFlags, Request};
 use vm_memory::Iommu as VmIommu;
 use vm_memory::{GuestAddress, Permissions};

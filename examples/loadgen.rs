@@ -41,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vhost_device_iommu::testkit::{
+use vhost_iommu_testkit::{
     need_event, Chain, Completion, Device, Options, WaitMode, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio::{MapFlags, Request};
@@ -515,7 +515,7 @@ impl Guest {
         // busy-poll the used ring. Like `Virtqueue::round_trip` with `WaitMode::Spin`, but it
         // reads the clock only once per 4096 empty polls instead of twice per completion
         // (a clock read costs ~50 ns on this kind of VM).
-        let batch = |q: &mut vhost_device_iommu::testkit::Virtqueue,
+        let batch = |q: &mut vhost_iommu_testkit::Virtqueue,
                      chains: &[Chain<'_>],
                      errors: &mut u64|
          -> Result<Duration, String> {

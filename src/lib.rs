@@ -18,6 +18,5 @@ pub mod server;
 pub mod state;
 pub mod statefile;
 pub mod stats;
-pub mod testkit;
 pub mod translate;
 pub mod viot;

@@ -323,9 +323,8 @@ impl crate::backend::ReplySink for SliceWriter<'_, '_> {
     }
 }
 
-/// `vring_need_event` (virtio 1.x, 2.7.10): whether `event` lies in `[old, new)`. The one
-/// definition for both sides of a ring: the device's interrupts here, the test driver's
-/// kicks (`testkit`, re-exported there).
+/// `vring_need_event` (virtio 1.x, 2.7.10): whether `event` lies in `[old, new)`. The device's
+/// side (its interrupts); the test kit's driver has its own copy for its kicks.
 pub fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }

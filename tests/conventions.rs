@@ -19,7 +19,7 @@ use std::{
 
 use common::*;
 use serde_json::{json, Value};
-use vhost_device_iommu::testkit::{Device, Options};
+use vhost_iommu_testkit::{Device, Options};
 use virtio::Status;
 
 /// pci-testdev at 00:05.0.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_device_iommu::testkit::{Chain, Options, RawDesc, WaitMode, VRING_DESC_F_WRITE};
+use vhost_iommu_testkit::{Chain, Options, RawDesc, WaitMode, VRING_DESC_F_WRITE};
 use virtio::{
     Config, FaultReason, FaultRecord, ResvMem, ResvMemType, Status, FAULT_F_ADDRESS, FAULT_F_READ,
     FAULT_F_WRITE, F_BYPASS, F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO,
@@ -503,7 +503,7 @@ fn a_second_frontend_after_disconnect_finds_a_fresh_device() {
     assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
     drop(dev);
     // And a third, disconnecting in the middle of the handshake first.
-    let mut conn = vhost_device_iommu::testkit::Connection::connect(
+    let mut conn = vhost_iommu_testkit::Connection::connect(
         &d.socket,
         Duration::from_secs(5),
         Duration::from_secs(5),

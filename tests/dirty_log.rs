@@ -25,9 +25,7 @@ use vhost::{
     vhost_user::{message::VhostUserVirtioFeatures, VhostUserProtocolFeatures},
     VhostBackend, VhostUserDirtyLogRegion,
 };
-use vhost_device_iommu::testkit::{
-    Chain, Completion, Device, MemoryRegion, Options, Virtqueue, WaitMode,
-};
+use vhost_iommu_testkit::{Chain, Completion, Device, MemoryRegion, Options, Virtqueue, WaitMode};
 use virtio::Status;
 
 const PAGE: u64 = 4096;

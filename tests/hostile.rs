@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use vhost::{
     vhost_user::VhostUserProtocolFeatures, VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
 };
-use vhost_device_iommu::testkit::{
+use vhost_iommu_testkit::{
     Chain, Completion, Connection, Device, Error as KitError, GuestMemory, MemoryRegion, Options,
     RawDesc, Virtqueue, WaitMode,
 };

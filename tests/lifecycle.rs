@@ -27,10 +27,8 @@ use vhost::vhost_user::{
     message::{VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures},
     VhostUserFrontend,
 };
-use vhost_device_iommu::{
-    config::{Cli, DaemonConfig},
-    testkit::{Device, Options},
-};
+use vhost_device_iommu::config::{Cli, DaemonConfig};
+use vhost_iommu_testkit::{Device, Options};
 use virtio::{Request, Status};
 
 const PAGE: u64 = 4096;

@@ -26,11 +26,11 @@ use std::{
 use common::{attach, detach, map, send, status, status_of, unmap, Daemon};
 use serde_json::Value;
 use tempfile::TempDir;
-use vhost_device_iommu::testkit::{Device, Options};
 use vhost_iommu_client::{
     wire::{self, ErrorCode},
     Access, Error, Fault, Master,
 };
+use vhost_iommu_testkit::{Device, Options};
 use virtio::{
     FaultReason, FaultRecord, MapFlags, Request, Status, FAULT_F_ADDRESS, FAULT_F_READ,
     FAULT_F_WRITE, FAULT_SIZE,

@@ -46,7 +46,7 @@ use std::{
 
 use common::*;
 use serde_json::json;
-use vhost_device_iommu::testkit::{Chain, Error, Options, Virtqueue, WaitMode};
+use vhost_iommu_testkit::{Chain, Error, Options, Virtqueue, WaitMode};
 use virtio::{FaultRecord, Status, FAULT_SIZE};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 

@@ -18,10 +18,8 @@ use std::{
 use common::*;
 use ownership::reference::Reference;
 use serde_json::{json, Value};
-use vhost_device_iommu::{
-    config::{Cli, DaemonConfig},
-    testkit::{Completion, Device, Options, Token, WaitMode},
-};
+use vhost_device_iommu::config::{Cli, DaemonConfig};
+use vhost_iommu_testkit::{Completion, Device, Options, Token, WaitMode};
 use virtio::{Request, Status};
 
 const PAGE: u64 = 4096;

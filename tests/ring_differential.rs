@@ -38,7 +38,7 @@ use proptest::{
     test_runner::{Config, RngSeed, TestCaseError, TestRunner},
 };
 use serde_json::{json, Value};
-use vhost_device_iommu::testkit::{
+use vhost_iommu_testkit::{
     Chain, Device, GuestMemory, MemoryRegion, Options, RawDesc, VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };

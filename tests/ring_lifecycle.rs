@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::*;
-use vhost_device_iommu::testkit::{
+use vhost_iommu_testkit::{
     Device, GuestMemory, MemoryRegion, Options, RawDesc, Virtqueue, WaitMode, REQUEST_QUEUE,
 };
 use virtio::Status;

@@ -15,10 +15,8 @@ use std::{os::unix::process::ExitStatusExt, process::Command, time::Duration};
 
 use common::*;
 use serde_json::json;
-use vhost_device_iommu::{
-    seccomp::{self, SeccompMode},
-    testkit::{Chain, Options, WaitMode},
-};
+use vhost_device_iommu::seccomp::{self, SeccompMode};
+use vhost_iommu_testkit::{Chain, Options, WaitMode};
 use virtio::{FaultReason, FaultRecord, Status};
 
 /// pci-testdev at 00:05.0; 00:06.0 and 00:06.1 form one group.

@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use vhost_device_iommu::testkit::{Completion, Device, Options};
+use vhost_iommu_testkit::{Completion, Device, Options};
 use virtio::{MapFlags, Request, Status};
 
 pub const PROBE_SIZE: u32 = 512;

@@ -1,6 +1,9 @@
 //! Test kit: a model of "VMM + guest driver" that drives any vhost-user backend over a real unix
 //! socket.
 //!
+//! A crate of its own, for development only: the daemon's library and binary never link it (nor
+//! the frontend half of the vhost-user protocol it needs).
+//!
 //! Integration tests, examples (the load generator) and benchmarks use it to talk to the daemon
 //! exactly as QEMU plus a Linux guest would, without either:
 //!
@@ -21,9 +24,9 @@
 //!   reads like:
 //!
 //! ```no_run
-//! use vhost_device_iommu::testkit::{Device, Options};
+//! use vhost_iommu_testkit::{Device, Options};
 //!
-//! # fn main() -> Result<(), vhost_device_iommu::testkit::Error> {
+//! # fn main() -> Result<(), vhost_iommu_testkit::Error> {
 //! let mut dev = Device::connect("/tmp/iommu.sock", Options::default())?;
 //! let config = dev.config()?;
 //! assert_eq!(config.len(), 40);

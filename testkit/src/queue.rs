@@ -71,7 +71,7 @@ enum Segment<'a> {
 /// descriptor, optionally placed in an indirect descriptor table.
 ///
 /// ```
-/// use vhost_device_iommu::testkit::Chain;
+/// use vhost_iommu_testkit::Chain;
 /// let req = [0u8; 24];
 /// // one readable descriptor, one writable descriptor of 4 bytes
 /// let simple = Chain::request(&req, 4);
@@ -418,7 +418,12 @@ pub struct Virtqueue {
     stats: QueueStats,
 }
 
-pub use crate::ring::need_event;
+/// `vring_need_event` (virtio 1.x, 2.7.10): whether `event` lies in `[old, new)`. The driver's
+/// copy, as a guest has its own: a kit that shared the device's definition could not catch a
+/// device that gets it wrong.
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
 
 fn align_up(x: u64, a: u64) -> u64 {
     (x + a - 1) & !(a - 1)
@@ -1292,6 +1297,19 @@ mod tests {
             ]
         );
         assert_eq!(Chain::request(&[], 4).num_descriptors(), 1);
+    }
+
+    #[test]
+    fn need_event_is_the_specs() {
+        // Kick when avail_event is in [old, new), wrapping included.
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(7, 8, 3));
+        assert!(!need_event(2, 8, 3));
+        assert!(!need_event(9, 9, 9));
+        assert!(need_event(u16::MAX, 1, u16::MAX - 2));
+        assert!(need_event(0, 1, u16::MAX - 2));
+        assert!(!need_event(1, 1, u16::MAX - 2));
     }
 
     fn read_desc(q: &Virtqueue, table: u64, i: u16) -> (u64, u32, u16, u16) {

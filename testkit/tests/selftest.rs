@@ -1,4 +1,4 @@
-//! Self-test of `vhost_device_iommu::testkit` against a throwaway toy backend.
+//! Self-test of `vhost_iommu_testkit` against a throwaway toy backend.
 //!
 //! The toy is a `VhostUserBackend` with 2 queues and a 40-byte config space that answers every
 //! well-formed request chain by writing a 4-byte tail `[0, 0, 0, 0]` as the last 4 writable
@@ -19,7 +19,7 @@ use std::{
 
 use assert_matches::assert_matches;
 use vhost::vhost_user::{Listener, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_device_iommu::testkit::{
+use vhost_iommu_testkit::{
     Chain, Connection, Device, Error, MemoryRegion, Options, RawDesc, WaitMode, CONFIG_SIZE,
 };
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -773,7 +773,7 @@ fn raw_frontend_odd_sequences() {
 }
 
 /// Not a benchmark: a quick throughput figure of the toy with busy-poll reaping.
-/// `cargo test --release --test testkit_selftest -- --ignored --nocapture throughput`
+/// `cargo test --release -p vhost-iommu-testkit --test selftest -- --ignored --nocapture throughput`
 #[test]
 #[ignore]
 fn throughput() {
