@@ -42,7 +42,7 @@ use std::{
 use loadgen::{Guest, LoadOptions, SpawnedDaemon};
 use ownership::{Access, DomainKind, EndpointId, Iommu, Limits, Requester, Topology};
 use vhost_iommu_client::{Endpoint, Master};
-use vhost_iommu_testkit::{Chain, Device, Options};
+use vhost_iommu_testkit::{Chain, Driver, Options};
 use virtio::{MapFlags, Request};
 use vm_memory::Iommu as VmIommu;
 use vm_memory::{GuestAddress, Permissions};
@@ -142,7 +142,7 @@ fn fill(iommu: &mut Iommu, n: u64) {
 struct Remote {
     _daemon: SpawnedDaemon,
     _dir: tempfile::TempDir,
-    _guest: Device,
+    _guest: Driver,
     master: Master,
     endpoint: Endpoint,
 }
@@ -175,8 +175,8 @@ fn remote(n: u64) -> Remote {
         ],
         None,
     );
-    let mut guest = Device::connect(&daemon.socket, Options::default()).expect("guest");
-    let send = |dev: &mut Device, requests: &[Vec<u8>]| {
+    let mut guest = Driver::connect(&daemon.socket, Options::default()).expect("guest");
+    let send = |dev: &mut Driver, requests: &[Vec<u8>]| {
         let chains: Vec<Chain<'_>> = requests.iter().map(|r| Chain::request(r, 4)).collect();
         for c in dev.batch(&chains).expect("batch") {
             assert_eq!(c.data[c.data.len() - 4], 0, "a request failed");

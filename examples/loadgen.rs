@@ -42,7 +42,7 @@ use std::{
 };
 
 use vhost_iommu_testkit::{
-    need_event, Chain, Completion, Device, Options, WaitMode, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    need_event, Chain, Completion, Driver, Options, WaitMode, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio::{MapFlags, Request};
 use vm_memory::{Bytes, GuestMemoryBackend, VolatileMemory};
@@ -92,7 +92,7 @@ impl Default for LoadOptions {
 
 /// What QEMU does when a migration starts: a log in shared memory covering guest RAM
 /// (SET_LOG_BASE with a memfd), then SET_FEATURES with `VHOST_F_LOG_ALL`. Returns the log.
-fn start_dirty_log(dev: &mut Device) -> Result<std::fs::File, String> {
+fn start_dirty_log(dev: &mut Driver) -> Result<std::fs::File, String> {
     use std::os::fd::{AsRawFd, FromRawFd};
     use vhost::{vhost_user::VhostUserVirtioFeatures, VhostBackend, VhostUserDirtyLogRegion};
     let top = dev
@@ -334,7 +334,7 @@ fn status_ok(c: &Completion) -> bool {
 
 /// A connected guest with the endpoint attached to the domain.
 pub struct Guest {
-    pub dev: Device,
+    pub dev: Driver,
     pub opts: LoadOptions,
     /// Pages mapped for good (anchors), as IOVAs.
     anchors: Vec<u64>,
@@ -353,7 +353,7 @@ impl Guest {
         if opts.dirty_log {
             options.protocol_features |= vhost::vhost_user::VhostUserProtocolFeatures::LOG_SHMFD;
         }
-        let mut dev = Device::connect(socket, options).map_err(|e| format!("connect: {e}"))?;
+        let mut dev = Driver::connect(socket, options).map_err(|e| format!("connect: {e}"))?;
         let log = if opts.dirty_log {
             Some(start_dirty_log(&mut dev)?)
         } else {

@@ -19,7 +19,7 @@ use std::{
 
 use common::*;
 use serde_json::{json, Value};
-use vhost_iommu_testkit::{Device, Options};
+use vhost_iommu_testkit::{Driver, Options};
 use virtio::Status;
 
 /// pci-testdev at 00:05.0.
@@ -116,7 +116,7 @@ fn fd_serves_frontend_after_frontend_and_leaves_the_path_alone() {
     assert!(!is_nonblocking(fd), "the daemon made the socket blocking");
 
     {
-        let mut dev = Device::connect(&path, Options::default()).unwrap();
+        let mut dev = Driver::connect(&path, Options::default()).unwrap();
         assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
         assert_eq!(
             status_of(&mut dev, &map(1, 0x1000, 0x1fff, 0x8000)),
@@ -130,7 +130,7 @@ fn fd_serves_frontend_after_frontend_and_leaves_the_path_alone() {
         assert_eq!(t["gpa"], 0x8010, "{t}");
     }
     // The second frontend on the same inherited socket finds a fresh device.
-    let mut dev = Device::connect(&path, Options::default()).unwrap();
+    let mut dev = Driver::connect(&path, Options::default()).unwrap();
     assert_eq!(
         status_of(&mut dev, &map(1, 0x1000, 0x1fff, 0)),
         Status::NoEnt

@@ -25,7 +25,7 @@ use vhost::{
     vhost_user::{message::VhostUserVirtioFeatures, VhostUserProtocolFeatures},
     VhostBackend, VhostUserDirtyLogRegion,
 };
-use vhost_iommu_testkit::{Chain, Completion, Device, MemoryRegion, Options, Virtqueue, WaitMode};
+use vhost_iommu_testkit::{Chain, Completion, Driver, MemoryRegion, Options, Virtqueue, WaitMode};
 use virtio::Status;
 
 const PAGE: u64 = 4096;
@@ -80,7 +80,7 @@ fn options() -> Options {
 }
 
 /// SET_FEATURES with the features the device was set up with, and `VHOST_F_LOG_ALL` if `log`.
-fn set_log_all(dev: &mut Device, log: bool) {
+fn set_log_all(dev: &mut Driver, log: bool) {
     let mut features = dev.options().features_to_ack(dev.negotiated().features);
     if log {
         features |= VhostUserVirtioFeatures::LOG_ALL.bits();
@@ -89,7 +89,7 @@ fn set_log_all(dev: &mut Device, log: bool) {
 }
 
 /// SET_LOG_BASE with the log's memfd, as QEMU sends it (LOG_SHMFD).
-fn set_log_base(dev: &mut Device, log: &Log) {
+fn set_log_base(dev: &mut Driver, log: &Log) {
     let region = VhostUserDirtyLogRegion {
         mmap_size: log.bytes as u64,
         mmap_offset: 0,
@@ -102,7 +102,7 @@ fn set_log_base(dev: &mut Device, log: &Log) {
 }
 
 /// A copy of all of guest memory, region by region.
-fn snapshot(dev: &Device) -> Vec<(u64, Vec<u8>)> {
+fn snapshot(dev: &Driver) -> Vec<(u64, Vec<u8>)> {
     REGIONS
         .iter()
         .map(|r| (r.gpa, dev.memory().read(r.gpa, r.size as usize).unwrap()))
@@ -218,7 +218,7 @@ fn check_round(
 }
 
 /// Stages `chains` on the request queue, runs them as one kick, checks the log.
-fn round(dev: &mut Device, log: &Log, what: &str, chains: &[Chain<'_>]) -> Vec<Completion> {
+fn round(dev: &mut Driver, log: &Log, what: &str, chains: &[Chain<'_>]) -> Vec<Completion> {
     let q = dev.requestq();
     q.hold_avail(true);
     for c in chains {
@@ -256,7 +256,7 @@ fn round(dev: &mut Device, log: &Log, what: &str, chains: &[Chain<'_>]) -> Vec<C
 }
 
 /// MAPs of `n` pages (one request each), a PROBE, and UNMAPs of the same pages.
-fn load(dev: &mut Device, log: &Log, what: &str, base: u64, n: u64, indirect: bool) {
+fn load(dev: &mut Driver, log: &Log, what: &str, base: u64, n: u64, indirect: bool) {
     let maps: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             let iova = base + i * PAGE;

@@ -24,7 +24,7 @@ use vhost::{
     vhost_user::VhostUserProtocolFeatures, VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
 };
 use vhost_iommu_testkit::{
-    Chain, Completion, Connection, Device, Error as KitError, GuestMemory, MemoryRegion, Options,
+    Chain, Completion, Connection, Driver, Error as KitError, GuestRam, MemoryRegion, Options,
     RawDesc, Virtqueue, WaitMode,
 };
 use virtio::Status;
@@ -56,7 +56,7 @@ fn n(v: &Value) -> u64 {
 /// The next frontend is served: the whole set-up, an ATTACH and a DETACH, within the testkit's
 /// timeouts; the daemon is alive and runs exactly one vring worker (none leaked or stuck).
 fn assert_serves(d: &mut Daemon, after: &str) {
-    let mut dev = Device::connect(&d.socket, quick())
+    let mut dev = Driver::connect(&d.socket, quick())
         .unwrap_or_else(|e| panic!("after {after}: the next frontend is not served: {e}"));
     for request in [attach(1, EP), detach(1, EP)] {
         let c = dev
@@ -95,7 +95,7 @@ fn translate(d: &Daemon, endpoint: u32, iova: u64) -> Value {
 }
 
 /// Statuses of a batch of requests sent in one kick.
-fn batch_statuses(dev: &mut Device, requests: &[virtio::Request]) -> Vec<Status> {
+fn batch_statuses(dev: &mut Driver, requests: &[virtio::Request]) -> Vec<Status> {
     let bytes: Vec<Vec<u8>> = requests.iter().map(|r| r.encode()).collect();
     let chains: Vec<Chain<'_>> = bytes.iter().map(|b| Chain::request(b, 4)).collect();
     dev.batch(&chains)
@@ -245,7 +245,7 @@ fn sparse_iova(i: u64) -> u64 {
 
 /// MAPs one page at `sparse_iova(i)` for increasing `i`, 64 per kick, until NOMEM. Returns the
 /// IOVAs mapped and the first one refused.
-fn fill_until_nomem(dev: &mut Device) -> (Vec<u64>, u64) {
+fn fill_until_nomem(dev: &mut Driver) -> (Vec<u64>, u64) {
     let mut mapped = Vec::new();
     for round in 0..1000u64 {
         let iovas: Vec<u64> = (round * 64..round * 64 + 64).map(sparse_iova).collect();
@@ -730,7 +730,7 @@ fn steps(first: Step, last: Step) -> &'static [Step] {
 /// A frontend driven one message at a time: the raw `Connection`, guest memory, both rings.
 struct RawFrontend {
     conn: Connection,
-    mem: GuestMemory,
+    mem: GuestRam,
     queues: Vec<Virtqueue>,
     offered: u64,
     /// Queue sizes sent by SET_VRING_NUM (default: the rings' own).
@@ -741,7 +741,7 @@ struct RawFrontend {
 
 impl RawFrontend {
     fn connect(d: &Daemon) -> RawFrontend {
-        let mem = GuestMemory::with_size(16 << 20).unwrap();
+        let mem = GuestRam::with_size(16 << 20).unwrap();
         let conn =
             Connection::connect(&d.socket, Duration::from_secs(5), Duration::from_secs(5), 2)
                 .expect("connect");
@@ -921,7 +921,7 @@ fn disconnect_with_requests_in_flight_leaves_nothing_to_the_next_frontend() {
         let linger = Duration::from_micros(round % 4 * 150);
         disconnect_with_requests_in_flight(&d, 500, linger);
         // Connecting waits for the old connection to be torn down (its worker joined).
-        let dev = Device::connect(&d.socket, quick()).expect("next frontend");
+        let dev = Driver::connect(&d.socket, quick()).expect("next frontend");
         assert_fresh(&d, &format!("round {round}"));
         drop(dev);
     }
@@ -1009,7 +1009,7 @@ fn reconnect_cycles_leak_no_file_descriptors() {
 }
 
 /// Posts `k` MAP/UNMAP pairs and kicks; returns how many chains are in flight.
-fn post_map_unmap(dev: &mut Device, k: u64) -> usize {
+fn post_map_unmap(dev: &mut Driver, k: u64) -> usize {
     let q = dev.requestq();
     for i in 0..k {
         let (s, e) = (i * PAGE, i * PAGE + PAGE - 1);
@@ -1044,7 +1044,7 @@ fn memory_table_replaced_with_the_same_layout_while_requests_are_in_flight() {
 }
 
 /// Memory tables describing the same memfd differently.
-fn other_layouts(mem: &GuestMemory) -> Vec<(&'static str, Vec<VhostUserMemoryRegionInfo>)> {
+fn other_layouts(mem: &GuestRam) -> Vec<(&'static str, Vec<VhostUserMemoryRegionInfo>)> {
     let region = mem.vhost_regions().unwrap()[0];
     let half = region.memory_size / 2;
     let split = vec![
@@ -1131,7 +1131,7 @@ fn memory_table_swapped_for_fresh_memory_under_a_started_ring() {
     let mut d = Daemon::start(&[]);
     let mut dev = d.connect_with(quick());
     assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
-    let fresh = GuestMemory::with_size(64 << 20).unwrap();
+    let fresh = GuestRam::with_size(64 << 20).unwrap();
     dev.connection().set_mem_table(&fresh).unwrap();
     dev.requestq().kick().unwrap();
     thread::sleep(Duration::from_millis(200));
@@ -1492,7 +1492,7 @@ fn a_frontend_that_never_acks_features_but_kicks() {
 #[test]
 fn a_memory_region_larger_than_its_file() {
     let mut d = Daemon::start(&[]);
-    let mem = GuestMemory::new(&[MemoryRegion::new(0, 1 << 20)]).unwrap();
+    let mem = GuestRam::new(&[MemoryRegion::new(0, 1 << 20)]).unwrap();
     let mut conn =
         Connection::connect(&d.socket, Duration::from_secs(5), Duration::from_secs(5), 2).unwrap();
     let mut q = Virtqueue::new(&mem, 0, 16, 64).unwrap();

@@ -28,7 +28,7 @@ use vhost::vhost_user::{
     VhostUserFrontend,
 };
 use vhost_device_iommu::config::{Cli, DaemonConfig};
-use vhost_iommu_testkit::{Device, Options};
+use vhost_iommu_testkit::{Driver, Options};
 use virtio::{Request, Status};
 
 const PAGE: u64 = 4096;
@@ -83,7 +83,7 @@ impl Rng {
 
 /// Sends `request` to the daemon and applies it to the reference; both must give the same
 /// status.
-fn apply(dev: &mut Device, r: &mut Reference, request: &Request) {
+fn apply(dev: &mut Driver, r: &mut Reference, request: &Request) {
     let got = status_of(dev, request);
     let want = reference_status(r, request);
     assert_eq!(
@@ -94,7 +94,7 @@ fn apply(dev: &mut Device, r: &mut Reference, request: &Request) {
 
 /// A mixed guest load: ATTACH/DETACH over the endpoints and six domains (one identity), now
 /// and then, MAP/UNMAP of 1-4 pages in the first 2048 pages, a few 2 MiB mappings.
-fn load(dev: &mut Device, r: &mut Reference, rng: &mut Rng, requests: usize) {
+fn load(dev: &mut Driver, r: &mut Reference, rng: &mut Rng, requests: usize) {
     let endpoints: Vec<u32> = ENDPOINTS.collect();
     for _ in 0..requests {
         let domain = 1 + rng.below(6) as u32;
@@ -190,7 +190,7 @@ fn check_against(r: &Reference, answers: &[Value]) {
 }
 
 /// The state of a stopped device through SET_DEVICE_STATE_FD(SAVE) and CHECK_DEVICE_STATE.
-fn save(dev: &mut Device) -> Vec<u8> {
+fn save(dev: &mut Driver) -> Vec<u8> {
     // A socket pair stands in for QEMU's pipe: the daemon only reads or writes a descriptor.
     let (mut reader, writer) = UnixStream::pair().unwrap();
     let frontend = dev.connection().frontend();
@@ -209,7 +209,7 @@ fn save(dev: &mut Device) -> Vec<u8> {
 }
 
 /// Loads `bytes` through SET_DEVICE_STATE_FD(LOAD); returns CHECK_DEVICE_STATE's verdict.
-fn load_state(dev: &mut Device, bytes: &[u8]) -> bool {
+fn load_state(dev: &mut Driver, bytes: &[u8]) -> bool {
     let (reader, mut writer) = UnixStream::pair().unwrap();
     let frontend = dev.connection().frontend();
     frontend

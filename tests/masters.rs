@@ -30,7 +30,7 @@ use vhost_iommu_client::{
     wire::{self, ErrorCode},
     Access, Error, Fault, Master,
 };
-use vhost_iommu_testkit::{Device, Options};
+use vhost_iommu_testkit::{Driver, Options};
 use virtio::{
     FaultReason, FaultRecord, MapFlags, Request, Status, FAULT_F_ADDRESS, FAULT_F_READ,
     FAULT_F_WRITE, FAULT_SIZE,
@@ -93,7 +93,7 @@ impl Rig {
     }
 }
 
-fn ok(dev: &mut Device, request: &Request) {
+fn ok(dev: &mut Driver, request: &Request) {
     assert_eq!(status_of(dev, request), Status::Ok, "{request:?}");
 }
 
@@ -113,14 +113,14 @@ fn map_ro(domain: u32, start: u64, end: u64, phys: u64) -> Request {
 
 /// The guest attaches `EP` to domain 1 and maps `pages` pages at `IOVA` to a fresh buffer;
 /// returns the buffer's GPA.
-fn guest_maps(dev: &mut Device, pages: u64) -> u64 {
+fn guest_maps(dev: &mut Driver, pages: u64) -> u64 {
     let buf = dev.memory().alloc(pages * PAGE, PAGE).unwrap();
     ok(dev, &attach(1, EP));
     ok(dev, &map(1, IOVA, IOVA + pages * PAGE - 1, buf.addr));
     buf.addr
 }
 
-fn fault_of(dev: &mut Device) -> FaultRecord {
+fn fault_of(dev: &mut Driver) -> FaultRecord {
     let c = dev
         .wait_event(Duration::from_secs(10))
         .expect("a fault record");

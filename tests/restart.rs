@@ -19,7 +19,7 @@ use common::*;
 use ownership::reference::Reference;
 use serde_json::{json, Value};
 use vhost_device_iommu::config::{Cli, DaemonConfig};
-use vhost_iommu_testkit::{Completion, Device, Options, Token, WaitMode};
+use vhost_iommu_testkit::{Completion, Driver, Options, Token, WaitMode};
 use virtio::{Request, Status};
 
 const PAGE: u64 = 4096;
@@ -152,7 +152,7 @@ fn reference_state(r: &Reference) -> Value {
 
 /// Every chain in flight on the request queue, completed (the restarted daemon answers the
 /// rewound ones too).
-fn complete_all(dev: &mut Device) -> Vec<Completion> {
+fn complete_all(dev: &mut Driver) -> Vec<Completion> {
     let n = dev.requestq().in_flight();
     let mut done = Vec::new();
     dev.requestq()

@@ -39,7 +39,7 @@ fn chains(pairs: &[[Vec<u8>; 2]]) -> Vec<Chain<'_>> {
 }
 
 /// Waits for `count` completions of the request queue, in any order.
-fn reap(dev: &mut vhost_iommu_testkit::Device, count: usize) -> Vec<Completion> {
+fn reap(dev: &mut vhost_iommu_testkit::Driver, count: usize) -> Vec<Completion> {
     let mut out = Vec::new();
     dev.requestq()
         .wait_n(count, WaitMode::Poll, WAIT, &mut out)
@@ -51,7 +51,7 @@ fn reap(dev: &mut vhost_iommu_testkit::Device, count: usize) -> Vec<Completion> 
 /// A request whose device-readable bytes start 10 bytes before `boundary` (the testkit's
 /// allocator never lets a buffer straddle regions, so raw descriptors), its tail at `tail`.
 fn straddling_request(
-    dev: &mut vhost_iommu_testkit::Device,
+    dev: &mut vhost_iommu_testkit::Driver,
     boundary: u64,
     req: &[u8],
     tail: u64,
@@ -231,13 +231,13 @@ fn avail_and_used_indices_wrap_at_65535_with_fallbacks_around_the_wrap() {
 }
 
 /// Reads the call eventfd's counter: how many times the device signalled since the last read.
-fn signals(dev: &mut vhost_iommu_testkit::Device) -> u64 {
+fn signals(dev: &mut vhost_iommu_testkit::Driver) -> u64 {
     dev.requestq().call_fd().read().unwrap_or(0)
 }
 
 /// Waits up to 2 s for at least one signal (the device writes the eventfd just after it
 /// publishes the used index, so a completion can be seen first).
-fn await_signals(dev: &mut vhost_iommu_testkit::Device) -> u64 {
+fn await_signals(dev: &mut vhost_iommu_testkit::Driver) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let s = signals(dev);

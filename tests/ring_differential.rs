@@ -39,7 +39,7 @@ use proptest::{
 };
 use serde_json::{json, Value};
 use vhost_iommu_testkit::{
-    Chain, Device, GuestMemory, MemoryRegion, Options, RawDesc, VRING_DESC_F_INDIRECT,
+    Chain, Driver, GuestRam, MemoryRegion, Options, RawDesc, VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio::{MapFlags, Request};
@@ -858,7 +858,7 @@ struct Observed {
 }
 
 /// Writes `bytes` at `addr` where guest memory has them (a buffer may run out of memory).
-fn write_lenient(mem: &GuestMemory, addr: u64, bytes: &[u8]) {
+fn write_lenient(mem: &GuestRam, addr: u64, bytes: &[u8]) {
     if mem.contains(addr, bytes.len() as u64) {
         mem.write(addr, bytes).unwrap();
         return;
@@ -871,7 +871,7 @@ fn write_lenient(mem: &GuestMemory, addr: u64, bytes: &[u8]) {
     }
 }
 
-fn fill_windows(mem: &GuestMemory) {
+fn fill_windows(mem: &GuestRam) {
     for (_, addr, len) in WINDOWS {
         // The window across regions 0/1 is written region by region.
         write_lenient(mem, addr, &vec![POISON; len as usize]);
@@ -883,7 +883,7 @@ fn sentinel() -> Vec<u8> {
     attach(1, 0xffff).encode()
 }
 
-fn run_step(dev: &mut Device, plan: &Plan) -> Result<Observed, String> {
+fn run_step(dev: &mut Driver, plan: &Plan) -> Result<Observed, String> {
     let mem = dev.memory().clone();
     fill_windows(&mem);
     for (addr, bytes) in &plan.writes {

@@ -19,7 +19,7 @@ use std::{
 
 use common::*;
 use vhost_iommu_testkit::{
-    Device, GuestMemory, MemoryRegion, Options, RawDesc, Virtqueue, WaitMode, REQUEST_QUEUE,
+    Driver, GuestRam, MemoryRegion, Options, RawDesc, Virtqueue, WaitMode, REQUEST_QUEUE,
 };
 use virtio::Status;
 
@@ -179,7 +179,7 @@ const DONE: u8 = 5;
 
 /// One PROBE whose buffers are in `extra` (raw descriptors: the queue's allocator knows only
 /// the first memory); its OK tail read back from there.
-fn request_in(q: &mut Virtqueue, extra: &GuestMemory, at: u64) -> Result<(), String> {
+fn request_in(q: &mut Virtqueue, extra: &GuestRam, at: u64) -> Result<(), String> {
     let bytes = probe(EP).encode();
     let reply = at + 0x100;
     extra.write(at, &bytes).unwrap();
@@ -201,12 +201,7 @@ fn request_in(q: &mut Virtqueue, extra: &GuestMemory, at: u64) -> Result<(), Str
 /// A steady stream of requests, one at a time as Linux's driver sends them, so that the
 /// engine never stops polling; in the GROWN phase their buffers are in the extra memory.
 /// `answered` counts them before, in and after the extra memory.
-fn steady_load(
-    q: &mut Virtqueue,
-    extra: &GuestMemory,
-    phase: &AtomicU8,
-    answered: &[AtomicU64; 3],
-) {
+fn steady_load(q: &mut Virtqueue, extra: &GuestRam, phase: &AtomicU8, answered: &[AtomicU64; 3]) {
     loop {
         match phase.load(Ordering::Acquire) {
             GROWN => {
@@ -236,10 +231,10 @@ fn the_memory_table_replaced_under_a_polling_engine() {
         let d = Daemon::start(&["--ring-fast-path", fast, "--poll-us", "2000"]);
         for event_idx in [true, false] {
             let what = format!("fast path {fast}, event_idx {event_idx}");
-            let mut dev: Device = d.connect_with(options(event_idx));
+            let mut dev: Driver = d.connect_with(options(event_idx));
             let mem = dev.memory().clone();
             // 1 MiB of RAM at 1 GiB, hot-plugged then removed.
-            let extra = GuestMemory::new(&[MemoryRegion::new(0x4000_0000, 1 << 20)]).unwrap();
+            let extra = GuestRam::new(&[MemoryRegion::new(0x4000_0000, 1 << 20)]).unwrap();
             let phase = AtomicU8::new(BASE_ONLY);
             let answered = [const { AtomicU64::new(0) }; 3];
             let (q, _, conn) = dev.parts();

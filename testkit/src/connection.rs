@@ -20,8 +20,8 @@ use vhost::{
 
 use super::{
     error::{Error, Result},
-    memory::GuestMemory,
     queue::Virtqueue,
+    ram::GuestRam,
 };
 
 /// Connects a unix stream socket to `path`, retrying while the backend is not listening yet
@@ -343,13 +343,13 @@ impl Connection {
     }
 
     /// `SET_MEM_TABLE` with every region of `mem`.
-    pub fn set_mem_table(&mut self, mem: &GuestMemory) -> Result<()> {
+    pub fn set_mem_table(&mut self, mem: &GuestRam) -> Result<()> {
         self.set_mem_tables(&[mem])
     }
 
     /// `SET_MEM_TABLE` with every region of each of `mems` (their guest-physical ranges must
     /// not overlap): guest RAM grown by another memory, as after a memory hot-plug.
-    pub fn set_mem_tables(&mut self, mems: &[&GuestMemory]) -> Result<()> {
+    pub fn set_mem_tables(&mut self, mems: &[&GuestRam]) -> Result<()> {
         let mut regions = Vec::new();
         for mem in mems {
             regions.extend(mem.vhost_regions()?);

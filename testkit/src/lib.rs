@@ -7,7 +7,7 @@
 //! Integration tests, examples (the load generator) and benchmarks use it to talk to the daemon
 //! exactly as QEMU plus a Linux guest would, without either:
 //!
-//! - [`GuestMemory`]: memfd-backed guest RAM (one or more regions, 64 MiB at GPA 0 by default),
+//! - [`GuestRam`]: memfd-backed guest RAM (one or more regions, 64 MiB at GPA 0 by default),
 //!   shared with the backend through `SET_MEM_TABLE`, with a small allocator and byte accessors.
 //! - [`Connection`]: the vhost-user frontend (the VMM side of the protocol). Every message it
 //!   sends is guarded by a watchdog, so a backend that never answers fails the test with
@@ -19,15 +19,15 @@
 //!   ([`RawDesc`]), kicks (honouring `VRING_USED_F_NO_NOTIFY` and `avail_event` when asked), and
 //!   reaps completions by busy-polling the used ring or by waiting on the call eventfd
 //!   ([`WaitMode`]), always with a timeout.
-//! - [`Device`]: the convenience layer. [`Device::connect`] performs the whole VMM-like set-up
+//! - [`Driver`]: the convenience layer. [`Driver::connect`] performs the whole VMM-like set-up
 //!   of a virtio-iommu (request queue 0, event queue 1, 40-byte config space), so that a test
 //!   reads like:
 //!
 //! ```no_run
-//! use vhost_iommu_testkit::{Device, Options};
+//! use vhost_iommu_testkit::{Driver, Options};
 //!
 //! # fn main() -> Result<(), vhost_iommu_testkit::Error> {
-//! let mut dev = Device::connect("/tmp/iommu.sock", Options::default())?;
+//! let mut dev = Driver::connect("/tmp/iommu.sock", Options::default())?;
 //! let config = dev.config()?;
 //! assert_eq!(config.len(), 40);
 //! let reply = dev.request(&[1, 0, 0, 0, 0, 0, 0, 0], 4)?;
@@ -45,19 +45,19 @@
 //! hang.
 
 mod connection;
-mod device;
+mod driver;
 mod error;
-mod memory;
 mod queue;
+mod ram;
 
 pub use self::{
     connection::{connect_socket, Connection, Negotiated},
-    device::{Device, Options, CONFIG_SIZE, EVENT_QUEUE, NUM_QUEUES, REQUEST_QUEUE},
+    driver::{Driver, Options, CONFIG_SIZE, EVENT_QUEUE, NUM_QUEUES, REQUEST_QUEUE},
     error::{Error, Result},
-    memory::{GuestBuf, GuestMemory, MemoryRegion, DEFAULT_MEMORY_SIZE},
     queue::{
         need_event, Chain, Completion, ExternalRings, QueueStats, RawDesc, RawNext, Token,
         Virtqueue, WaitMode, DEFAULT_POISON, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
         VRING_DESC_F_WRITE,
     },
+    ram::{GuestBuf, GuestRam, MemoryRegion, DEFAULT_MEMORY_SIZE},
 };

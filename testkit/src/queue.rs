@@ -1,4 +1,4 @@
-//! A split virtqueue driver (virtio 1.x, section 2.7) laid out in [`GuestMemory`].
+//! A split virtqueue driver (virtio 1.x, section 2.7) laid out in [`GuestRam`].
 //!
 //! The driver side of the rings: it writes descriptors and the available ring, reads the used
 //! ring, and owns the kick and call eventfds that the frontend hands to the backend.
@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
     error::{Error, Result},
-    memory::{GuestBuf, GuestMemory},
+    ram::{GuestBuf, GuestRam},
 };
 
 /// Descriptor flag: the chain continues at `next`.
@@ -381,12 +381,12 @@ struct InFlight {
 /// [`wait`](Self::wait).
 ///
 /// Buffers of a chain go into a per-head slot of `slot_size` bytes when they fit, so the hot
-/// path allocates nothing; larger chains use the [`GuestMemory`] allocator.
+/// path allocates nothing; larger chains use the [`GuestRam`] allocator.
 #[derive(Debug)]
 pub struct Virtqueue {
     index: u16,
     size: u16,
-    mem: GuestMemory,
+    mem: GuestRam,
     rings: GuestBuf,
     desc_table: u64,
     avail: u64,
@@ -432,7 +432,7 @@ fn align_up(x: u64, a: u64) -> u64 {
 impl Virtqueue {
     /// Lays out a queue of `size` entries (a power of two up to 32768) for queue `index`, with
     /// per-head buffer slots of `slot_size` bytes (0: always use the allocator).
-    pub fn new(mem: &GuestMemory, index: u16, size: u16, slot_size: u32) -> Result<Self> {
+    pub fn new(mem: &GuestRam, index: u16, size: u16, slot_size: u32) -> Result<Self> {
         if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
             return Err(Error::InvalidArgument(format!(
                 "queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}"
@@ -539,7 +539,7 @@ impl Virtqueue {
     }
 
     /// The guest memory the queue lives in.
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &GuestRam {
         &self.mem
     }
 
@@ -1326,7 +1326,7 @@ mod tests {
     /// Plays the device by hand: reads the chain back and completes it.
     #[test]
     fn post_layout_and_reap() {
-        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mem = GuestRam::with_size(1 << 20).unwrap();
         let mut q = Virtqueue::new(&mem, 0, 8, 256).unwrap();
         let t = q
             .post_chain(&Chain::new().readable_split(b"abcdef", 2).writable(4))
@@ -1368,7 +1368,7 @@ mod tests {
 
     #[test]
     fn external_driver_hand_over() {
-        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mem = GuestRam::with_size(1 << 20).unwrap();
         let mut q = Virtqueue::new(&mem, 0, 8, 256).unwrap();
         q.post(b"req", 4).unwrap();
         assert!(q.begin_external().is_err(), "a chain is in flight");
@@ -1394,7 +1394,7 @@ mod tests {
 
     #[test]
     fn indirect_and_raw_layout() {
-        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mem = GuestRam::with_size(1 << 20).unwrap();
         let mut q = Virtqueue::new(&mem, 0, 4, 0).unwrap();
         q.post_chain(&Chain::request(b"xy", 4).indirect()).unwrap();
         assert_eq!(q.num_free(), 3);
@@ -1423,7 +1423,7 @@ mod tests {
 
     #[test]
     fn kick_suppression() {
-        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mem = GuestRam::with_size(1 << 20).unwrap();
         let mut q = Virtqueue::new(&mem, 0, 8, 64).unwrap();
         q.post(b"a", 4).unwrap();
         assert!(q.notify().unwrap());
@@ -1446,7 +1446,7 @@ mod tests {
 
     #[test]
     fn a_held_avail_index_is_published_by_notify_not_by_kick() {
-        let mem = GuestMemory::with_size(1 << 20).unwrap();
+        let mem = GuestRam::with_size(1 << 20).unwrap();
         let mut q = Virtqueue::new(&mem, 0, 8, 64).unwrap();
         let ring_idx = |q: &Virtqueue| mem.read_u16(q.avail_addr() + 2).unwrap();
         q.hold_avail(true);

@@ -20,7 +20,7 @@ use std::{
 use assert_matches::assert_matches;
 use vhost::vhost_user::{Listener, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_iommu_testkit::{
-    Chain, Connection, Device, Error, MemoryRegion, Options, RawDesc, WaitMode, CONFIG_SIZE,
+    Chain, Connection, Driver, Error, MemoryRegion, Options, RawDesc, WaitMode, CONFIG_SIZE,
 };
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::{
@@ -322,8 +322,8 @@ impl ToyServer {
         }
     }
 
-    fn connect(&self, options: Options) -> Device {
-        Device::connect(&self.path, options).expect("connect to the toy backend")
+    fn connect(&self, options: Options) -> Driver {
+        Driver::connect(&self.path, options).expect("connect to the toy backend")
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use vhost_iommu_testkit::{Completion, Device, Options};
+use vhost_iommu_testkit::{Completion, Driver, Options};
 use virtio::{MapFlags, Request, Status};
 
 pub const PROBE_SIZE: u32 = 512;
@@ -132,12 +132,12 @@ impl Daemon {
     }
 
     /// Connects a frontend with default options (EVENT_IDX, indirect, all device features).
-    pub fn connect(&self) -> Device {
+    pub fn connect(&self) -> Driver {
         self.connect_with(Options::default())
     }
 
-    pub fn connect_with(&self, options: Options) -> Device {
-        Device::connect(&self.socket, options).expect("frontend connects")
+    pub fn connect_with(&self, options: Options) -> Driver {
+        Driver::connect(&self.socket, options).expect("frontend connects")
     }
 
     /// Sends one control request and returns the reply.
@@ -196,7 +196,7 @@ impl Drop for Daemon {
 }
 
 /// Sends a request and returns its completion.
-pub fn send(dev: &mut Device, request: &Request) -> Completion {
+pub fn send(dev: &mut Driver, request: &Request) -> Completion {
     dev.request(&request.encode(), request.writable_len(PROBE_SIZE))
         .expect("request completes")
 }
@@ -212,7 +212,7 @@ pub fn status(c: &Completion) -> Status {
 }
 
 /// Sends a request and returns its status.
-pub fn status_of(dev: &mut Device, request: &Request) -> Status {
+pub fn status_of(dev: &mut Driver, request: &Request) -> Status {
     status(&send(dev, request))
 }
 

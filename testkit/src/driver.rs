@@ -16,8 +16,8 @@ use virtio_bindings::{
 use super::{
     connection::{Connection, Negotiated},
     error::{Error, Result},
-    memory::{GuestMemory, MemoryRegion, DEFAULT_MEMORY_SIZE},
     queue::{Chain, Completion, RawDesc, Token, Virtqueue, WaitMode},
+    ram::{GuestRam, MemoryRegion, DEFAULT_MEMORY_SIZE},
 };
 
 /// Index of the virtio-iommu request queue.
@@ -32,7 +32,7 @@ pub const CONFIG_SIZE: u32 = 40;
 /// Feature bits reserved for the device type (virtio 1.x section 6: 0 to 23 and 50 to 127).
 const DEVICE_FEATURE_BITS: u64 = 0x00ff_ffff | (!0u64 << 50);
 
-/// How [`Device::connect`] sets the device up. Start from `Options::default()` and override
+/// How [`Driver::connect`] sets the device up. Start from `Options::default()` and override
 /// fields: `Options { event_idx: false, ..Options::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -61,7 +61,7 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Timeout of each vhost-user request and of each wait for a completion (default 10 s).
     pub timeout: Duration,
-    /// How [`Device::request`] and friends wait (default [`WaitMode::Poll`]).
+    /// How [`Driver::request`] and friends wait (default [`WaitMode::Poll`]).
     pub wait: WaitMode,
     /// Ask for interrupts on the request queue (default false: Linux's virtio-iommu driver polls
     /// it and sets `VRING_AVAIL_F_NO_INTERRUPT`).
@@ -126,22 +126,22 @@ impl Options {
 ///
 /// Dropping it disconnects.
 #[derive(Debug)]
-pub struct Device {
+pub struct Driver {
     // Queues first: they free their guest memory before the connection goes away.
     requestq: Virtqueue,
     eventq: Virtqueue,
     conn: Connection,
-    mem: GuestMemory,
+    mem: GuestRam,
     options: Options,
     others: VecDeque<Completion>,
 }
 
-impl Device {
+impl Driver {
     /// Connects to `socket` and performs the whole set-up: `GET_FEATURES`,
     /// `GET/SET_PROTOCOL_FEATURES`, `GET_QUEUE_NUM` (with `MQ`), `SET_OWNER`, then
-    /// [`Device::start`].
+    /// [`Driver::start`].
     pub fn connect(socket: impl AsRef<Path>, options: Options) -> Result<Self> {
-        let mem = GuestMemory::new(&options.memory)?;
+        let mem = GuestRam::new(&options.memory)?;
         let mut conn = Connection::connect(
             socket,
             options.connect_timeout,
@@ -204,8 +204,8 @@ impl Device {
         Ok(())
     }
 
-    /// Restarts the queues after [`Device::stop`] without touching the rings, as QEMU does when
-    /// a stopped VM resumes: same messages as [`Device::start`], with `SET_VRING_BASE(bases)`
+    /// Restarts the queues after [`Driver::stop`] without touching the rings, as QEMU does when
+    /// a stopped VM resumes: same messages as [`Driver::start`], with `SET_VRING_BASE(bases)`
     /// (what `stop` returned). Chains posted meanwhile are processed once the queues run.
     pub fn resume(&mut self, bases: [u16; 2]) -> Result<()> {
         self.configure(bases)
@@ -239,7 +239,7 @@ impl Device {
     }
 
     /// Device reset as QEMU performs it: stop both queues, `RESET_DEVICE` if negotiated, then
-    /// [`Device::start`] again on zeroed rings. Chains in flight are forgotten.
+    /// [`Driver::start`] again on zeroed rings. Chains in flight are forgotten.
     pub fn reset(&mut self) -> Result<()> {
         self.stop()?;
         if self
@@ -316,7 +316,7 @@ impl Device {
     }
 
     /// Sends one chain and waits for its completion. Completions of other chains reaped
-    /// meanwhile are kept for [`Device::take_other_completions`].
+    /// meanwhile are kept for [`Driver::take_other_completions`].
     pub fn request_chain(&mut self, chain: &Chain<'_>) -> Result<Completion> {
         let token = self.requestq.post_chain(chain)?;
         self.notify_requests()?;
@@ -349,7 +349,7 @@ impl Device {
 
     /// Posts every chain, notifies once, waits for all; completions in posting order.
     /// Completions of other chains reaped meanwhile are kept for
-    /// [`Device::take_other_completions`].
+    /// [`Driver::take_other_completions`].
     pub fn batch(&mut self, chains: &[Chain<'_>]) -> Result<Vec<Completion>> {
         let mut tokens = Vec::with_capacity(chains.len());
         for c in chains {
@@ -416,7 +416,7 @@ impl Device {
     }
 
     /// Guest memory (shared with the backend).
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &GuestRam {
         &self.mem
     }
 

@@ -44,7 +44,7 @@ impl MemoryRegion {
     }
 }
 
-/// A buffer handed out by [`GuestMemory::alloc`]: `len` bytes at guest-physical `addr`.
+/// A buffer handed out by [`GuestRam::alloc`]: `len` bytes at guest-physical `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GuestBuf {
     /// Guest-physical address.
@@ -128,7 +128,7 @@ struct Inner {
 ///
 /// Cloning is cheap and shares the same memory and allocator.
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
+pub struct GuestRam {
     inner: Arc<Inner>,
 }
 
@@ -152,7 +152,7 @@ fn memfd(size: u64) -> Result<File> {
     Ok(file)
 }
 
-impl GuestMemory {
+impl GuestRam {
     /// One region of `size` bytes at GPA 0.
     pub fn with_size(size: u64) -> Result<Self> {
         Self::new(&[MemoryRegion::new(0, size)])
@@ -208,7 +208,7 @@ impl GuestMemory {
 
     /// The regions as `SET_MEM_TABLE` describes them (fd, offset, GPA, size, VMM address).
     ///
-    /// The file descriptors stay owned by this `GuestMemory`.
+    /// The file descriptors stay owned by this `GuestRam`.
     pub fn vhost_regions(&self) -> Result<Vec<VhostUserMemoryRegionInfo>> {
         self.inner
             .mmap
@@ -438,7 +438,7 @@ mod tests {
 
     #[test]
     fn memory_alloc_rw_and_vhost_regions() {
-        let mem = GuestMemory::new(&[
+        let mem = GuestRam::new(&[
             MemoryRegion::new(0, 0x10000),
             MemoryRegion::new(0x100000, 0x10000),
         ])
