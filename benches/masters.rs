@@ -127,13 +127,7 @@ fn fill(iommu: &mut Iommu, n: u64) {
     iommu.attach(1, EP, DomainKind::Paging).unwrap();
     for i in 0..n {
         iommu
-            .map(
-                1,
-                iova(i),
-                iova(i) + PAGE - 1,
-                gpa(i),
-                ownership::PERM_READ | ownership::PERM_WRITE,
-            )
+            .map(1, iova(i), iova(i) + PAGE - 1, gpa(i), ownership::Perms::RW)
             .unwrap();
     }
 }

@@ -41,8 +41,7 @@ use std::{
 };
 
 use ownership::{
-    Access, Dma, DomainKind, Fault, Iommu, Limits, Mapping, Requester, Topology, Translator,
-    PERM_READ, PERM_WRITE,
+    Access, Dma, DomainKind, Fault, Iommu, Limits, Mapping, Perms, Requester, Topology, Translator,
 };
 
 // ---- a counting allocator (on only in the memory child processes) ------------------------
@@ -91,7 +90,7 @@ static ALLOC: Counting = Counting;
 
 const EP: u32 = 0x28;
 const DOMAIN: u32 = 1;
-const RW: u64 = PERM_READ | PERM_WRITE;
+const RW: Perms = Perms::RW;
 const K4: u64 = 4 << 10;
 const K64: u64 = 64 << 10;
 const M2: u64 = 2 << 20;
@@ -312,11 +311,7 @@ impl Baseline {
         if iova > m.virt_end {
             return None;
         }
-        let needed = match access {
-            Access::Read => PERM_READ,
-            Access::Write => PERM_WRITE,
-        };
-        if m.perms & needed == 0 {
+        if !m.perms.allows(access) {
             return None;
         }
         Some((

@@ -23,8 +23,7 @@ use crate::{
 const DEFAULT_ENDPOINTS: &str = "00:00.0-ff:1f.7";
 
 /// The most page-table memory an arena holds, in MiB.
-const MAX_TABLE_MIB: u64 =
-    (ownership::pagetable::MAX_NODES * ownership::pagetable::NODE_BYTES) >> 20;
+const MAX_TABLE_MIB: u64 = ownership::MAX_TABLE_BYTES >> 20;
 /// Longest control-socket timeout accepted: a day.
 const MAX_CONTROL_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 

@@ -29,7 +29,7 @@ use std::{
 };
 
 use log::{debug, warn};
-use ownership::{Access, DomainKind, EndpointId, Fault, GroupId, Requester};
+use ownership::{Access, DomainKind, EndpointId, Fault, GroupId, Perms, Requester};
 use serde_json::{json, Value};
 
 use crate::{
@@ -438,9 +438,9 @@ impl Session<'_> {
                     "virt_start": m.virt_start,
                     "virt_end": m.virt_end,
                     "phys_start": m.phys_start,
-                    "read": m.perms & ownership::PERM_READ != 0,
-                    "write": m.perms & ownership::PERM_WRITE != 0,
-                    "mmio": m.perms & ownership::PERM_MMIO != 0,
+                    "read": m.perms.contains(Perms::READ),
+                    "write": m.perms.contains(Perms::WRITE),
+                    "mmio": m.perms.contains(Perms::MMIO),
                 })
             })
             .collect();

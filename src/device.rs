@@ -4,7 +4,7 @@
 //! wire format's own refusals carry their status in `virtio::ParseError::status`. Nothing here
 //! knows about queues or sockets, so every rule is testable with plain byte slices.
 
-use ownership::{DomainKind, Error, Iommu, ResvKind, ResvRegion};
+use ownership::{DomainKind, Error, Iommu, Perms, ResvKind, ResvRegion};
 use virtio::{
     encode_probe_properties, MapFlags, ParseError, Request, RequestType, ResvMem, ResvMemType,
     Status,
@@ -36,18 +36,12 @@ pub fn status_of(err: &Error) -> Status {
     }
 }
 
-/// Model permission bits of a MAP request.
-pub fn perms_of(flags: MapFlags) -> u64 {
-    let mut perms = 0;
-    if flags.read {
-        perms |= ownership::PERM_READ;
-    }
-    if flags.write {
-        perms |= ownership::PERM_WRITE;
-    }
-    if flags.mmio {
-        perms |= ownership::PERM_MMIO;
-    }
+/// The permissions a MAP request asks for.
+pub fn perms_of(flags: MapFlags) -> Perms {
+    let mut perms = Perms::empty();
+    perms.set(Perms::READ, flags.read);
+    perms.set(Perms::WRITE, flags.write);
+    perms.set(Perms::MMIO, flags.mmio);
     perms
 }
 

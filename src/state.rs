@@ -47,10 +47,7 @@
 
 use std::io::Read;
 
-use ownership::{
-    Attachment, DomainKind, DomainState, GuestState, Mapping, Topology, PERM_MMIO, PERM_READ,
-    PERM_WRITE,
-};
+use ownership::{Attachment, DomainKind, DomainState, GuestState, Mapping, Perms, Topology};
 use thiserror::Error;
 use virtio::{FaultRecord, FAULT_SIZE};
 
@@ -169,10 +166,10 @@ fn put_z(out: &mut Vec<u8>, v: i64) {
     put_v(out, ((v << 1) ^ (v >> 63)) as u64);
 }
 
-fn map_flags(perms: u64) -> u8 {
-    u8::from(perms & PERM_READ != 0)
-        | u8::from(perms & PERM_WRITE != 0) << 1
-        | u8::from(perms & PERM_MMIO != 0) << 2
+fn map_flags(perms: Perms) -> u8 {
+    u8::from(perms.contains(Perms::READ))
+        | u8::from(perms.contains(Perms::WRITE)) << 1
+        | u8::from(perms.contains(Perms::MMIO)) << 2
 }
 
 /// Encodes `state` (see the module documentation for the format).
@@ -385,10 +382,10 @@ pub fn decode(bytes: &[u8], fingerprint: u32, caps: &Caps) -> Result<DeviceState
             if flags & !7 != 0 {
                 return Err(StateError::Body("unknown mapping flags"));
             }
-            let perms = [(1, PERM_READ), (2, PERM_WRITE), (4, PERM_MMIO)]
+            let perms = [(1, Perms::READ), (2, Perms::WRITE), (4, Perms::MMIO)]
                 .iter()
                 .filter(|(bit, _)| flags & bit != 0)
-                .fold(0, |p, (_, perm)| p | perm);
+                .fold(Perms::empty(), |p, (_, perm)| p | *perm);
             mappings.push(Mapping {
                 virt_start: start << PAGE_SHIFT,
                 virt_end: (last << PAGE_SHIFT) | ((1 << PAGE_SHIFT) - 1),
@@ -489,7 +486,7 @@ mod tests {
                 i * PAGE,
                 i * PAGE + PAGE - 1,
                 0x100_0000 + i * PAGE,
-                PERM_READ,
+                Perms::READ,
             )
             .unwrap();
         }
@@ -498,7 +495,7 @@ mod tests {
             1 << 40,
             (1 << 40) + (2 << 20) - 1,
             0x20_0000,
-            PERM_WRITE | PERM_MMIO,
+            Perms::WRITE | Perms::MMIO,
         )
         .unwrap();
         DeviceState {
@@ -533,7 +530,7 @@ mod tests {
             virt_start,
             virt_end,
             phys_start,
-            perms: PERM_READ,
+            perms: Perms::READ,
         };
         let state = DeviceState {
             guest: GuestState {

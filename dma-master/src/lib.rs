@@ -74,11 +74,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ownership::{
-    remote::{LayoutError, RemoteEndpoint, RemoteTables},
-    EndpointView, Requester, SharedWords,
-};
 pub use ownership::{Access, Dma, EndpointId, Fault, ResvKind, ResvRegion, Translation};
+use ownership::{EndpointView, LayoutError, RemoteEndpoint, RemoteTables, Requester, SharedWords};
 use shm::Words;
 use thiserror::Error;
 use vm_memory::Iotlb;

@@ -24,8 +24,7 @@ use vhost_device_iommu::{
     config::{Cli, Command, DaemonConfig, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC},
 };
 use vhost_iommu_testkit::{
-    VRING_DESC_F_INDIRECT as F_INDIRECT, VRING_DESC_F_NEXT as F_NEXT,
-    VRING_DESC_F_WRITE as F_WRITE,
+    VRING_DESC_F_INDIRECT as F_INDIRECT, VRING_DESC_F_NEXT as F_NEXT, VRING_DESC_F_WRITE as F_WRITE,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio::{

@@ -11,8 +11,8 @@
 
 use arbitrary::Arbitrary;
 use ownership::{
-    Access, DomainId, DomainKind, EndpointId, Error, GroupId, Iommu, Limits, Requester, ResvKind,
-    ResvRegion, Topology, Translator, X86_MSI_REGION,
+    Access, DomainId, DomainKind, EndpointId, Error, GroupId, Iommu, Limits, Perms, Requester,
+    ResvKind, ResvRegion, Topology, Translator, X86_MSI_REGION,
 };
 
 use crate::enc::decode_all;
@@ -389,7 +389,7 @@ fn apply(m: &mut Iommu, r: &mut Reference, t: &Translator, s: &Setup, op: &Op) {
         } => {
             let s = start.get(page);
             let e = len.end(s, page);
-            let (p, f) = (phys.get(page), u64::from(perms) << 2);
+            let (p, f) = (phys.get(page), Perms::from_bits_retain(perms));
             (
                 m.map(d.get(), s, e, p, f).map(|_| 0),
                 r.map(d.get(), s, e, p, f).map(|_| 0),

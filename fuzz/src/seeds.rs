@@ -757,7 +757,7 @@ fn masters_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Device states: `[mode]` then a state the daemon wrote (see `state::run` for the mode).
 fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use ownership::{DomainKind, Iommu, PERM_MMIO, PERM_READ, PERM_WRITE};
+    use ownership::{DomainKind, Iommu, Perms};
     use vhost_device_iommu::state::{encode, fingerprint, DeviceState};
     use virtio::{FaultReason, FaultRecord};
     let fp = fingerprint(&state::topology(), state::FEATURES);
@@ -766,11 +766,17 @@ fn state_seeds() -> Vec<(&'static str, Vec<u8>)> {
     m.attach(1, 2, DomainKind::Paging).unwrap();
     m.attach(3, 4, DomainKind::Identity).unwrap();
     for i in 0..20u64 {
-        let perms = [PERM_READ, PERM_WRITE, PERM_READ | PERM_WRITE | PERM_MMIO][i as usize % 3];
-        m.map(1, i * 0x2000, i * 0x2000 + 0xfff, 0x10_0000 + i * 0x3000, perms)
-            .unwrap();
+        let perms = [Perms::READ, Perms::WRITE, Perms::all()][i as usize % 3];
+        m.map(
+            1,
+            i * 0x2000,
+            i * 0x2000 + 0xfff,
+            0x10_0000 + i * 0x3000,
+            perms,
+        )
+        .unwrap();
     }
-    m.map(1, 1 << 40, (1 << 40) + 0x1f_ffff, 0x20_0000, PERM_READ)
+    m.map(1, 1 << 40, (1 << 40) + 0x1f_ffff, 0x20_0000, Perms::READ)
         .unwrap();
     let full = DeviceState {
         features: 0x1_0000_0017,

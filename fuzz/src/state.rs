@@ -59,7 +59,7 @@ pub fn fix_up(bytes: &mut [u8]) {
 fn programmed() -> Iommu {
     let mut m = Iommu::new(topology());
     let _ = m.attach(5, 1, DomainKind::Paging);
-    let _ = m.map(5, 0, 0xfff, 0x1000, ownership::PERM_READ);
+    let _ = m.map(5, 0, 0xfff, 0x1000, ownership::Perms::READ);
     m
 }
 

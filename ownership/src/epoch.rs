@@ -68,7 +68,7 @@ use shm::Words;
 /// so readers never share a line.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-pub struct Slot {
+pub(crate) struct Slot {
     state: AtomicU64,
 }
 
@@ -77,7 +77,7 @@ const DEAD: u64 = u64::MAX;
 
 /// Registry of reader slots plus the global epoch (even; bumped by 2 per grace period).
 #[derive(Debug)]
-pub struct Readers {
+pub(crate) struct Readers {
     /// Word 0: the epoch. A page of its own (in the file shared with DMA masters, for a model
     /// that has one), so grace periods write nothing next to what readers read but the epoch.
     epoch: Words,
@@ -126,7 +126,8 @@ struct Watched {
 
 /// The reader slots of a DMA master in another process, in memory both processes map (the
 /// master writes them). Each slot is one reader thread's section word, with the values
-/// [`enter_fenced`] and [`leave_fenced`] store.
+/// [`RemoteTables::enter`](crate::RemoteTables::enter) and
+/// [`RemoteTables::leave`](crate::RemoteTables::leave) store.
 pub trait RemoteReaders: Send + Sync + fmt::Debug {
     /// How many slots the master has.
     fn slot_count(&self) -> usize;
@@ -137,7 +138,8 @@ pub trait RemoteReaders: Send + Sync + fmt::Debug {
     fn cut_off(&self);
 }
 
-/// A remote master attached to [`Readers`] (see [`Readers::attach_remote`]).
+/// A remote master attached to the model's readers (see
+/// [`TranslatorSource::attach_remote`](crate::TranslatorSource::attach_remote)).
 #[derive(Debug)]
 pub struct Remote {
     readers: Arc<dyn RemoteReaders>,
@@ -163,12 +165,13 @@ fn remote_settled(seen: u64, target: u64, abandoned: u64) -> bool {
 
 impl Remote {
     /// Whether a grace period cut the master off.
-    pub fn is_cut_off(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_cut_off(&self) -> bool {
         self.cut.load(Ordering::Acquire)
     }
 
     /// Whether it was detached.
-    pub fn is_detached(&self) -> bool {
+    pub(crate) fn is_detached(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
 
@@ -259,7 +262,7 @@ fn wait_change(slot: &AtomicU64, seen: u64, deadline: Instant, stop: impl Fn() -
 /// `Relaxed` (the epoch may be mapped read-only), publishes `epoch | 1`, then passes a full
 /// fence before anything else it loads. Returns the token [`leave_fenced`] needs.
 #[inline]
-pub fn enter_fenced(epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
+pub(crate) fn enter_fenced(epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
     let epoch = epoch.load(Ordering::Relaxed) & !1;
     slot.store(epoch | 1, Ordering::Relaxed);
     // Pairs with the writer's fence after its bump (see the module documentation); also the
@@ -270,7 +273,7 @@ pub fn enter_fenced(epoch: &AtomicU64, slot: &AtomicU64) -> u64 {
 
 /// Leaves a section entered with [`enter_fenced`].
 #[inline]
-pub fn leave_fenced(slot: &AtomicU64, epoch: u64) {
+pub(crate) fn leave_fenced(slot: &AtomicU64, epoch: u64) {
     slot.store(epoch, Ordering::Release);
 }
 

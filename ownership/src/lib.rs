@@ -12,7 +12,7 @@
 //! The fast path is [`Translator`]: any number of reader threads translate IOVAs without
 //! taking a lock, while the single writer (`&mut Iommu`) changes the model. Every writer
 //! operation that takes a translation away returns only after no reader can still return it
-//! (the IOTLB-sync rule, see [`epoch`]). A DMA master holds one [`ReadGuard`] across a DMA
+//! (the IOTLB-sync rule: a grace period of the model's epoch). A DMA master holds one [`ReadGuard`] across a DMA
 //! and resolves its endpoint once ([`ReadGuard::endpoint`]); [`EndpointView::translate`] is
 //! then the page walk alone, and [`EndpointView::translate_batch`] translates a whole
 //! scatter-gather list with the walks' cache misses overlapped.
@@ -20,13 +20,13 @@
 //! Every operation returns `Result<_, Error>`; a refused operation changes nothing.
 #![forbid(unsafe_code)]
 
-pub mod epoch;
-pub mod pagetable;
+mod epoch;
+mod pagetable;
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;
-pub mod remote;
-pub mod state;
-pub mod topology;
+mod remote;
+mod state;
+mod topology;
 
 use std::{
     cell::Cell,
@@ -42,17 +42,23 @@ use thiserror::Error;
 
 use crate::{
     epoch::{Readers, Slot},
-    pagetable::{read, Arena, TableError, TableWriter, NODE_BYTES},
+    pagetable::{
+        read, Arena, TableError, TableWriter, NODE_BYTES, PERM_MMIO, PERM_READ, PERM_WRITE,
+    },
 };
 pub use crate::{
-    pagetable::{Mapping, PERM_MMIO, PERM_READ, PERM_WRITE},
-    remote::{SharedLayout, SharedWords},
+    epoch::{Remote, RemoteReaders},
+    pagetable::Mapping,
+    remote::{LayoutError, RemoteEndpoint, RemoteTables, SharedLayout, SharedWords},
     state::{Attachment, DomainState, GuestState, RestoreError},
     topology::{
         DomainId, EndpointId, EndpointInfo, GroupId, Limits, ResvKind, ResvRegion, Topology,
         TopologyBuilder, TopologyError, X86_MSI_REGION,
     },
 };
+
+/// The most page-table memory a model can hold, whatever [`Limits::max_table_bytes`] says.
+pub const MAX_TABLE_BYTES: u64 = pagetable::MAX_NODES * pagetable::NODE_BYTES;
 
 /// Why a guest or host operation was refused. Nothing changed.
 ///
@@ -209,6 +215,46 @@ impl Requester {
 pub enum Access {
     Read,
     Write,
+}
+
+bitflags::bitflags! {
+    /// What a mapping allows: the MAP request's flags (virtio's `VIRTIO_IOMMU_MAP_F_*`, with
+    /// the same bit values).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct Perms: u8 {
+        /// Reads through the mapping.
+        const READ = 1 << 0;
+        /// Writes through the mapping.
+        const WRITE = 1 << 1;
+        /// The mapping is MMIO rather than RAM.
+        const MMIO = 1 << 2;
+    }
+}
+
+impl Perms {
+    /// Read and write.
+    pub const RW: Perms = Perms::READ.union(Perms::WRITE);
+
+    /// Whether the mapping allows `access`.
+    #[inline]
+    pub fn allows(self, access: Access) -> bool {
+        self.contains(match access {
+            Access::Read => Perms::READ,
+            Access::Write => Perms::WRITE,
+        })
+    }
+
+    /// The leaf bits a page-table entry stores for these permissions (unknown bits dropped).
+    #[inline(always)]
+    pub(crate) const fn pte(self) -> u64 {
+        (self.bits() as u64 & Perms::all().bits() as u64) << pagetable::PERM_SHIFT
+    }
+
+    /// The permissions of a page-table entry's leaf bits.
+    #[inline(always)]
+    pub(crate) const fn from_pte(entry: u64) -> Perms {
+        Perms::from_bits_truncate(((entry & pagetable::PERM_MASK) >> pagetable::PERM_SHIFT) as u8)
+    }
 }
 
 /// A successful translation of the first `len` bytes at the IOVA.
@@ -640,7 +686,7 @@ impl Iommu {
     /// use).
     ///
     /// The kernel's two attach paths are one here, because a group always moves as a whole
-    /// ([`Iommu::replace_group_domain`]):
+    /// (`Iommu::replace_group_domain`):
     /// - `iommu_attach_device`: a singleton group, one endpoint to one domain;
     /// - `iommu_attach_device_shared`: a multi-endpoint group (endpoints the platform cannot
     ///   isolate from each other): N endpoints share one domain. The first ATTACH moves the
@@ -829,14 +875,15 @@ impl Iommu {
         }
     }
 
-    /// MAP `[virt_start, virt_end]` to `phys_start` with `PERM_*` flags.
+    /// MAP `[virt_start, virt_end]` to `phys_start` with `perms` (bits outside
+    /// [`Perms::all`] are ignored).
     pub fn map(
         &mut self,
         domain: DomainId,
         virt_start: u64,
         virt_end: u64,
         phys_start: u64,
-        perms: u64,
+        perms: Perms,
     ) -> Result<(), Error> {
         let (root, d) = self.paging_root(domain)?;
         let (start, end) = (virt_start, virt_end);
@@ -865,7 +912,7 @@ impl Iommu {
             virt_start: start,
             virt_end: end,
             phys_start,
-            perms: perms & pagetable::PERM_MASK,
+            perms: perms & Perms::all(),
         };
         // Checked here first: MAP is the request loop's common case, and the closure and the
         // retry wrapper cost a few ns even when nothing grows.
@@ -1182,7 +1229,7 @@ impl Iommu {
 ///
 /// Nothing a reader does waits for the writer: translating, entering and leaving sections,
 /// cloning and dropping translators are free to happen inside a section a grace period waits
-/// for (see [`epoch`]). Dropping a translator ends its open section, if a guard was leaked
+/// for. Dropping a translator ends its open section, if a guard was leaked
 /// (`std::mem::forget`); until then a leaked guard is a section that never ends, and grace
 /// periods wait for it.
 #[derive(Debug)]
@@ -1208,7 +1255,7 @@ impl TranslatorSource {
     }
 
     /// Attaches a DMA master in another process: every grace period from now on also waits
-    /// for its sections, each for at most `bound` (see [`epoch::Readers::attach_remote`]).
+    /// for its sections, each for at most `bound` (see `epoch::Readers::attach_remote`).
     /// Never waits for the writer.
     pub fn attach_remote(
         &self,
@@ -1379,7 +1426,7 @@ impl EndpointView<'_> {
     /// what [`EndpointView::translate`] returns for `dmas[i]`. Translates as many as both
     /// slices hold and returns how many that is. In a domain whose tables are larger than the
     /// cache this is faster than one call per access: the walks go in groups whose cache
-    /// misses overlap (see [`pagetable::walk_group`]).
+    /// misses overlap (see `pagetable::walk_group`).
     pub fn translate_batch(&self, dmas: &[Dma], out: &mut [Result<Translation, Fault>]) -> usize {
         let n = dmas.len().min(out.len());
         let (dmas, out) = (&dmas[..n], &mut out[..n]);

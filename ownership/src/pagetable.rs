@@ -36,6 +36,8 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use shm::Words;
 
+use crate::Perms;
+
 /// A reader's load of a table word: `Relaxed`, then an acquire fence. The same ordering as an
 /// acquire load (and the same instructions on x86), and also valid on memory mapped read-only,
 /// where the standard library promises relaxed loads only: a DMA master in another process
@@ -48,15 +50,15 @@ pub(crate) fn read(word: &AtomicU64) -> u64 {
 }
 
 /// Base page shift: the leaf size at level 0.
-pub const PAGE_SHIFT: u32 = 12;
+pub(crate) const PAGE_SHIFT: u32 = 12;
 /// Offset bits of a base page.
-pub const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
+pub(crate) const PAGE_MASK: u64 = (1 << PAGE_SHIFT) - 1;
 /// Index bits per level.
-pub const LEVEL_BITS: u32 = 9;
+pub(crate) const LEVEL_BITS: u32 = 9;
 /// Entries per node.
-pub const FANOUT: usize = 1 << LEVEL_BITS;
+pub(crate) const FANOUT: usize = 1 << LEVEL_BITS;
 /// Bytes one node occupies.
-pub const NODE_BYTES: u64 = (FANOUT * 8) as u64;
+pub(crate) const NODE_BYTES: u64 = (FANOUT * 8) as u64;
 /// Leaves exist up to this level (level 2 = 1 GiB).
 const MAX_LEAF_LEVEL: u32 = 2;
 
@@ -105,11 +107,13 @@ fn runs_entry(block: usize) -> u64 {
 fn runs_block(entry: u64) -> usize {
     (entry >> RUNS_SHIFT) as usize
 }
-/// Leaf permission and type bits, as stored (a mapping's flags).
-pub const PERM_READ: u64 = 1 << 2;
-pub const PERM_WRITE: u64 = 1 << 3;
-pub const PERM_MMIO: u64 = 1 << 4;
-pub const PERM_MASK: u64 = PERM_READ | PERM_WRITE | PERM_MMIO;
+/// Leaf permission and type bits, as stored (a mapping's flags): [`Perms`] bits shifted up by
+/// [`PERM_SHIFT`].
+pub(crate) const PERM_SHIFT: u32 = 2;
+pub(crate) const PERM_READ: u64 = (Perms::READ.bits() as u64) << PERM_SHIFT;
+pub(crate) const PERM_WRITE: u64 = (Perms::WRITE.bits() as u64) << PERM_SHIFT;
+pub(crate) const PERM_MMIO: u64 = (Perms::MMIO.bits() as u64) << PERM_SHIFT;
+pub(crate) const PERM_MASK: u64 = PERM_READ | PERM_WRITE | PERM_MMIO;
 /// The leaf is the first / last entry of its mapping.
 const FIRST: u64 = 1 << 5;
 const LAST: u64 = 1 << 6;
@@ -121,10 +125,10 @@ const ADDR_MASK: u64 = !((1 << PAGE_SHIFT) - 1);
 const CHILD_MASK: u64 = !(FANOUT as u64 - 1);
 
 /// Slots of a runs block: one 64-byte cache line.
-pub const RUN_SLOTS: usize = 8;
+pub(crate) const RUN_SLOTS: usize = 8;
 const BLOCKS_PER_NODE: usize = FANOUT / RUN_SLOTS;
 /// A run's GPA must be below this (its page frame number has 38 bits).
-pub const RUN_GPA_LIMIT: u64 = 1 << 50;
+pub(crate) const RUN_GPA_LIMIT: u64 = 1 << 50;
 // A run: bit 0 set, the leaf's permission and first/last bits in the same places, the number
 // of pages after the first, the GPA's page frame number, and at the top the first page's
 // index in the region plus one (the sort key). A tombstone is a run with bit 0 clear, so it
@@ -230,7 +234,7 @@ fn child_of(entry: u64) -> u32 {
 
 /// Shift of the span one entry covers at `level`.
 #[inline]
-pub const fn level_shift(level: u32) -> u32 {
+pub(crate) const fn level_shift(level: u32) -> u32 {
     PAGE_SHIFT + LEVEL_BITS * level
 }
 
@@ -246,7 +250,7 @@ fn span(level: u32) -> u64 {
 }
 
 /// The last IOVA a tree of `levels` levels covers.
-pub const fn coverage_end(levels: u32) -> u64 {
+pub(crate) const fn coverage_end(levels: u32) -> u64 {
     match 1u64.checked_shl(level_shift(levels)) {
         Some(size) => size - 1,
         None => u64::MAX,
@@ -254,13 +258,13 @@ pub const fn coverage_end(levels: u32) -> u64 {
 }
 
 /// Levels needed to cover IOVAs up to `input_end`.
-pub fn levels_for(input_end: u64) -> u32 {
+pub(crate) fn levels_for(input_end: u64) -> u32 {
     let bits = 64 - input_end.leading_zeros();
     bits.saturating_sub(PAGE_SHIFT).div_ceil(LEVEL_BITS).max(1)
 }
 
 /// The most nodes an arena holds: a root's index fits in 27 bits of a group's published state.
-pub const MAX_NODES: u64 = 1 << 27;
+pub(crate) const MAX_NODES: u64 = 1 << 27;
 
 /// Fixed-capacity node storage shared by the writer and all readers: one flat array of
 /// entries, node `i` at `[i * FANOUT, (i + 1) * FANOUT)`. It is mapped zeroed and the OS
@@ -269,14 +273,16 @@ pub const MAX_NODES: u64 = 1 << 27;
 ///
 /// The entries are this process's memory ([`Arena::new`]) or a window of a file the caller
 /// mapped ([`Arena::in_words`]), which DMA masters in other processes map read-only.
-pub struct Arena {
+pub(crate) struct Arena {
     entries: Words,
     capacity: u32,
 }
 
 impl Arena {
     /// An arena that will never hold more than `max_nodes` nodes, or None when the host will
-    /// not reserve that much address space.
+    /// not reserve that much address space. The model's arena lives in its shared words
+    /// ([`Arena::in_words`]); the table's own tests use this one.
+    #[cfg(test)]
     pub fn new(max_nodes: u64) -> Option<Self> {
         let capacity = max_nodes.clamp(1, MAX_NODES) as u32;
         let entries = Words::anonymous(capacity as usize * FANOUT).ok()?;
@@ -423,7 +429,7 @@ fn write_block(arena: &Arena, block: usize, runs: &[u64]) {
 
 /// Where a translated IOVA goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// `PERM_*` bits (plus bits the caller ignores).
     pub flags: u64,
     /// GPA of the IOVA.
@@ -476,7 +482,7 @@ impl Found {
 
 /// A leaf found by a walk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Leaf {
+pub(crate) struct Leaf {
     /// First IOVA the entry covers.
     pub base: u64,
     /// Last IOVA the entry covers.
@@ -522,7 +528,7 @@ impl Leaf {
 /// published with `root`; an IOVA beyond the tree finds nothing. The caller is inside a
 /// read-side critical section (see [`crate::epoch`]) so no node it reads is recycled.
 #[inline(always)]
-pub fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Target> {
+pub(crate) fn walk(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Target> {
     find(arena, root, levels, iova).map(|found| found.target(iova))
 }
 
@@ -585,7 +591,7 @@ fn walk_end(
 }
 
 /// Walks at most [`GROUP`] at once in [`walk_group`].
-pub const GROUP: usize = 32;
+pub(crate) const GROUP: usize = 32;
 
 /// [`walk`] for several IOVAs at once (the first [`GROUP`] of `iovas`): calls `done(i, target)`
 /// with the walk's result for `iovas[i]`, in order. The same loads as one walk each, in
@@ -595,7 +601,7 @@ pub const GROUP: usize = 32;
 /// the kind of a level-1 entry is hard to predict (a mix of leaves, runs and tables). The
 /// caller is inside a read-side critical section, as for [`walk`].
 #[inline]
-pub fn walk_group(
+pub(crate) fn walk_group(
     arena: &Arena,
     root: u32,
     levels: u32,
@@ -703,7 +709,7 @@ fn leaf_target(entry: u64, level: u32, iova: u64) -> (u64, u64) {
 }
 
 /// Walks the tree rooted at `root` to the leaf covering `iova`, decoded.
-pub fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> {
+pub(crate) fn lookup(arena: &Arena, root: u32, levels: u32, iova: u64) -> Option<Leaf> {
     if iova > coverage_end(levels) {
         return None;
     }
@@ -717,13 +723,12 @@ pub struct Mapping {
     /// Inclusive.
     pub virt_end: u64,
     pub phys_start: u64,
-    /// `PERM_*` bits.
-    pub perms: u64,
+    pub perms: Perms,
 }
 
 /// Why a page-table update was refused. Nothing changed in either case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TableError {
+pub(crate) enum TableError {
     /// Not enough free nodes for the update.
     NoMemory,
     /// UNMAP would cut a mapping (spec U4).
@@ -734,7 +739,7 @@ pub enum TableError {
 /// driven through `&mut`, so updates never race each other; readers race only with stores of
 /// whole entries.
 #[derive(Debug)]
-pub struct TableWriter {
+pub(crate) struct TableWriter {
     /// The tallest tree: the input range's levels.
     max_levels: u32,
     /// A new tree's height; [`TableWriter::grow`] adds levels when a mapping needs them.
@@ -1177,7 +1182,7 @@ impl TableWriter {
             let entry = node.map_or(0, |n| arena.load(n, index));
             let gpa = m.phys_start + (lo - m.virt_start);
             // The permissions, and whether this piece starts / ends the mapping.
-            let flags = m.perms
+            let flags = m.perms.pte()
                 | if lo == m.virt_start { FIRST } else { 0 }
                 | if hi == m.virt_end { LAST } else { 0 };
             let whole = lo == slot && hi == slot_end;
@@ -1381,14 +1386,14 @@ impl TableWriter {
         root: u32,
         iova: u64,
         phys: u64,
-        perms: u64,
+        perms: Perms,
         missing: u32,
     ) -> Result<(), TableError> {
         let piece = Piece {
             lo: iova,
             hi: iova | PAGE_MASK,
             gpa: phys & ADDR_MASK,
-            flags: (perms & PERM_MASK) | FIRST | LAST,
+            flags: perms.pte() | FIRST | LAST,
         };
         let levels = self.height(root);
         if !self.covers(root, iova) {
@@ -1621,7 +1626,7 @@ impl TableWriter {
                     virt_start: leaf.base,
                     virt_end: leaf.end,
                     phys_start: leaf.gpa,
-                    perms: leaf.perms,
+                    perms: Perms::from_pte(leaf.perms),
                 });
             }
             if let Some(m) = open.as_mut() {
@@ -1669,7 +1674,7 @@ impl TableWriter {
 mod tests {
     use super::*;
 
-    const RW: u64 = PERM_READ | PERM_WRITE;
+    const RW: Perms = Perms::RW;
 
     fn table(max_nodes: u64) -> (Arena, TableWriter, u32) {
         let arena = Arena::new(max_nodes).unwrap();

@@ -5,11 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::pagetable::{self, PERM_MASK};
+use crate::pagetable;
 use crate::{
     Access, Dma, DomainId, DomainInfo, DomainKind, EndpointId, Error, Fault, GroupId, Iommu,
-    Mapping, Requester, ResvRegion, Topology, Translation, Translator, PERM_MMIO, PERM_READ,
-    PERM_WRITE,
+    Mapping, Perms, Requester, ResvRegion, Topology, Translation, Translator,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,7 +177,7 @@ impl Reference {
         Ok(dom)
     }
 
-    pub fn map(&mut self, d: DomainId, s: u64, e: u64, p: u64, perms: u64) -> Result<(), Error> {
+    pub fn map(&mut self, d: DomainId, s: u64, e: u64, p: u64, perms: Perms) -> Result<(), Error> {
         let page = self.topo.granule();
         let (first, last) = self.topo.input_range();
         let limits = self.topo.limits();
@@ -220,7 +219,7 @@ impl Reference {
             virt_start: s,
             virt_end: e,
             phys_start: p,
-            perms: perms & PERM_MASK,
+            perms: perms & Perms::all(),
         };
         self.domains
             .get_mut(&d)
@@ -387,11 +386,7 @@ impl Reference {
                     .values()
                     .find(|m| m.virt_start <= iova && iova <= m.virt_end)
                     .ok_or(Fault::Unmapped)?;
-                let need = match access {
-                    Access::Read => PERM_READ,
-                    Access::Write => PERM_WRITE,
-                };
-                if m.perms & need == 0 {
+                if !m.perms.allows(access) {
                     return Err(Fault::Permission);
                 }
                 let max_len = len.min(m.virt_end - iova + 1);
@@ -402,7 +397,7 @@ impl Reference {
                     max_len,
                     min_len: max_len.min(to_page_end),
                     domain: Some(d),
-                    mmio: m.perms & PERM_MMIO != 0,
+                    mmio: m.perms.contains(Perms::MMIO),
                 })
             }
         }

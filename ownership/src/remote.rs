@@ -63,7 +63,7 @@ fn align_up(bytes: u64) -> Option<u64> {
 
 impl SharedLayout {
     /// The layout for `groups` groups and an arena of `max_table_bytes` (as
-    /// `Limits::max_table_bytes`: whole nodes, at least one, at most [`MAX_NODES`]).
+    /// `Limits::max_table_bytes`: whole nodes, at least one, at most [`MAX_TABLE_BYTES`](crate::MAX_TABLE_BYTES)).
     pub fn new(groups: u32, max_table_bytes: u64) -> SharedLayout {
         let nodes = (max_table_bytes / NODE_BYTES).clamp(1, MAX_NODES);
         let control = control_words(groups as usize) as u64;
@@ -220,7 +220,7 @@ impl RemoteTables {
         })
     }
 
-    /// Enters a read-side critical section on `slot` (see [`crate::epoch::enter_fenced`]);
+    /// Enters a read-side critical section on `slot` (fenced, so that the daemon's grace periods see it);
     /// returns the token [`RemoteTables::leave`] needs.
     #[inline]
     pub fn enter(&self, slot: &AtomicU64) -> u64 {

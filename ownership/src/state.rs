@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{DomainId, DomainKind, EndpointId, Error, GroupId, Iommu, Mapping};
+use crate::{DomainId, DomainKind, EndpointId, Error, GroupId, Iommu, Mapping, Perms};
 
 /// What the guest programmed (see the module documentation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -161,11 +161,7 @@ impl Iommu {
             if d.kind == DomainKind::Identity && !d.mappings.is_empty() {
                 return Err(RestoreError::IdentityMappings(d.id));
             }
-            if let Some(m) = d
-                .mappings
-                .iter()
-                .find(|m| m.perms & !crate::pagetable::PERM_MASK != 0)
-            {
+            if let Some(m) = d.mappings.iter().find(|m| !Perms::all().contains(m.perms)) {
                 return Err(RestoreError::Permissions {
                     domain: d.id,
                     start: m.virt_start,
@@ -248,12 +244,11 @@ impl Iommu {
 mod tests {
     use super::*;
     use crate::{
-        reference::snapshot, Limits, ResvKind, ResvRegion, Topology, PERM_MMIO, PERM_READ,
-        PERM_WRITE, X86_MSI_REGION,
+        reference::snapshot, Limits, Perms, ResvKind, ResvRegion, Topology, X86_MSI_REGION,
     };
 
     const PAGE: u64 = 4096;
-    const RW: u64 = PERM_READ | PERM_WRITE;
+    const RW: Perms = Perms::RW;
 
     /// Endpoints 1, 2 alone, 3 and 4 in one group; endpoint 2 reserves pages 16-17.
     fn topology() -> Topology {
@@ -286,10 +281,16 @@ mod tests {
         m.attach(7, 3, DomainKind::Paging).unwrap();
         m.attach(9, 2, DomainKind::Identity).unwrap();
         m.map(7, 0, PAGE - 1, 0x10_0000, RW).unwrap();
-        m.map(7, 4 * PAGE, 8 * PAGE - 1, 0x20_0000, PERM_READ)
+        m.map(7, 4 * PAGE, 8 * PAGE - 1, 0x20_0000, Perms::READ)
             .unwrap();
-        m.map(7, 2 << 20, (4 << 20) - 1, 0x40_0000, PERM_WRITE | PERM_MMIO)
-            .unwrap();
+        m.map(
+            7,
+            2 << 20,
+            (4 << 20) - 1,
+            0x40_0000,
+            Perms::WRITE | Perms::MMIO,
+        )
+        .unwrap();
         m.map(7, 1 << 40, (1 << 40) + PAGE - 1, 0x1000, RW).unwrap();
         m
     }
@@ -386,7 +387,7 @@ mod tests {
         s.domains[1].mappings = s.domains[0].mappings.clone();
         bad.push((s, "identity domain 9 lists mappings"));
         let mut s = good.clone();
-        s.domains[0].mappings[0].perms |= 1;
+        s.domains[0].mappings[0].perms |= Perms::from_bits_retain(1 << 7);
         bad.push((s, "unknown permission bits"));
         // Refused by the replay itself: the model's own rules.
         let mut s = good.clone();

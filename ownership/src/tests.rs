@@ -14,7 +14,7 @@ use std::{
 
 use super::*;
 
-const RW: u64 = PERM_READ | PERM_WRITE;
+const RW: Perms = Perms::RW;
 const PAGE: u64 = 4096;
 const OWNER: u64 = 0xc0ffee;
 
@@ -527,8 +527,8 @@ fn m6_no_write_through_a_mapping_without_write() {
     let mut m = iommu();
     use_all(&mut m);
     m.attach(1, 1, DomainKind::Paging).unwrap();
-    m.map(1, 0, 0xfff, 0x5000, PERM_READ).unwrap();
-    m.map(1, 0x1000, 0x1fff, 0x6000, PERM_WRITE).unwrap();
+    m.map(1, 0, 0xfff, 0x5000, Perms::READ).unwrap();
+    m.map(1, 0x1000, 0x1fff, 0x6000, Perms::WRITE).unwrap();
     let t = m.translator();
     let dma = |iova, access| t.translate(Requester::DmaApi, 1, iova, 8, access);
     assert_eq!(dma(0x10, Access::Read).unwrap().gpa, 0x5010);
@@ -542,7 +542,7 @@ fn mmio_flag_is_reported_by_translate() {
     let mut m = iommu();
     use_all(&mut m);
     m.attach(1, 1, DomainKind::Paging).unwrap();
-    m.map(1, 0, 0xfff, 0xfe00_0000, RW | PERM_MMIO).unwrap();
+    m.map(1, 0, 0xfff, 0xfe00_0000, RW | Perms::MMIO).unwrap();
     assert!(read(&m.translator(), 1, 0).unwrap().mmio);
 }
 

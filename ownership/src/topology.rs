@@ -18,7 +18,7 @@ pub type DomainId = u32;
 pub struct GroupId(pub u32);
 
 /// The smallest granule the page tables support.
-pub const MIN_GRANULE: u64 = 4096;
+pub(crate) const MIN_GRANULE: u64 = 4096;
 
 /// x86's MSI doorbell window, reported as a RESV_MEM MSI region by default.
 pub const X86_MSI_REGION: ResvRegion = ResvRegion {

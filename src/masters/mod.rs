@@ -27,10 +27,7 @@ use std::{
 };
 
 use log::{debug, info, warn};
-use ownership::{
-    epoch::{Remote, RemoteReaders},
-    Access, EndpointId, GroupId, TranslatorSource,
-};
+use ownership::{Access, EndpointId, GroupId, Remote, RemoteReaders, TranslatorSource};
 use shm::Words;
 use vhost_iommu_client::wire::{
     self, EndpointGrant, ErrorCode, FaultAccess, FaultReport, Reply, Request, Welcome, HEADER,
@@ -173,7 +170,7 @@ impl MasterSlots {
     /// Tells the master (in its page) that it may not start a section any more.
     fn revoke(&self) {
         self.words[wire::REVOKED].store(1, Ordering::SeqCst);
-        // Pairs with the master's entry fence (see `ownership::epoch::enter_fenced`).
+        // Pairs with the master's entry fence (see `ownership::RemoteTables::enter`).
         fence(Ordering::SeqCst);
     }
 }

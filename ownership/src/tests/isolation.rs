@@ -50,8 +50,8 @@ fn topology() -> Topology {
 enum Op {
     Attach(DomainId, EndpointId, bool),
     Detach(DomainId, EndpointId),
-    /// Domain, first page, pages, physical page, `PERM_*` bits.
-    Map(DomainId, u64, u64, u64, u64),
+    /// Domain, first page, pages, physical page, permissions.
+    Map(DomainId, u64, u64, u64, Perms),
     /// Domain, first page, pages (0: everything).
     Unmap(DomainId, u64, u64),
     Reset,
@@ -80,8 +80,8 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (domain(), endpoint(), proptest::bool::weighted(0.2))
             .prop_map(|(d, e, b)| Op::Attach(d, e, b)),
         4 => (domain(), endpoint()).prop_map(|(d, e)| Op::Detach(d, e)),
-        12 => (domain(), page(), pages(), 0u64..64, 0u64..8)
-            .prop_map(|(d, p, n, phys, f)| Op::Map(d, p, n, phys, f << 2)),
+        12 => (domain(), page(), pages(), 0u64..64, 0u8..8)
+            .prop_map(|(d, p, n, phys, f)| Op::Map(d, p, n, phys, Perms::from_bits_truncate(f))),
         4 => (domain(), page(), pages()).prop_map(|(d, p, n)| Op::Unmap(d, p, n)),
         1 => domain().prop_map(|d| Op::Unmap(d, 0, 0)),
         1 => Just(Op::Reset),
@@ -224,17 +224,17 @@ impl Published {
             .find(|mp| mp.virt_start <= iova && iova <= mp.virt_end)
             .ok_or(Fault::Unmapped)?;
         let needed = match access {
-            Access::Read => PERM_READ,
-            Access::Write => PERM_WRITE,
+            Access::Read => Perms::READ,
+            Access::Write => Perms::WRITE,
         };
-        if hit.perms & needed == 0 {
+        if !hit.perms.intersects(needed) {
             return Err(Fault::Permission);
         }
         Ok((
             hit.phys_start + (iova - hit.virt_start),
             hit.virt_end - iova + 1,
             Some(*d),
-            hit.perms & PERM_MMIO != 0,
+            hit.perms.contains(Perms::MMIO),
         ))
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     remote::{RemoteEndpoint, RemoteTables},
 };
 
-const RW: u64 = PERM_READ | PERM_WRITE;
+const RW: Perms = Perms::RW;
 const COOKIE: u64 = 0x5eed;
 
 fn topology() -> Topology {
@@ -128,7 +128,7 @@ fn a_master_translates_what_in_process_readers_translate() {
     check(&m, &iovas);
     m.attach(1, 1, DomainKind::Paging).unwrap();
     m.map(1, 0x1000, 0x2fff, 0x8000, RW).unwrap();
-    m.map(1, 0x20_0000, 0x3f_ffff, 0x40_0000, PERM_READ)
+    m.map(1, 0x20_0000, 0x3f_ffff, 0x40_0000, Perms::READ)
         .unwrap();
     m.attach(2, 2, DomainKind::Identity).unwrap();
     check(&m, &iovas);

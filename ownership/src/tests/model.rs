@@ -42,7 +42,7 @@ fn topology() -> Topology {
 enum Op {
     Attach(DomainId, EndpointId, bool),
     Detach(DomainId, EndpointId),
-    Map(DomainId, u64, u64, u64, u64),
+    Map(DomainId, u64, u64, u64, Perms),
     Unmap(DomainId, u64, u64),
     Translate(EndpointId, u64, bool, Option<u64>),
     Reset,
@@ -106,8 +106,8 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (domain(), endpoint(), proptest::bool::weighted(0.15))
             .prop_map(|(d, e, b)| Op::Attach(d, e, b)),
         3 => (domain(), endpoint()).prop_map(|(d, e)| Op::Detach(d, e)),
-        12 => (domain(), iova(), length(), phys(), 0u64..8).prop_map(|(d, s, l, p, f)| {
-            Op::Map(d, s, s.saturating_add(l - 1), p, f << 2)
+        12 => (domain(), iova(), length(), phys(), 0u8..8).prop_map(|(d, s, l, p, f)| {
+            Op::Map(d, s, s.saturating_add(l - 1), p, Perms::from_bits_truncate(f))
         }),
         4 => (domain(), iova(), length()).prop_map(|(d, s, l)| {
             Op::Unmap(d, s, s.saturating_add(l - 1))
@@ -249,7 +249,7 @@ proptest! {
         prop_assert_eq!(fresh.domains(), m.domains());
         let mut other = Iommu::new(topology());
         other.attach(0, 1, DomainKind::Paging).unwrap();
-        other.map(0, 0, PAGE - 1, 0, PERM_READ).unwrap();
+        other.map(0, 0, PAGE - 1, 0, Perms::READ).unwrap();
         other.restore(&state).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(other.guest_state(), state);
         // Tearing everything down leaves no table memory behind but nothing else.

@@ -174,7 +174,7 @@ struct MapRecord {
     virt_start: u64,
     virt_end: u64,
     gpa: u64,
-    perms: u64,
+    perms: Perms,
     life: Span<()>,
 }
 
@@ -235,7 +235,7 @@ enum Op {
         start: u64,
         end: u64,
         gpa: u64,
-        perms: u64,
+        perms: Perms,
     },
     Unmap {
         domain: DomainId,
@@ -452,12 +452,12 @@ impl Writer {
                     (first, first + (1 + self.rng.below(4)) * PAGE - 1)
                 };
                 let perms = match self.rng.below(10) {
-                    0 => PERM_READ,
-                    1 => PERM_WRITE,
-                    2 => PERM_READ | PERM_WRITE | PERM_MMIO,
-                    3 => PERM_READ | PERM_MMIO,
-                    4 if self.rng.percent(20) => 0,
-                    _ => PERM_READ | PERM_WRITE,
+                    0 => Perms::READ,
+                    1 => Perms::WRITE,
+                    2 => Perms::all(),
+                    3 => Perms::READ | Perms::MMIO,
+                    4 if self.rng.percent(20) => Perms::empty(),
+                    _ => Perms::READ | Perms::WRITE,
                 };
                 let gpa = self.gpa();
                 self.shared.hints[(self.next_gpa % HINTS) as usize].store(start, Relaxed);
@@ -997,8 +997,8 @@ impl ReaderState {
             Binding::Unattached => None,
         };
         let need = match access {
-            Access::Read => PERM_READ,
-            Access::Write => PERM_WRITE,
+            Access::Read => Perms::READ,
+            Access::Write => Perms::WRITE,
         };
         match got {
             Ok(t) => {
@@ -1028,10 +1028,10 @@ impl ReaderState {
                             "group not on {i:?} while held: {group:?} (mapping {m:?})"
                         ));
                     }
-                    if m.perms & need == 0 {
+                    if !m.perms.intersects(need) {
                         return Err(format!("access not allowed by {m:?}"));
                     }
-                    if t.mmio != (m.perms & PERM_MMIO != 0) {
+                    if t.mmio != m.perms.contains(Perms::MMIO) {
                         return Err(format!("wrong MMIO flag for {m:?}"));
                     }
                     let max = len.min(m.virt_end - iova + 1);
@@ -1117,7 +1117,7 @@ impl ReaderState {
                     Fault::Permission => group.iter().any(|b| match b.what {
                         Binding::Domain(i) if seen_b(b) => h
                             .covering(i, iova)
-                            .any(|m| m.life.seen(c0, s) && m.perms & need == 0),
+                            .any(|m| m.life.seen(c0, s) && !m.perms.intersects(need)),
                         _ => false,
                     }),
                     Fault::NotOwner | Fault::UnknownEndpoint => false,
