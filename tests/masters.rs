@@ -735,6 +735,20 @@ fn raw(rig: &Rig) -> UnixStream {
     s
 }
 
+/// Waits until the daemon counts `n` masters connected (closed ones are counted out by their
+/// threads, a moment after the close).
+fn wait_connected(rig: &Rig, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while rig.masters_stats()["connected"] != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {n} masters connected: {}",
+            rig.masters_stats()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Reads until the daemon closes the connection; returns the bytes.
 fn read_to_close(mut s: UnixStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -785,6 +799,8 @@ fn hostile_master_messages_end_that_master_only() {
         ),
     ];
     for (bytes, expected) in cases {
+        // The previous case's connection is gone (else --max-masters turns this one away).
+        wait_connected(&rig, 1);
         let mut s = raw(&rig);
         s.write_all(&bytes).unwrap();
         assert_eq!(read_to_close(s), expected, "{bytes:02x?}");
@@ -809,6 +825,7 @@ fn hostile_master_messages_end_that_master_only() {
             f
         },
     ] {
+        wait_connected(&rig, 1);
         let mut s = raw(&rig);
         s.write_all(
             &wire::Request::Hello {
@@ -827,19 +844,12 @@ fn hostile_master_messages_end_that_master_only() {
     }
     // A master that connects and says nothing does not hold anything up; one beyond
     // --max-masters is turned away.
+    wait_connected(&rig, 1);
     let _silent = raw(&rig);
     let _silent2 = raw(&rig);
     // The bad masters above are gone and the silent ones counted (not a fixed sleep: the
     // machine may be loaded).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while rig.masters_stats()["connected"] != 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            rig.masters_stats()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    wait_connected(&rig, 3);
     let turned_away = raw(&rig);
     assert_eq!(read_to_close(turned_away), error(ErrorCode::TooMany));
     let stats = rig.masters_stats();

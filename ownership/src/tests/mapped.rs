@@ -187,8 +187,9 @@ fn unmap_waits_for_a_master_section_and_then_it_faults() {
         })
     };
     assert_eq!(entered_rx.recv().unwrap(), 0x8800);
+    // The clock starts before the thread does: the main thread's 100 ms below count from here.
+    let started = Instant::now();
     let unmapper = std::thread::spawn(move || {
-        let started = Instant::now();
         m.unmap(1, 0x1000, 0x1fff).unwrap();
         (started.elapsed(), m)
     });
