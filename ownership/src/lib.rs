@@ -464,6 +464,9 @@ struct Domain {
     root: Option<u32>,
     groups: BTreeSet<GroupId>,
     mappings: u64,
+    /// MAP and UNMAP requests applied to the domain (for the host's statistics).
+    maps: u64,
+    unmaps: u64,
     /// Reserved regions of every endpoint of the groups on the domain (spec R4), kept up to
     /// date as groups come and go so that MAP checks a short list.
     reserved: Vec<(u64, u64)>,
@@ -478,6 +481,9 @@ pub struct DomainInfo {
     /// Endpoints the guest attached, over all groups on the domain.
     pub endpoints: Vec<EndpointId>,
     pub mappings: u64,
+    /// MAP and UNMAP requests applied to the domain since it was created.
+    pub maps: u64,
+    pub unmaps: u64,
 }
 
 /// Counters of the model.
@@ -763,6 +769,8 @@ impl Iommu {
                     root: Some(root),
                     groups: BTreeSet::new(),
                     mappings: 0,
+                    maps: 0,
+                    unmaps: 0,
                     reserved: Vec::new(),
                 },
             );
@@ -772,6 +780,8 @@ impl Iommu {
                 root: None,
                 groups: BTreeSet::new(),
                 mappings: 0,
+                maps: 0,
+                unmaps: 0,
                 reserved: Vec::new(),
             });
         }
@@ -995,6 +1005,7 @@ impl Iommu {
         self.mappings += 1;
         if let Some(d) = self.domains.get_mut(&domain) {
             d.mappings += 1;
+            d.maps += 1;
         }
         // Blocks a MAP replaced wait for a grace period; MAPs alone never take one.
         if self.table.retired_blocks() >= RETIRED_BLOCKS_BACKLOG {
@@ -1027,11 +1038,12 @@ impl Iommu {
             TableError::WouldSplit => Error::WouldSplit { start, end },
             TableError::NoMemory => Error::OutOfTableMemory,
         })?;
+        if let Some(d) = self.domains.get_mut(&domain) {
+            d.mappings -= removed;
+            d.unmaps += 1;
+        }
         if removed > 0 {
             self.mappings -= removed;
-            if let Some(d) = self.domains.get_mut(&domain) {
-                d.mappings -= removed;
-            }
             self.guest_sync();
         } else if self.table.has_retired() {
             self.guest_sync();
@@ -1105,6 +1117,8 @@ impl Iommu {
                     groups: d.groups.iter().copied().collect(),
                     endpoints,
                     mappings: d.mappings,
+                    maps: d.maps,
+                    unmaps: d.unmaps,
                 }
             })
             .collect()

@@ -290,9 +290,31 @@ fn a8_attach_creates_the_domain_and_attaches() {
             kind: DomainKind::Paging,
             groups: vec![GroupId(2)],
             endpoints: vec![2],
-            mappings: 0
+            mappings: 0,
+            maps: 0,
+            unmaps: 0,
         }]
     );
+}
+
+#[test]
+fn a_domain_counts_the_maps_and_unmaps_applied_to_it() {
+    let mut m = iommu();
+    m.attach(1, 1, DomainKind::Paging).unwrap();
+    m.attach(2, 2, DomainKind::Paging).unwrap();
+    m.map(1, 0x10_0000, 0x10_0fff, 0, RW).unwrap();
+    m.map(1, 0x20_0000, 0x20_1fff, 0x1000, RW).unwrap();
+    // Refused requests are not counted; an UNMAP of nothing is applied (and counted).
+    assert!(m.map(1, 0x10_0000, 0x10_0fff, 0, RW).is_err());
+    m.unmap(1, 0x10_0000, 0x10_0fff).unwrap();
+    m.unmap(1, 0x30_0000, 0x30_0fff).unwrap();
+    m.map(2, 0x10_0000, 0x10_0fff, 0, RW).unwrap();
+    let counts: Vec<_> = m
+        .domains()
+        .iter()
+        .map(|d| (d.id, d.mappings, d.maps, d.unmaps))
+        .collect();
+    assert_eq!(counts, [(1, 1, 2, 2), (2, 1, 1, 0)]);
 }
 
 // ---- groups ------------------------------------------------------------------------------
