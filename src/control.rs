@@ -366,6 +366,9 @@ impl Session<'_> {
         stats["grace_wait_max_ns"] = model.grace_wait_max_ns.into();
         stats["faults"]["backlog"] = self.device.faults().len().into();
         stats["dirty_log"]["on"] = self.device.dirty_logging().into();
+        for (name, value) in crate::masters::stats_json(self.device).unwrap_or_default() {
+            stats["masters"][name] = value;
+        }
         json!({ "ok": true, "stats": stats })
     }
 
@@ -383,6 +386,8 @@ impl Session<'_> {
                     "endpoints": d.endpoints,
                     "bdfs": bdfs(&d.endpoints),
                     "mappings": d.mappings,
+                    "maps": d.maps,
+                    "unmaps": d.unmaps,
                 })
             })
             .collect();

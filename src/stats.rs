@@ -73,6 +73,11 @@ pub struct MasterStats {
     /// translations), and reports refused (an endpoint the master does not hold).
     pub faults: AtomicU64,
     pub faults_refused: AtomicU64,
+    /// The counters masters keep in their slots pages (translations, IOTLB misses, refusals),
+    /// of the masters gone; `crate::masters::stats_json` adds those of the connected ones.
+    pub gone_translations: AtomicU64,
+    pub gone_iotlb_misses: AtomicU64,
+    pub gone_refused: AtomicU64,
 }
 
 impl MasterStats {

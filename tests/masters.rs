@@ -185,10 +185,35 @@ fn a_master_translates_what_the_guest_mapped_through_iommu_memory() {
     let stats = rig.masters_stats();
     assert_eq!(stats["connected"], 1, "{stats}");
     assert_eq!(stats["endpoints"], 1, "{stats}");
+    // The counters the master keeps in its slots page, as the daemon reads them: two
+    // translations in the section, five through vm-memory (two of them refused), at least
+    // one IOTLB miss; and what it holds, with the guest's MAPs on the endpoint's domain.
+    let own = master.stats();
+    assert!(
+        own.translations >= 7 && own.refused >= 2 && own.iotlb_misses >= 1,
+        "{own:?}"
+    );
+    assert_eq!(stats["translations"], own.translations, "{stats}");
+    assert_eq!(stats["iotlb_misses"], own.iotlb_misses, "{stats}");
+    assert_eq!(stats["translations_refused"], own.refused, "{stats}");
+    let listed = &stats["list"][0];
+    assert_eq!(listed["translations"], own.translations, "{stats}");
+    assert_eq!(
+        listed["endpoints"],
+        serde_json::json!([{
+            "endpoint": EP, "bdf": "00:05.0", "group": listed["endpoints"][0]["group"],
+            "hold": "owner", "domain": 1, "maps": 2, "unmaps": 0,
+        }]),
+        "{stats}"
+    );
     drop(mem);
     drop(master);
     rig.wait_masters("connected", 0);
     rig.wait_masters("endpoints", 0);
+    // A master gone leaves its counts in the totals, and no entry in the list.
+    let stats = rig.masters_stats();
+    assert_eq!(stats["translations"], own.translations, "{stats}");
+    assert_eq!(stats["list"], serde_json::json!([]), "{stats}");
 }
 
 /// How the guest takes a mapping away.

@@ -20,7 +20,7 @@ use vm_memory::{
     GuestAddress, Iommu, Iotlb, Permissions,
 };
 
-use crate::{Access, Connection, Endpoint, Error, Fault, SlotState};
+use crate::{wire, Access, Connection, Endpoint, Error, Fault, SlotState};
 
 /// IOTLB entries one slot keeps before it starts over (an epoch normally ends well before).
 const MAX_ENTRIES: usize = 4096;
@@ -50,6 +50,13 @@ impl Deref for IotlbGuard<'_> {
 
     fn deref(&self) -> &Iotlb {
         &self.lease.iotlb
+    }
+}
+
+impl IotlbGuard<'_> {
+    /// One more on counter `which` of the slot (leased by this guard).
+    fn count(&self, which: usize) {
+        self.conn.count(self.slot, which, 1);
     }
 }
 
@@ -168,12 +175,18 @@ impl Iommu for Endpoint {
             return Err(refused(iova, length, "the range wraps around".into()));
         }
         // A hit: one section, one lookup.
-        if let Ok(hit) = Iotlb::lookup(self.iotlb_guard()?, iova, length, access) {
+        let guard = self.iotlb_guard()?;
+        guard.count(wire::SLOT_TRANSLATIONS);
+        if let Ok(hit) = Iotlb::lookup(guard, iova, length, access) {
             return Ok(hit);
         }
         // A miss (or a refusal the tables may have lifted): a new section walks and fills.
         let mut guard = self.iotlb_guard()?;
-        self.fill(&mut guard, iova.0, length as u64, access)?;
+        guard.count(wire::SLOT_IOTLB_MISSES);
+        if let Err(e) = self.fill(&mut guard, iova.0, length as u64, access) {
+            guard.count(wire::SLOT_REFUSED);
+            return Err(e);
+        }
         Iotlb::lookup(guard, iova, length, access)
             .map_err(|_| refused(iova, length, "not in the IOTLB after a fill".into()))
     }

@@ -156,6 +156,12 @@ pub struct Stats {
     pub faults_reported: u64,
     /// Reports dropped because the socket was full.
     pub faults_dropped: u64,
+    /// Translations asked of this connection (what the daemon's `stats` shows for it), those
+    /// of the `vm_memory` path that missed the IOTLB, and those refused. Kept per reader slot
+    /// and published when a section ends.
+    pub translations: u64,
+    pub iotlb_misses: u64,
+    pub refused: u64,
 }
 
 /// One reader slot's private state: the `vm_memory` IOTLB it fills, valid for one epoch of
@@ -268,6 +274,27 @@ impl Connection {
 
     fn slot(&self, index: usize) -> &AtomicU64 {
         &self.slot_words[wire::slot_word(index)]
+    }
+
+    /// Adds `n` to counter `which` of slot `index` (see [`wire::SLOT_TRANSLATIONS`]). Only the
+    /// thread leasing the slot writes its counters: a load and a store, no locked instruction.
+    #[inline]
+    fn count(&self, index: usize, which: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let word = &self.slot_words[wire::slot_word(index) + which];
+        word.store(
+            word.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Counter `which`, summed over the slots.
+    fn counted(&self, which: usize) -> u64 {
+        (0..self.pool.len())
+            .map(|i| self.slot_words[wire::slot_word(i) + which].load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
     }
 
     /// A reader slot for this thread, held until the guard drops.
@@ -526,6 +553,9 @@ impl Master {
         Stats {
             faults_reported: self.conn.faults_reported.load(Ordering::Relaxed),
             faults_dropped: self.conn.faults_dropped.load(Ordering::Relaxed),
+            translations: self.conn.counted(wire::SLOT_TRANSLATIONS),
+            iotlb_misses: self.conn.counted(wire::SLOT_IOTLB_MISSES),
+            refused: self.conn.counted(wire::SLOT_REFUSED),
         }
     }
 }
@@ -587,6 +617,7 @@ impl Endpoint {
             slot,
             token,
             view,
+            counts: Counts::default(),
             _lease: lease,
         })
     }
@@ -648,6 +679,8 @@ pub struct Section<'a> {
     slot: usize,
     token: u64,
     view: Result<EndpointView<'a>, Fault>,
+    /// Translations made in the section, published to the slot's counters when it ends.
+    counts: Counts,
     /// The reader slot, held until after the section is left (fields drop after `drop`).
     _lease: MutexGuard<'a, SlotState>,
 }
@@ -671,7 +704,9 @@ impl Section<'_> {
             Ok(view) => view.translate(iova, len, access),
             Err(fault) => Err(*fault),
         };
+        self.counts.one();
         if let Err(fault) = result {
+            self.counts.refused();
             self.endpoint.report(fault, iova, access);
         }
         result
@@ -689,8 +724,10 @@ impl Section<'_> {
                 n
             }
         };
+        self.counts.add(n);
         for (dma, result) in dmas.iter().zip(out[..n].iter()) {
             if let Err(fault) = result {
+                self.counts.refused();
                 self.endpoint.report(*fault, dma.iova, dma.access);
             }
         }
@@ -705,6 +742,7 @@ impl Section<'_> {
         self.view.map(|view| Handle {
             view,
             endpoint: self.endpoint,
+            counts: &self.counts,
         })
     }
 
@@ -728,6 +766,7 @@ impl Section<'_> {
 pub struct Handle<'s> {
     view: EndpointView<'s>,
     endpoint: &'s Endpoint,
+    counts: &'s Counts,
 }
 
 impl fmt::Debug for Handle<'_> {
@@ -743,16 +782,51 @@ impl Handle<'_> {
     #[inline]
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Translation, Fault> {
         let result = self.view.translate(iova, len, access);
+        self.counts.one();
         if let Err(fault) = result {
+            self.counts.refused();
             self.endpoint.report(fault, iova, access);
         }
         result
     }
 }
 
+/// A section's translation counts, kept in the section (no shared write per translation).
+#[derive(Debug, Default)]
+struct Counts {
+    translations: Cell<u64>,
+    refused: Cell<u64>,
+}
+
+impl Counts {
+    #[inline]
+    fn one(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    fn add(&self, n: usize) {
+        self.translations
+            .set(self.translations.get().wrapping_add(n as u64));
+    }
+
+    #[cold]
+    fn refused(&self) {
+        self.refused.set(self.refused.get().wrapping_add(1));
+    }
+}
+
 impl Drop for Section<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.endpoint.conn.leave(self.slot, self.token);
+        let conn = &self.endpoint.conn;
+        // The slot is still leased (the lease is a field, dropped after this).
+        conn.count(
+            self.slot,
+            wire::SLOT_TRANSLATIONS,
+            self.counts.translations.get(),
+        );
+        conn.count(self.slot, wire::SLOT_REFUSED, self.counts.refused.get());
+        conn.leave(self.slot, self.token);
     }
 }

@@ -17,7 +17,10 @@
 //! The files travel as SCM_RIGHTS with the first byte of their frame. The tables file holds
 //! the model's epoch, control area and page tables as [`SharedLayout`] says; the slots file is
 //! one page: word [`REVOKED`] is set by the daemon when it cuts the master off, and slot `i`'s
-//! section word is word `SLOT_STRIDE * (i + 1)`.
+//! section word is word `SLOT_STRIDE * (i + 1)`. The words after a slot's section word are
+//! counters the master keeps for the daemon's `stats` ([`SLOT_TRANSLATIONS`],
+//! [`SLOT_IOTLB_MISSES`], [`SLOT_REFUSED`]): written only by the thread that holds the slot,
+//! read by the daemon, trusted by nobody.
 
 use ownership::{EndpointId, ResvKind, ResvRegion, SharedLayout};
 use thiserror::Error;
@@ -43,6 +46,15 @@ pub const REVOKED: usize = 0;
 pub const fn slot_word(index: usize) -> usize {
     SLOT_STRIDE * (index + 1)
 }
+
+/// Counters after a slot's section word (offsets from [`slot_word`]), kept by the master:
+/// translations asked of it (a `vm_memory::Iommu::translate` call, a `Section` or `Handle`
+/// translation, an entry of a batch), ...
+pub const SLOT_TRANSLATIONS: usize = 1;
+/// ... `vm_memory` translations that missed the slot's IOTLB and walked the tables, ...
+pub const SLOT_IOTLB_MISSES: usize = 2;
+/// ... and translations refused (whether or not the guest is told).
+pub const SLOT_REFUSED: usize = 3;
 
 /// Message kinds.
 pub mod kind {

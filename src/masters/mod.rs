@@ -20,7 +20,7 @@ use std::{
     os::unix::net::{UnixListener, UnixStream},
     sync::{
         atomic::{fence, AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex, Weak,
     },
     thread,
     time::Duration,
@@ -28,6 +28,7 @@ use std::{
 
 use log::{debug, info, warn};
 use ownership::{Access, EndpointId, GroupId, Remote, RemoteReaders, TranslatorSource};
+use serde_json::{json, Map, Value};
 use shm::Words;
 use vhost_iommu_client::wire::{
     self, EndpointGrant, ErrorCode, FaultAccess, FaultReport, Reply, Request, Welcome, HEADER,
@@ -167,6 +168,15 @@ struct MasterSlots {
 }
 
 impl MasterSlots {
+    /// Counter `which` of the master's slots (see `wire::SLOT_TRANSLATIONS`), summed: what
+    /// the master says it did, for `stats` only.
+    fn counted(&self, which: usize) -> u64 {
+        (0..self.count)
+            .filter_map(|i| self.words.get(wire::slot_word(i) + which))
+            .map(|w| w.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+
     /// Tells the master (in its page) that it may not start a section any more.
     fn revoke(&self) {
         self.words[wire::REVOKED].store(1, Ordering::SeqCst);
@@ -205,6 +215,104 @@ impl RemoteReaders for MasterSlots {
     }
 }
 
+/// A connected master as `stats` lists it: its slots (where it keeps its counters) and the
+/// endpoints it holds.
+#[derive(Debug)]
+pub struct Listed {
+    id: u64,
+    slots: Arc<MasterSlots>,
+    held: Mutex<Vec<Held>>,
+}
+
+const COUNTERS: [(&str, usize); 3] = [
+    ("translations", wire::SLOT_TRANSLATIONS),
+    ("iotlb_misses", wire::SLOT_IOTLB_MISSES),
+    ("translations_refused", wire::SLOT_REFUSED),
+];
+
+/// What `stats` adds to its `masters` object when the daemon serves masters: the counters the
+/// masters keep (`translations`, `iotlb_misses`, `translations_refused`; of every master, gone or
+/// connected), and `list`, one entry per connected master with its own counters and the
+/// endpoints it holds, each with the guest's MAP and UNMAP requests on the domain the
+/// endpoint is attached to (counted since that domain was created).
+pub fn stats_json(device: &Device) -> Option<Map<String, Value>> {
+    let tables = device.shared_tables()?;
+    let listed: Vec<Arc<Listed>> = {
+        let mut listed = tables.listed.lock().unwrap_or_else(|e| e.into_inner());
+        listed.retain(|l| l.strong_count() > 0);
+        listed.iter().filter_map(Weak::upgrade).collect()
+    };
+    let stats = &device.stats().masters;
+    let gone = [
+        &stats.gone_translations,
+        &stats.gone_iotlb_misses,
+        &stats.gone_refused,
+    ];
+    let mut out = Map::new();
+    for ((name, which), gone) in COUNTERS.iter().zip(gone) {
+        let live = listed
+            .iter()
+            .map(|l| l.slots.counted(*which))
+            .fold(0, u64::wrapping_add);
+        out.insert(
+            name.to_string(),
+            gone.load(Ordering::Relaxed).wrapping_add(live).into(),
+        );
+    }
+    let (domains, attachments) = {
+        let iommu = device.iommu();
+        let held: Vec<Held> = listed
+            .iter()
+            .flat_map(|l| l.held.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        let attachments: Vec<(EndpointId, Option<u32>)> = held
+            .iter()
+            .map(|h| {
+                let domain = iommu.group_attachment(h.group).and_then(|(d, _)| d);
+                (h.endpoint, domain)
+            })
+            .collect();
+        let domains = if held.is_empty() {
+            Vec::new()
+        } else {
+            iommu.domains()
+        };
+        (domains, attachments)
+    };
+    let list: Vec<Value> = listed
+        .iter()
+        .map(|l| {
+            let held = l.held.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let endpoints: Vec<Value> = held
+                .iter()
+                .map(|h| {
+                    let domain = attachments
+                        .iter()
+                        .find(|(e, _)| *e == h.endpoint)
+                        .and_then(|(_, d)| *d);
+                    let info = domain.and_then(|d| domains.iter().find(|i| i.id == d));
+                    json!({
+                        "endpoint": h.endpoint,
+                        "bdf": crate::config::endpoint_bdf(h.endpoint),
+                        "group": h.group.0,
+                        "hold": match h.hold { Hold::Owner(_) => "owner", Hold::DmaApi => "dma_api" },
+                        "domain": domain,
+                        "maps": info.map_or(0, |i| i.maps),
+                        "unmaps": info.map_or(0, |i| i.unmaps),
+                    })
+                })
+                .collect();
+            let mut entry = json!({ "id": l.id, "slots": l.slots.count, "endpoints": endpoints });
+            for (name, which) in COUNTERS {
+                entry[name] = l.slots.counted(which).into();
+            }
+            entry
+        })
+        .collect();
+    out.insert("list".into(), list.into());
+    Some(out)
+}
+
 /// One master's connection, from HELLO to hang-up.
 fn serve(mut stream: UnixStream, ctx: &Context, id: u64) {
     let stats = &ctx.device.stats().masters;
@@ -222,13 +330,28 @@ fn serve(mut stream: UnixStream, ctx: &Context, id: u64) {
     };
     let _ = stream.set_read_timeout(None);
     info!("DMA master {id} connected ({} reader slots)", slots.count);
+    let listed = Arc::new(Listed {
+        id,
+        slots: slots.clone(),
+        held: Mutex::new(Vec::new()),
+    });
+    {
+        let mut all = ctx.tables.listed.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|l| l.strong_count() > 0);
+        all.push(Arc::downgrade(&listed));
+    }
     let mut session = Session::new(ctx.device.clone());
     let end = loop {
         let request = match read_request(&mut stream) {
             Ok(r) => r,
             Err(end) => break end,
         };
-        match session.handle(request) {
+        let holds = !matches!(request, Request::Fault(_));
+        let handled = session.handle(request);
+        if holds {
+            *listed.held.lock().unwrap_or_else(|e| e.into_inner()) = session.held.clone();
+        }
+        match handled {
             Ok(Some(reply)) => {
                 if let Err(end) = send(&mut stream, &reply) {
                     break end;
@@ -253,6 +376,17 @@ fn serve(mut stream: UnixStream, ctx: &Context, id: u64) {
     }
     ctx.source.detach_remote(&remote);
     let _ = stream.shutdown(std::net::Shutdown::Both);
+    // Its counters move to the totals of the masters gone (a master cut off may still be
+    // counting: what it counts from now on is not shown).
+    drop(listed);
+    let gone = [
+        &stats.gone_translations,
+        &stats.gone_iotlb_misses,
+        &stats.gone_refused,
+    ];
+    for ((_, which), total) in COUNTERS.iter().zip(gone) {
+        total.fetch_add(slots.counted(*which), Ordering::Relaxed);
+    }
     let held = session.held();
     drop(session);
     info!("DMA master {id} gone ({held} endpoints released)");

@@ -3,6 +3,7 @@
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::{Mutex, Weak},
 };
 
 use log::{debug, warn};
@@ -11,11 +12,13 @@ use shm::{Access, Words};
 
 /// The file masters map: the epoch, the control area and the page tables of the model, laid
 /// out as `layout` says. Sealed: it never shrinks or grows, and nobody maps it writable but
-/// the daemon (where the kernel supports the seal).
+/// the daemon (where the kernel supports the seal). Also the list of the masters attached to
+/// it, for `stats`.
 #[derive(Debug)]
 pub struct SharedTables {
     fd: OwnedFd,
     layout: SharedLayout,
+    pub(super) listed: Mutex<Vec<Weak<super::Listed>>>,
 }
 
 impl SharedTables {
@@ -58,5 +61,12 @@ pub fn model(topology: &Topology) -> io::Result<(Iommu, SharedTables)> {
         "page tables in a memfd of {} bytes for DMA masters",
         layout.file_bytes()
     );
-    Ok((iommu, SharedTables { fd, layout }))
+    Ok((
+        iommu,
+        SharedTables {
+            fd,
+            layout,
+            listed: Mutex::new(Vec::new()),
+        },
+    ))
 }
