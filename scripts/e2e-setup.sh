@@ -346,8 +346,11 @@ build_qemus() {
 # Guest kernel
 # ---------------------------------------------------------------------------------------------
 
-# Modules the guest needs (kernel names); their dependencies are added.
-guest_modules=(virtio_iommu irqbypass vfio vfio_iommu_type1 vfio_pci_core vfio_pci)
+# Modules the guest needs (kernel names); their dependencies are added. virtio_blk: the block
+# device behind the virtio-iommu (tests/e2e_blk.rs); loaded last, after the IOMMU.
+guest_modules=(virtio_iommu irqbypass vfio vfio_iommu_type1 vfio_pci_core vfio_pci virtio_blk)
+# A cached kernel counts only if it was extracted with these modules.
+kernel_stamp() { echo "$1 modules=${guest_modules[*]}"; }
 
 cached_kernel() {
     local d
@@ -359,7 +362,7 @@ cached_kernel() {
 
 fetch_kernel() {
     local krel=${VHOST_IOMMU_KERNEL:-$(cached_kernel)}
-    if [ -n "$krel" ] && [ -f "$cache/kernel-$krel/stamp" ]; then
+    if [ -n "$krel" ] && [ "$(cat "$cache/kernel-$krel/stamp" 2>/dev/null)" = "$(kernel_stamp "$krel")" ]; then
         log "guest kernel $krel cached"
         kernel_dir=$cache/kernel-$krel
         return
@@ -443,7 +446,7 @@ for name in order:
     open(os.path.join(outdir, name + ".ko"), "wb").write(data[name])
     print(name)
 EOF
-    echo "$krel" >"$out/stamp"
+    kernel_stamp "$krel" >"$out/stamp"
     rm -rf "$work"
     kernel_dir=$out
     log "guest kernel $krel ready in $(($(date +%s) - t0))s (modules: $(tr '\n' ' ' <"$out/modules.order"))"
@@ -480,7 +483,7 @@ build_initramfs() {
     install -m 0755 "$guest_src/init" "$root/init"
     cp "$kernel_dir"/modules/*.ko "$root/lib/modules/"
     cp "$kernel_dir/modules.order" "$root/lib/modules/order"
-    cat "$kernel_dir/stamp" >"$root/etc/kernel-release"
+    cut -d" " -f1 "$kernel_dir/stamp" >"$root/etc/kernel-release"
 
     mkdir -p "$dir"
     (cd "$root" && find . -print0 | sort -z | cpio --null -o -H newc --quiet -R 0:0) \
@@ -507,7 +510,7 @@ write_rig_env() {
                 | paste -sd, -)"
         fi
         echo "KERNEL=$kernel_dir/vmlinux"
-        echo "KERNEL_RELEASE=$(cat "$kernel_dir/stamp")"
+        echo "KERNEL_RELEASE=$(cut -d" " -f1 "$kernel_dir/stamp")"
         echo "INITRD=$guest_dir/initramfs.cpio.gz"
         echo "FIRMWARE=/usr/share/seabios:/usr/share/qemu"
     } >"$tmp"

@@ -17,13 +17,18 @@
 //
 // Parameters come from the kernel command line (all optional):
 //   e2e.steps=viot,iommu,groups,bench,host,group   steps to run (default: those six; `hold`,
-//                                             the life-cycle step, runs only when named)
+//                                             the life-cycle step, and `blk`, the block
+//                                             device behind the IOMMU, run only when named)
 //   e2e.ep=0000:00:05.0                       endpoint for bench and host steps
 //   e2e.group_ep=0000:00:06.0                 a member of the multi-function group
 //   e2e.n4k=20000 e2e.rounds32=1000 e2e.n2m=2000   VFIO loop iteration counts
 //   e2e.wait=120                              seconds to wait for each GO
 //   e2e.hold_loop_ms=2000                     length of the hold step's MAP/UNMAP loop
 //   e2e.hold_extra=0                          pages the hold step also maps one by one
+//   e2e.blk_bdf=0000:00:08.0 e2e.blk_ep=0x40  the blk step's virtio-blk device and its endpoint
+//   e2e.blk_offset=4194304 e2e.blk_len=1048576  where it writes its pattern (O_DIRECT)
+//   e2e.blk_bad_sector=-1                     a sector whose read must fail (the back-end's
+//                                             test hook); -1: none
 //
 // Buffers shown to the host carry a pattern: the little-endian u64 at byte offset `o` of the
 // buffer is `(seed << 32) | o`, with `seed` printed as pattern=0x... on the marker line.
@@ -221,7 +226,8 @@ static int interesting(const char *line)
 	if (strstr(line, "e2e."))
 		return 0; // the command line
 	static const char *const words[] = { "iommu", "IOMMU", "vfio", "VFIO", "VIOT",
-					     "fault from", "Oops", "BUG", "WARNING", NULL };
+					     "fault from", "Oops", "BUG", "WARNING", "I/O error",
+					     "virtio_blk", NULL };
 	for (int i = 0; words[i]; i++)
 		if (strstr(line, words[i]))
 			return 1;
@@ -867,6 +873,177 @@ out:
 	vfio_close(&h[1].v);
 }
 
+// ----------------------------------------------------------------------------------------------
+// A block device behind the virtio-iommu
+// ----------------------------------------------------------------------------------------------
+
+// The virtio device (virtioN) under a PCI function, and the block device under it (vda), once
+// the driver probed (probing waits for the IOMMU, so it may come late).
+static int blk_find(const char *bdf, char *virtio, size_t vlen, char *disk, size_t dlen)
+{
+	char path[1024];
+	double deadline = now() + 20;
+
+	for (;;) {
+		DIR *d;
+		struct dirent *e;
+
+		virtio[0] = disk[0] = 0;
+		snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s", bdf);
+		d = opendir(path);
+		while (d && (e = readdir(d)) != NULL) {
+			if (strncmp(e->d_name, "virtio", 6) == 0)
+				snprintf(virtio, vlen, "%s", e->d_name);
+		}
+		if (d)
+			closedir(d);
+		if (virtio[0]) {
+			snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s/block", bdf, virtio);
+			d = opendir(path);
+			while (d && (e = readdir(d)) != NULL) {
+				if (e->d_name[0] != '.')
+					snprintf(disk, dlen, "%s", e->d_name);
+			}
+			if (d)
+				closedir(d);
+		}
+		if (disk[0]) {
+			snprintf(path, sizeof(path), "/dev/%s", disk);
+			if (access(path, R_OK | W_OK) == 0)
+				return 0;
+		}
+		if (now() > deadline)
+			return -1;
+		usleep(100 * 1000);
+	}
+}
+
+// The first line of a sysfs file, newline stripped ("" if unreadable).
+static void read_line(const char *path, char *out, size_t outlen)
+{
+	ssize_t n = -1;
+	int fd = open(path, O_RDONLY);
+
+	if (fd >= 0) {
+		n = read(fd, out, outlen - 1);
+		close(fd);
+	}
+	out[n > 0 ? n : 0] = 0;
+	out[strcspn(out, "\n")] = 0;
+}
+
+// Whether the kernel log has a line with `what` (polls up to `secs`).
+static int klog_has(const char *what, double secs)
+{
+	double deadline = now() + secs;
+
+	for (;;) {
+		char *log = read_klog();
+		int found = log && strstr(log, what);
+
+		free(log);
+		if (found)
+			return 1;
+		if (now() > deadline)
+			return 0;
+		usleep(50 * 1000);
+	}
+}
+
+// The stock virtio_blk driver on a vhost-user-blk device behind the virtio-iommu: it must have
+// negotiated VIRTIO_F_ACCESS_PLATFORM (bit 33), so every ring and buffer it gives the device
+// is an IOVA it mapped through the virtio-iommu. Writes a pattern with O_DIRECT, reads it back,
+// stops for the host (which checks the backing file and the daemon's counters); then, with
+// e2e.blk_bad_sector, reads the sector whose data the back-end's test hook sends to an IOVA
+// the guest never mapped: the read must fail (EIO) and the driver log the fault.
+static void step_blk(void)
+{
+	const char *bdf = param("blk_bdf", "0000:00:08.0");
+	unsigned long offset = param_ul("blk_offset", 4UL << 20), len = param_ul("blk_len", 1UL << 20);
+	long bad_sector = strtol(param("blk_bad_sector", "-1"), NULL, 0);
+	const uint32_t seed = 0x5eedb1c0;
+	char virtio[256], disk[256], path[1024], features[128], driver[512], devpath[300];
+	char *buf = NULL;
+	int fd = -1, group;
+	ssize_t n;
+
+	if (blk_find(bdf, virtio, sizeof(virtio), disk, sizeof(disk)) < 0) {
+		fail("step=blk reason=no-disk bdf=%s virtio=%s", bdf, virtio);
+		return;
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s/features", bdf, virtio);
+	read_line(path, features, sizeof(features));
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s/driver", bdf, virtio);
+	n = readlink(path, driver, sizeof(driver) - 1);
+	driver[n > 0 ? n : 0] = 0;
+	group = group_of(bdf);
+	marker("BLK_DEVICE bdf=%s virtio=%s disk=%s driver=%s group=%d features=%s "
+	       "access_platform=%d",
+	       bdf, virtio, disk, strrchr(driver, '/') ? strrchr(driver, '/') + 1 : driver, group,
+	       features, strlen(features) > 33 && features[33] == '1');
+	if (!(strlen(features) > 33 && features[33] == '1'))
+		fail("step=blk reason=no-access-platform features=%s", features);
+
+	snprintf(devpath, sizeof(devpath), "/dev/%s", disk);
+	fd = open(devpath, O_RDWR | O_DIRECT);
+	buf = alloc_buffer(len);
+	if (fd < 0 || !buf) {
+		fail("step=blk reason=open errno=%d", errno);
+		goto out;
+	}
+	fill_pattern(buf, len, seed);
+	n = pwrite(fd, buf, len, offset);
+	if (n != (ssize_t)len) {
+		fail("step=blk reason=write n=%zd errno=%d", n, errno);
+		goto out;
+	}
+	if (fdatasync(fd) < 0) {
+		fail("step=blk reason=fdatasync errno=%d", errno);
+		goto out;
+	}
+	memset(buf, 0, len);
+	n = pread(fd, buf, len, offset);
+	if (n != (ssize_t)len) {
+		fail("step=blk reason=read n=%zd errno=%d", n, errno);
+		goto out;
+	}
+	{
+		uint64_t *w = (uint64_t *)buf;
+		size_t bad = 0;
+
+		for (size_t o = 0; o < len; o += 8)
+			bad += w[o / 8] != (((uint64_t)seed << 32) | o);
+		if (marker_wait("BLK_IO disk=%s offset=%lu len=%lu pattern=0x%x written=%lu read=%zd "
+				"mismatched_words=%zu",
+				disk, offset, len, seed, len, n, bad) < 0)
+			goto out;
+		if (bad)
+			fail("step=blk reason=read-back mismatched_words=%zu", bad);
+	}
+	if (bad_sector >= 0) {
+		char want[64];
+
+		n = pread(fd, buf, PAGE, (off_t)bad_sector * 512);
+		marker("BLK_MISDIRECTED sector=%ld rc=%zd errno=%d", bad_sector, n, n < 0 ? errno : 0);
+		if (n >= 0 || errno != EIO)
+			fail("step=blk reason=misdirected-read-not-refused rc=%zd errno=%d", n, errno);
+		// The fault record travels on the event queue, apart from the request's completion.
+		snprintf(want, sizeof(want), "fault from EP %d", (int)param_ul("blk_ep", 0x40));
+		if (!klog_has(want, 10))
+			fail("step=blk reason=no-fault-in-dmesg want='%s'", want);
+		// The device carries on: the pattern reads back.
+		memset(buf, 0, len);
+		n = pread(fd, buf, len, offset);
+		marker("BLK_AFTER rc=%zd match=%d", n,
+		       n == (ssize_t)len && ((uint64_t *)buf)[1] == (((uint64_t)seed << 32) | 8));
+	}
+out:
+	if (buf)
+		munmap(buf, len);
+	if (fd >= 0)
+		close(fd);
+}
+
 int main(void)
 {
 	const char *steps, *ep, *gep;
@@ -899,6 +1076,8 @@ int main(void)
 		step_group(gep);
 	if (step_enabled(steps, "hold"))
 		step_hold(ep, gep);
+	if (step_enabled(steps, "blk"))
+		step_blk();
 	dump_dmesg();
 	marker("DONE status=%s failures=%d", failures ? "fail" : "ok", failures);
 	return failures ? 1 : 0;
