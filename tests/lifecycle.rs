@@ -228,7 +228,13 @@ fn load_state(dev: &mut Driver, bytes: &[u8]) -> bool {
 /// What the control socket shows of the guest's state.
 fn guest_view(d: &Daemon) -> Value {
     let stats = d.stats();
-    let domains = d.control(json!({"cmd": "domains"}));
+    let mut domains = d.control(json!({"cmd": "domains"}));
+    // MAP and UNMAP counts are statistics, not state: a load counts its own MAPs.
+    for domain in domains["domains"].as_array_mut().unwrap() {
+        let domain = domain.as_object_mut().unwrap();
+        domain.remove("maps");
+        domain.remove("unmaps");
+    }
     let groups = d.control(json!({"cmd": "groups"}))["groups"]
         .as_array()
         .unwrap()

@@ -481,9 +481,21 @@ pub struct DomainInfo {
     /// Endpoints the guest attached, over all groups on the domain.
     pub endpoints: Vec<EndpointId>,
     pub mappings: u64,
-    /// MAP and UNMAP requests applied to the domain since it was created.
+    /// MAP and UNMAP requests applied to the domain since it was created (statistics, not
+    /// part of the guest's state: a restore counts one MAP per mapping it restores).
     pub maps: u64,
     pub unmaps: u64,
+}
+
+impl DomainInfo {
+    /// The domain without its request counters (to compare a restored model's with another's).
+    pub fn without_counters(&self) -> DomainInfo {
+        DomainInfo {
+            maps: 0,
+            unmaps: 0,
+            ..self.clone()
+        }
+    }
 }
 
 /// Counters of the model.

@@ -246,7 +246,9 @@ proptest! {
         let mut fresh = Iommu::new(topology());
         fresh.restore(&state).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(fresh.guest_state(), state.clone());
-        prop_assert_eq!(fresh.domains(), m.domains());
+        // The request counters are statistics, not state (a restore counts its own MAPs).
+        let shape = |d: Vec<crate::DomainInfo>| d.iter().map(|d| d.without_counters()).collect::<Vec<_>>();
+        prop_assert_eq!(shape(fresh.domains()), shape(m.domains()));
         let mut other = Iommu::new(topology());
         other.attach(0, 1, DomainKind::Paging).unwrap();
         other.map(0, 0, PAGE - 1, 0, Perms::READ).unwrap();
