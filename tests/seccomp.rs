@@ -174,11 +174,30 @@ fn serving_under_seccomp_kill() {
         ..quick()
     });
     assert_eq!(status_of(&mut dev, &attach(3, EP)), Status::Ok);
-    assert_eq!(d.stats()["connections"], 2);
+    // Counted by the accept loop once the handshake's thread runs: a moment, under load.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.stats()["connections"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.stats());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 
     // Many control clients at once: a thread each, and with them glibc's malloc arenas (the
     // ninth makes glibc try to open /sys/devices/system/cpu/online: refused, not fatal).
-    let mut clients: Vec<ControlClient> = (0..16).map(|_| d.control_client()).collect();
+    // The control clients of the checks above are gone first (their slots come back when
+    // their threads end, a moment after the close): the first of the 16 waits until it is
+    // the only one.
+    let mut first = d.control_client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stats = first.request(json!({"cmd": "stats"}));
+        if stats["stats"]["control"]["clients"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stats}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut clients = vec![first];
+    clients.extend((1..16).map(|_| d.control_client()));
     for c in &mut clients {
         assert_eq!(c.request(json!({"cmd": "stats"}))["ok"], true);
     }
