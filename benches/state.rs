@@ -26,9 +26,9 @@ use std::{
 
 use clap::Parser;
 use vhost_device_iommu::{
-    backend::Device,
     config::{Cli, DaemonConfig},
-    device,
+    device::Device,
+    request,
 };
 use virtio::{MapFlags, Request};
 
@@ -107,7 +107,7 @@ fn device_with(mappings: &[(u64, u64)]) -> std::sync::Arc<Device> {
         endpoint: ENDPOINT,
         bypass: false,
     };
-    device::execute(&mut iommu, &attach).expect("ATTACH");
+    request::execute(&mut iommu, &attach).expect("ATTACH");
     let flags = MapFlags {
         read: true,
         write: true,
@@ -121,7 +121,7 @@ fn device_with(mappings: &[(u64, u64)]) -> std::sync::Arc<Device> {
             phys_start: gpa,
             flags,
         };
-        device::execute(&mut iommu, &map).expect("MAP");
+        request::execute(&mut iommu, &map).expect("MAP");
     }
     drop(iommu);
     device

@@ -13,7 +13,7 @@ use virtio::{
 
 use crate::{
     control,
-    device::MAX_PROBE_REGIONS,
+    request::MAX_PROBE_REGIONS,
     seccomp::SeccompMode,
     viot::{build_viot, PciBdf, ViotError, ViotPciRange},
 };

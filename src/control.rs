@@ -33,8 +33,8 @@ use ownership::{Access, DomainKind, EndpointId, Fault, GroupId, Perms, Requester
 use serde_json::{json, Value};
 
 use crate::{
-    backend::Device,
     config::{endpoint_bdf, parse_endpoint},
+    device::Device,
     log_limited,
     stats::Stats,
     translate::TranslationService,

@@ -33,6 +33,10 @@ use vm_memory::{
     Address, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
+/// Guest memory as the backend sees it: every write through it is logged while the frontend
+/// asks for a dirty-page log (live migration; see [`crate::dirty`]).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyLog>;
+
 /// The log's page size (vhost's `VHOST_LOG_PAGE`).
 pub const LOG_PAGE: u64 = 0x1000;
 

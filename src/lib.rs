@@ -2,16 +2,17 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library so that integration tests,
 //! examples and benchmarks drive exactly the code the daemon runs.
-pub mod backend;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod device;
 pub mod dirty;
-pub mod events;
+pub mod engine;
+pub mod faults;
 pub mod hugepages;
 pub mod masters;
 pub mod ratelimit;
+pub mod request;
 mod ring;
 pub mod seccomp;
 pub mod server;
@@ -19,4 +20,5 @@ pub mod state;
 pub mod statefile;
 pub mod stats;
 pub mod translate;
+pub mod vhost_user;
 pub mod viot;

@@ -24,7 +24,7 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, VolatileSlice,
 };
 
-use crate::{backend::GuestMemory, dirty::DirtySlice};
+use crate::dirty::{DirtySlice, GuestMemory};
 
 /// Guest memory as the fast path holds it: writes through it are logged while a dirty-page log
 /// is set (see [`crate::dirty`]).
@@ -265,7 +265,7 @@ pub(crate) const FAST_MAX_WRITABLE: usize = 16;
 /// One chain parsed by [`Rings::parse`]; reused from chain to chain (no allocation).
 #[derive(Debug)]
 pub(crate) struct FastChain<'m> {
-    pub(crate) readable: [u8; crate::backend::MAX_READABLE],
+    pub(crate) readable: [u8; MAX_READABLE],
     pub(crate) readable_len: usize,
     pub(crate) writable: [Option<Slice<'m>>; FAST_MAX_WRITABLE],
     pub(crate) n_writable: usize,
@@ -275,7 +275,7 @@ pub(crate) struct FastChain<'m> {
 impl Default for FastChain<'_> {
     fn default() -> Self {
         FastChain {
-            readable: [0; crate::backend::MAX_READABLE],
+            readable: [0; MAX_READABLE],
             readable_len: 0,
             writable: [None; FAST_MAX_WRITABLE],
             n_writable: 0,
@@ -301,7 +301,7 @@ impl<'a, 'm> SliceWriter<'a, 'm> {
     }
 }
 
-impl crate::backend::ReplySink for SliceWriter<'_, '_> {
+impl ReplySink for SliceWriter<'_, '_> {
     fn write(&mut self, mut bytes: &[u8]) -> bool {
         while !bytes.is_empty() {
             let Some(Some(slice)) = self.slices.get(self.index) else {
@@ -327,6 +327,27 @@ impl crate::backend::ReplySink for SliceWriter<'_, '_> {
 /// side (its interrupts); the test kit's driver has its own copy for its kicks.
 pub fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Device-readable bytes looked at: the longest request (PROBE) is 72.
+pub(crate) const MAX_READABLE: usize = 128;
+
+/// Where a reply goes: sequentially across a chain's device-writable buffers.
+pub(crate) trait ReplySink {
+    /// Writes `bytes` at the cursor; false if the buffers are too short or unwritable.
+    fn write(&mut self, bytes: &[u8]) -> bool;
+
+    fn zeros(&mut self, mut n: usize) -> bool {
+        static ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let take = n.min(ZEROS.len());
+            if !self.write(&ZEROS[..take]) {
+                return false;
+            }
+            n -= take;
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -388,7 +409,7 @@ mod tests {
         // Only the first MAX_READABLE bytes are kept.
         put_desc(&mem, 3, 0x5000, 1000, VRING_DESC_F_NEXT, 7);
         let (readable, _, _) = parse(&mem, 3).unwrap();
-        assert_eq!(readable.len(), crate::backend::MAX_READABLE);
+        assert_eq!(readable.len(), MAX_READABLE);
     }
 
     #[test]

@@ -20,9 +20,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::{
-    backend::{Device, IommuBackend, FAULT_EVENT},
     config::{DaemonConfig, Listen},
     control,
+    device::Device,
+    vhost_user::{IommuBackend, FAULT_EVENT},
 };
 
 #[derive(Debug, Error)]
@@ -36,7 +37,7 @@ pub enum ServerError {
     #[error("device: {0}")]
     Device(io::Error),
     #[error("{0}")]
-    Setup(#[from] crate::backend::DeviceError),
+    Setup(#[from] crate::device::DeviceError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error("signal handler: {0}")]

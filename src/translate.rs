@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ownership::{Access, EndpointId, Fault, ReadGuard, Requester, Translation, Translator};
 use virtio::{FaultReason, FaultRecord, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE};
 
-use crate::events::FaultQueue;
+use crate::faults::FaultQueue;
 
 /// A translator for one thread that turns guest-visible faults into fault records.
 #[derive(Debug)]
@@ -101,7 +101,7 @@ mod tests {
             .serve
             .unwrap();
         let config = crate::config::DaemonConfig::try_from(args).unwrap();
-        let device = crate::backend::Device::new(&config).unwrap();
+        let device = crate::device::Device::new(&config).unwrap();
         let model = device.iommu();
         let (tx, rx) = std::sync::mpsc::channel();
         let asker = device.clone();

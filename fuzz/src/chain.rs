@@ -20,7 +20,10 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::{Arbitrary, Unstructured};
 use ownership::{Access, Requester};
 use vhost_device_iommu::{
-    backend::{Device, GuestMemory, IommuBackend, MAX_WRITABLE},
+    device::Device,
+    dirty::GuestMemory,
+    engine::MAX_WRITABLE,
+    vhost_user::IommuBackend,
     config::{Cli, Command, DaemonConfig, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC},
 };
 use vhost_iommu_testkit::{
@@ -996,7 +999,7 @@ impl Harness {
         let eq = &self.vrings[usize::from(EVENT_QUEUE)];
         let used_before = eq.get_ref().get_queue().next_used();
         // The fault backlog's eventfd, then the driver's kick, as the worker sees them.
-        for id in [vhost_device_iommu::backend::FAULT_EVENT, EVENT_QUEUE] {
+        for id in [vhost_device_iommu::vhost_user::FAULT_EVENT, EVENT_QUEUE] {
             self.backend
                 .handle_event(id, EventSet::IN, &self.vrings, 0)
                 .expect("handle_event (eventq)");

@@ -14,7 +14,7 @@ use std::sync::{atomic::Ordering, Arc, Mutex, OnceLock};
 
 use ownership::GroupId;
 use vhost_device_iommu::{
-    backend::Device,
+    device::Device,
     masters::{Session, MAX_HELD},
 };
 use vhost_iommu_client::wire::{self, Reply, Request, HEADER, MAX_PAYLOAD};

@@ -1,7 +1,7 @@
 //! DMA masters in other processes: the master socket (`--master-socket`).
 //!
 //! A device backend linking the `vhost-iommu-client` crate connects here, gets the page
-//! tables' memfd (mapped read-only on its side, see [`shared`]) and a page of reader slots of
+//! tables' memfd (mapped read-only on its side, see `shared.rs`) and a page of reader slots of
 //! its own, takes DMA ownership of endpoints, and translates IOVAs itself. The daemon's grace
 //! periods wait for its sections like for its own readers (`ownership::epoch`): no UNMAP,
 //! DETACH, ATTACH elsewhere or reset is answered while a master may still use what it took
@@ -37,7 +37,7 @@ use vhost_iommu_client::wire::{
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 pub use self::shared::{model, SharedTables};
-use crate::{backend::Device, config::MastersConfig, log_limited, translate::fault_record};
+use crate::{config::MastersConfig, device::Device, log_limited, translate::fault_record};
 
 /// How long a master may take to say HELLO, and a reply may wait for the master to read it.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -499,7 +499,7 @@ pub fn reference_status(r: &mut ownership::reference::Reference, request: &Reque
             virt_start,
             virt_end,
             phys_start,
-            vhost_device_iommu::device::perms_of(flags),
+            vhost_device_iommu::request::perms_of(flags),
         ),
         Request::Unmap {
             domain,
@@ -510,6 +510,6 @@ pub fn reference_status(r: &mut ownership::reference::Reference, request: &Reque
     };
     match result {
         Ok(()) => Status::Ok,
-        Err(e) => vhost_device_iommu::device::status_of(&e),
+        Err(e) => vhost_device_iommu::request::status_of(&e),
     }
 }
