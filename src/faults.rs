@@ -38,6 +38,11 @@ struct Inner {
     epoch: u64,
     /// Shutting down: new records are dropped (and counted).
     closed: bool,
+    /// A driver listens: it posted event buffers (kicked the event queue) since the last
+    /// clear. Records reported before that are dropped (counted): they belong to no driver
+    /// (firmware doing DMA before the OS's driver exists), and Linux's driver takes an event
+    /// that arrives while it is still probing the device for a crash.
+    listening: bool,
 }
 
 /// A record taken out of the backlog by [`FaultQueue::pop`]: it goes to
@@ -93,7 +98,7 @@ impl FaultQueue {
         {
             let mut inner = self.lock();
             self.stats.faults_reported.fetch_add(1, Relaxed);
-            if inner.closed {
+            if inner.closed || !inner.listening {
                 self.dropped(1);
                 return;
             }
@@ -159,11 +164,18 @@ impl FaultQueue {
         self.len() == 0
     }
 
+    /// A driver posted buffers on the event queue: records are taken from now on.
+    pub fn listen(&self) {
+        self.lock().listening = true;
+    }
+
     /// Drops every waiting record (device reset, disconnect), counting them; a record taken
-    /// before is dropped too if it is put back.
+    /// before is dropped too if it is put back. Records are taken again once the next driver
+    /// listens.
     pub fn clear(&self) -> usize {
         let mut inner = self.lock();
         inner.epoch += 1;
+        inner.listening = false;
         let n = inner.backlog.len();
         inner.backlog.clear();
         self.dropped(n);
@@ -193,6 +205,8 @@ impl FaultQueue {
     pub fn restore(&self, records: Vec<FaultRecord>) {
         {
             let mut inner = self.lock();
+            // The state was saved with a driver listening: it still is.
+            inner.listening = true;
             let replaced = inner.backlog.len();
             inner.backlog.clear();
             self.dropped(replaced);
@@ -238,6 +252,7 @@ mod tests {
     fn bounded_backlog_drops_the_oldest_and_counts() {
         let stats = Arc::new(Stats::default());
         let q = FaultQueue::new(2, stats.clone()).unwrap();
+        q.listen();
         for a in 0..5 {
             q.push(record(a));
         }
@@ -278,10 +293,12 @@ mod tests {
     fn a_record_taken_before_a_clear_never_returns() {
         let stats = Arc::new(Stats::default());
         let q = FaultQueue::new(4, stats.clone()).unwrap();
+        q.listen();
         q.push(record(1));
         q.push(record(2));
         let taken = q.pop().unwrap();
         assert_eq!(q.clear(), 1);
+        q.listen();
         q.push(record(3));
         q.unpop(taken);
         assert_eq!(q.len(), 1, "only the record reported after the reset waits");
@@ -302,5 +319,27 @@ mod tests {
         q.close();
         q.unpop(taken);
         assert!(q.is_empty());
+    }
+
+    /// Records reported while no driver listens (before the first driver posted event
+    /// buffers, after a reset until the next one does) are dropped and counted; a loaded
+    /// state's driver listens.
+    #[test]
+    fn records_wait_only_for_a_listening_driver() {
+        let stats = Arc::new(Stats::default());
+        let q = FaultQueue::new(4, stats.clone()).unwrap();
+        q.push(record(1));
+        assert!(q.is_empty());
+        q.listen();
+        q.push(record(2));
+        assert_eq!(q.len(), 1);
+        q.clear();
+        q.push(record(3));
+        assert!(q.is_empty(), "a reset driver does not listen");
+        q.restore(vec![record(4)]);
+        q.push(record(5));
+        assert_eq!(q.snapshot(), vec![record(4), record(5)]);
+        let a = q.accounts();
+        assert_eq!((a.reported, a.dropped, a.waiting), (5, 3, 2), "{a:?}");
     }
 }

@@ -315,6 +315,9 @@ impl VhostUserBackend for IommuBackend {
                     }
                 }
                 e if e == virtio::EVENT_QUEUE || e == FAULT_EVENT => {
+                    if e == virtio::EVENT_QUEUE {
+                        self.device.faults.listen();
+                    }
                     self.device.deliver_faults(&vrings[1], &mem)?;
                 }
                 other => debug!("event on unknown id {other}"),

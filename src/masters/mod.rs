@@ -688,7 +688,9 @@ mod tests {
             other.handle(Request::Release { endpoint: 0x28 }).unwrap(),
             Some(Reply::Error(ErrorCode::NotHeld))
         );
-        // Reports for what it holds become fault records; others are refused.
+        // Reports for what it holds become fault records (a driver listens); others are
+        // refused.
+        device.faults().listen();
         let report = |endpoint| {
             Request::Fault(FaultReport {
                 endpoint,
