@@ -23,6 +23,8 @@ pub struct Stats {
     pub spurious_wakeups: AtomicU64,
     /// Requests found by polling the avail ring after work (no kick needed).
     pub polled_requests: AtomicU64,
+    /// How the request worker waits for work (see [`Pacing`]).
+    pub pacing: Pacing,
     /// Fault records: produced by the fast path, written to the eventq, dropped (backlog full or
     /// reset), refused for lack of a big enough buffer.
     pub faults_reported: AtomicU64,
@@ -142,6 +144,7 @@ impl Stats {
             "broken_rings": self.broken_rings.load(Relaxed),
             "spurious_wakeups": self.spurious_wakeups.load(Relaxed),
             "polled_requests": self.polled_requests.load(Relaxed),
+            "pacing": self.pacing.to_json(),
             "faults": {
                 "reported": self.faults_reported.load(Relaxed),
                 "delivered": self.faults_delivered.load(Relaxed),
@@ -179,5 +182,208 @@ pub fn type_name(t: RequestType) -> &'static str {
         RequestType::Map => "map",
         RequestType::Unmap => "unmap",
         RequestType::Probe => "probe",
+    }
+}
+
+/// Adds one to a counter that only one thread writes (the request worker): a plain load and
+/// store, no locked instruction on the request path.
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+/// What decides a request's latency: how the worker found each request (the first pass after
+/// a kick woke it, a poll of the avail ring, or the look after notifications went back on),
+/// how often it slept, what its poll windows caught, and sampled timings. Written by the
+/// request worker only; cheap enough to stay on (a few plain stores per pass, two clock reads
+/// per sampled pass).
+#[derive(Debug, Default)]
+pub struct Pacing {
+    /// Requests found by the first pass after an epoll wake-up (a kick, usually).
+    pub woken_requests: AtomicU64,
+    /// Requests found by the pass after notifications went back on (published meanwhile).
+    pub rechecked_requests: AtomicU64,
+    /// Wake-ups of the worker for the request queue, and the times it went back to sleep
+    /// with notifications on.
+    pub wakeups: AtomicU64,
+    pub sleeps: AtomicU64,
+    /// Poll windows: started, ended with nothing found, that lost the CPU meanwhile (another
+    /// task ran on it; an adaptive window ends there), and skipped during a back-off.
+    pub windows: AtomicU64,
+    pub windows_empty: AtomicU64,
+    pub windows_preempted: AtomicU64,
+    pub windows_skipped: AtomicU64,
+    /// Back-offs started because windows at the full budget kept ending empty just before the
+    /// next request (the other reason is a window that lost its CPU: `windows_preempted`),
+    /// and the length of the last back-off (nanoseconds without polling).
+    pub backoffs_missed: AtomicU64,
+    pub backoff_ns: AtomicU64,
+    /// Nanoseconds spent polling (CPU time while the worker kept its CPU).
+    pub poll_ns: AtomicU64,
+    /// `sched_yield` calls in poll windows, and those that came back late (another task ran).
+    pub yields: AtomicU64,
+    pub yields_late: AtomicU64,
+    /// The poll window in force (nanoseconds): the adaptive window, or the budget when fixed.
+    pub window_ns: AtomicU64,
+    /// Sampled passes: from finding a pass's first request to publishing its used entries.
+    pub service_ns: Histogram,
+    /// From publishing a pass's used entries to finding the next request by polling (the
+    /// driver's gap between requests, as the device sees it).
+    pub polled_gap_ns: Histogram,
+    /// Every sleep: from going to sleep (notifications on) to the wake-up (the driver's gap,
+    /// plus its kick and the wake-up's latency).
+    pub sleep_ns: Histogram,
+}
+
+impl Pacing {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        bump(counter, n)
+    }
+
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Relaxed);
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "requests": {
+                "woken": self.woken_requests.load(Relaxed),
+                "rechecked": self.rechecked_requests.load(Relaxed),
+            },
+            "wakeups": self.wakeups.load(Relaxed),
+            "sleeps": self.sleeps.load(Relaxed),
+            "windows": {
+                "started": self.windows.load(Relaxed),
+                "empty": self.windows_empty.load(Relaxed),
+                "preempted": self.windows_preempted.load(Relaxed),
+                "skipped": self.windows_skipped.load(Relaxed),
+            },
+            "backoffs_missed": self.backoffs_missed.load(Relaxed),
+            "backoff_ns": self.backoff_ns.load(Relaxed),
+            "poll_ns": self.poll_ns.load(Relaxed),
+            "yields": self.yields.load(Relaxed),
+            "yields_late": self.yields_late.load(Relaxed),
+            "window_ns": self.window_ns.load(Relaxed),
+            "service_ns": self.service_ns.to_json(),
+            "polled_gap_ns": self.polled_gap_ns.to_json(),
+            "sleep_ns": self.sleep_ns.to_json(),
+        })
+    }
+}
+
+/// Buckets of a [`Histogram`]: 4 per power of two (about 19% wide), up to 2^41 ns (36 min).
+const BUCKETS: usize = 164;
+
+/// A log-linear histogram of nanoseconds with one writer (the request worker).
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Histogram {
+    fn index(ns: u64) -> usize {
+        if ns < 4 {
+            return ns as usize;
+        }
+        let e = 63 - ns.leading_zeros() as usize;
+        let sub = ((ns >> (e - 2)) & 3) as usize;
+        ((e - 1) * 4 + sub).min(BUCKETS - 1)
+    }
+
+    /// The lowest value of bucket `i`, and its width.
+    fn bounds(i: usize) -> (u64, u64) {
+        if i < 4 {
+            return (i as u64, 1);
+        }
+        let e = i / 4 + 1;
+        ((4 + (i % 4) as u64) << (e - 2), 1 << (e - 2))
+    }
+
+    pub fn record(&self, ns: u64) {
+        bump(&self.buckets[Self::index(ns)], 1);
+    }
+
+    /// The value below which a fraction `q` of the samples lie (a bucket's middle).
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64 * q).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, &n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (lo, width) = Self::bounds(i);
+                return Some(lo + width / 2);
+            }
+        }
+        None
+    }
+
+    /// Count, quantiles, and the non-empty buckets as `[lowest ns, count]` pairs.
+    pub fn to_json(&self) -> Value {
+        let buckets: Vec<Value> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let n = b.load(Relaxed);
+                (n > 0).then(|| json!([Self::bounds(i).0, n]))
+            })
+            .collect();
+        let count: u64 = self.buckets.iter().map(|b| b.load(Relaxed)).sum();
+        json!({
+            "count": count,
+            "p50": self.quantile(0.5),
+            "p90": self.quantile(0.9),
+            "p99": self.quantile(0.99),
+            "max": self.quantile(1.0),
+            "buckets": buckets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_cover_every_value_in_order() {
+        let mut last = 0;
+        for ns in (0..100_000u64).chain([u64::MAX / 2, u64::MAX]) {
+            let i = Histogram::index(ns);
+            assert!(i >= last, "{ns}: bucket {i} after {last}");
+            last = i;
+            let (lo, width) = Histogram::bounds(i);
+            if i < BUCKETS - 1 {
+                assert!(
+                    lo <= ns && ns < lo + width,
+                    "{ns} outside bucket {i} ({lo}+{width})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for ns in 1..=1000u64 {
+            h.record(ns * 1000);
+        }
+        let p50 = h.quantile(0.5).unwrap() as f64;
+        let p99 = h.quantile(0.99).unwrap() as f64;
+        assert!((p50 / 500e3 - 1.0).abs() < 0.2, "p50 {p50}");
+        assert!((p99 / 990e3 - 1.0).abs() < 0.2, "p99 {p99}");
+        assert_eq!(h.to_json()["count"], 1000);
     }
 }
