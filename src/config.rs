@@ -214,10 +214,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub fault_backlog: usize,
 
-    /// After a burst of requests, poll the request queue this long (microseconds) with
-    /// notifications off before sleeping; 0 disables polling.
+    /// The poll budget: after a burst of requests, poll the request queue at most this long
+    /// (microseconds) with notifications off before sleeping, so that the guest's next
+    /// request needs no kick and no wake-up. Costs up to this much CPU per burst while the
+    /// guest is busy, none while it is quiet; 0 disables polling (every request then waits
+    /// for a kick and a wake-up).
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
+
+    /// How long each poll window is: `adaptive` follows the guest's gaps between requests
+    /// (0 up to the budget) and stops polling for a while when the worker loses its CPU to
+    /// another task (a vCPU on the same CPU) or keeps missing; `fixed` polls the whole budget
+    /// after every burst, yielding every 1024 spins, which can hold up a vCPU sharing its CPU.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::pacing::PollMode::Adaptive)]
+    pub poll_mode: crate::pacing::PollMode,
 
     /// Largest virtqueue size offered to the frontend (a power of two, 2 to 32768).
     #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
@@ -423,7 +433,7 @@ pub struct DaemonConfig {
     /// The config space at device start; `bypass` is the only field the driver may change.
     pub config: Config,
     pub fault_backlog: usize,
-    pub poll: Duration,
+    pub poll: crate::pacing::PollPolicy,
     pub queue_size: u16,
     /// The seccomp filter installed before serving.
     pub seccomp: SeccompMode,
@@ -765,7 +775,10 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             features,
             config,
             fault_backlog: args.fault_backlog.max(1),
-            poll: Duration::from_micros(args.poll_us),
+            poll: crate::pacing::PollPolicy {
+                budget: Duration::from_micros(args.poll_us),
+                mode: args.poll_mode,
+            },
             queue_size: args.queue_size,
             seccomp: args.seccomp,
             ring_fast_path: args.ring_fast_path.is_on(),
@@ -918,6 +931,17 @@ mod tests {
             DaemonConfig::try_from(hand).unwrap_err(),
             ConfigError::Listen
         );
+    }
+
+    #[test]
+    fn poll_mode_and_budget() {
+        let c = |extra: &[&str]| DaemonConfig::try_from(args(extra)).unwrap().poll;
+        let default = c(&[]);
+        assert_eq!(default.mode, crate::pacing::PollMode::Adaptive);
+        assert_eq!(default.budget, Duration::from_micros(50));
+        let fixed = c(&["--poll-mode", "fixed", "--poll-us", "7"]);
+        assert_eq!(fixed.mode, crate::pacing::PollMode::Fixed);
+        assert_eq!(fixed.budget, Duration::from_micros(7));
     }
 
     #[test]

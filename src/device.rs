@@ -14,7 +14,6 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex, MutexGuard,
     },
-    time::Duration,
 };
 
 use log::{info, warn};
@@ -26,6 +25,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::dirty::GuestMemory;
+use crate::pacing::PollPolicy;
 use crate::{
     config::DaemonConfig,
     faults::FaultQueue,
@@ -56,7 +56,7 @@ pub struct Device {
     pub(crate) memory_epoch: AtomicU64,
     pub(crate) faults: Arc<FaultQueue>,
     pub(crate) stats: Arc<Stats>,
-    pub(crate) poll: Duration,
+    pub(crate) poll: PollPolicy,
     pub(crate) queue_size: u16,
     pub(crate) probe_size: u32,
     /// `--ring-fast-path`: false sends every chain through virtio-queue.

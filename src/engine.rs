@@ -12,7 +12,7 @@
 use std::{
     io,
     sync::atomic::Ordering::{Acquire, Relaxed},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use vhost_user_backend::VringT;
@@ -25,9 +25,11 @@ use crate::dirty::GuestMemory;
 use crate::ring::{ReplySink, MAX_READABLE};
 use crate::{
     log_limited,
+    pacing::{Pacer, PollEnd, Probe},
     request::{self, Reply},
     ring::{self, FastChain, RegionCache, RingKey, Rings, SliceWriter},
     statefile::QueuePosition,
+    stats::Pacing,
 };
 
 /// Writable descriptors accepted in one chain (Linux uses one).
@@ -41,6 +43,8 @@ thread_local! {
     static PROBE_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Used elements of a pass, published after its grace period (grows to the queue size once).
     static USED_SCRATCH: std::cell::RefCell<Vec<(u16, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The request worker's poll window and timing samples.
+    static PACER: std::cell::RefCell<Option<Pacer>> = const { std::cell::RefCell::new(None) };
 }
 
 /// How a call of [`Device::process_requests`] ended.
@@ -479,14 +483,37 @@ impl Device {
         mem: &GuestMemory,
         epoch: u64,
     ) -> io::Result<LoopEnd> {
+        PACER.with_borrow_mut(|pacer| {
+            let pacer = match pacer {
+                Some(p) if p.policy() == self.poll => p,
+                _ => pacer.insert(Pacer::new(self.poll)),
+            };
+            pacer.woke(&self.stats.pacing);
+            self.request_loop(vring, mem, epoch, pacer)
+        })
+    }
+
+    /// [`Device::process_requests`] with the worker's pacer.
+    fn request_loop(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemory,
+        epoch: u64,
+        pacer: &mut Pacer,
+    ) -> io::Result<LoopEnd> {
+        let pacing = &self.stats.pacing;
         let mut handled = 0usize;
-        let mut polled = false;
+        // How the next pass's requests were found.
+        let mut found = Found::Woken;
+        // The last poll window found nothing.
+        let mut empty_window = false;
         // Resolved for this memory snapshot; re-resolved when the ring layout changes.
         let mut rings: Option<Rings<'_>> = None;
         let mut scratch = FastScratch::default();
         // This pass follows a re-check that saw buffers arrive: it must find them.
         let mut after_recheck = false;
         loop {
+            pacer.pass_starts();
             let mut state = vring.get_mut();
             if self.memory_epoch.load(Acquire) != epoch {
                 return Ok(LoopEnd::MemoryReplaced);
@@ -590,10 +617,12 @@ impl Device {
                 // while notifications were off (their driver did not kick).
                 if rearm(queue, mem) && !after_recheck {
                     after_recheck = true;
+                    found = Found::Rechecked;
                     continue;
                 }
                 break;
             }
+            pacer.pass_published(pacing);
             after_recheck = false;
             let next_avail = queue.next_avail();
             drop(state);
@@ -601,30 +630,36 @@ impl Device {
                 vring.signal_used_queue()?;
             }
             handled += batch;
-            if polled {
-                self.stats.polled_requests.fetch_add(batch as u64, Relaxed);
+            match found {
+                Found::Woken => Pacing::add(&pacing.woken_requests, batch as u64),
+                Found::Polled => Pacing::add(&self.stats.polled_requests, batch as u64),
+                Found::Rechecked => Pacing::add(&pacing.rechecked_requests, batch as u64),
             }
-            if self.poll > Duration::ZERO {
-                let moved = match fast {
-                    Some(r) => self.poll_avail_fast(vring, &r, next_avail, epoch),
-                    None => self.poll_avail(vring, mem, epoch),
+            if self.poll.budget > Duration::ZERO {
+                let end = match fast {
+                    Some(r) => pacer.poll(pacing, |spins| {
+                        self.probe_avail_fast(vring, &r, next_avail, epoch, spins)
+                    }),
+                    None => pacer.poll(pacing, |_| self.probe_avail(vring, mem, epoch)),
                 };
-                if moved {
-                    polled = true;
+                empty_window = matches!(end, PollEnd::Empty | PollEnd::LostCpu);
+                if end == PollEnd::Moved {
+                    found = Found::Polled;
                     continue;
                 }
             }
-            polled = false;
             let mut state = vring.get_mut();
             if !state.is_enabled() || !rearm(state.get_queue_mut(), mem) {
                 break;
             }
             // Buffers arrived while notifications were off: go again.
             after_recheck = true;
+            found = Found::Rechecked;
         }
         if handled == 0 {
             self.stats.spurious_wakeups.fetch_add(1, Relaxed);
         }
+        pacer.sleeping(pacing, empty_window);
         Ok(LoopEnd::Asleep)
     }
 
@@ -693,81 +728,56 @@ impl Device {
         queue.set_next_avail(next);
     }
 
-    /// Spins on the avail ring for the poll window; true when the avail index moved or the
-    /// memory table was replaced (the next pass checks both before using the ring).
-    pub(crate) fn poll_avail(&self, vring: &Vring, mem: &GuestMemory, epoch: u64) -> bool {
-        let deadline = Instant::now() + self.poll;
-        let mut spins = 0u32;
-        loop {
-            {
-                let state = vring.get_ref();
-                let queue = state.get_queue();
-                if !queue.ready() || !state.is_enabled() {
-                    return false;
-                }
-                if self.memory_epoch.load(Acquire) != epoch {
-                    return true;
-                }
-                match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-                    Ok(idx) if idx.0 != queue.next_avail() => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
-            }
-            spins += 1;
-            if spins % 64 == 0 && Instant::now() >= deadline {
-                return false;
-            }
-            if spins % 1024 == 0 {
-                // Give the CPU away if someone else (a vCPU) waits for it.
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
+    /// One look at the avail ring during a poll window: [`Probe::Moved`] when the avail index
+    /// moved or the memory table was replaced (the next pass checks both before using the
+    /// ring), [`Probe::Stop`] when the queue is off or its ring unreadable.
+    pub(crate) fn probe_avail(&self, vring: &Vring, mem: &GuestMemory, epoch: u64) -> Probe {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !queue.ready() || !state.is_enabled() {
+            return Probe::Stop;
+        }
+        if self.memory_epoch.load(Acquire) != epoch {
+            return Probe::Moved;
+        }
+        match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => Probe::Moved,
+            Ok(_) => Probe::Nothing,
+            Err(_) => Probe::Stop,
         }
     }
 
-    /// [`Device::poll_avail`] on a resolved ring: spins on the avail index in host memory and
+    /// [`Device::probe_avail`] on a resolved ring: reads the avail index in host memory and
     /// looks at the queue (under its lock) only every 64 spins, to notice a stop, a disable,
-    /// a reset, moved rings or a new memory table. True when the avail index moved or the
-    /// rings or the memory changed (the next pass checks them before using the ring).
-    pub(crate) fn poll_avail_fast(
+    /// a reset, moved rings or a new memory table (all reported as [`Probe::Moved`] for the
+    /// next pass to check, or [`Probe::Stop`]).
+    pub(crate) fn probe_avail_fast(
         &self,
         vring: &Vring,
         rings: &Rings<'_>,
         next_avail: u16,
         epoch: u64,
-    ) -> bool {
-        let deadline = Instant::now() + self.poll;
-        let mut spins = 0u32;
-        loop {
-            match rings.avail_idx(std::sync::atomic::Ordering::Acquire) {
-                Some(idx) if idx != next_avail => return true,
-                Some(_) => {}
-                None => return false,
-            }
-            spins += 1;
-            if spins % 64 == 0 {
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                let state = vring.get_ref();
-                let queue = state.get_queue();
-                if !queue.ready() || !state.is_enabled() {
-                    return false;
-                }
-                if RingKey::of(queue) != rings.key
-                    || queue.next_avail() != next_avail
-                    || self.memory_epoch.load(Acquire) != epoch
-                {
-                    return true;
-                }
-            }
-            if spins % 1024 == 0 {
-                // Give the CPU away if someone else (a vCPU) waits for it.
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
+        spins: u32,
+    ) -> Probe {
+        match rings.avail_idx(std::sync::atomic::Ordering::Acquire) {
+            Some(idx) if idx != next_avail => return Probe::Moved,
+            Some(_) => {}
+            None => return Probe::Stop,
         }
+        if spins % 64 == 63 {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            if !queue.ready() || !state.is_enabled() {
+                return Probe::Stop;
+            }
+            if RingKey::of(queue) != rings.key
+                || queue.next_avail() != next_avail
+                || self.memory_epoch.load(Acquire) != epoch
+            {
+                return Probe::Moved;
+            }
+        }
+        Probe::Nothing
     }
 
     /// Writes waiting fault records into the buffers the driver posted on the event queue.
@@ -840,4 +850,14 @@ impl Device {
         }
         returned
     }
+}
+/// How the requests of a pass were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// By the first pass after the worker woke up (a kick).
+    Woken,
+    /// By polling the avail ring after a pass.
+    Polled,
+    /// By the look at the ring after notifications went back on.
+    Rechecked,
 }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod faults;
 pub mod hugepages;
 pub mod masters;
+pub mod pacing;
 pub mod ratelimit;
 pub mod request;
 mod ring;

@@ -1340,7 +1340,7 @@ fn get_vring_base_while_requests_are_posted() {
 
 #[test]
 fn get_vring_base_while_the_worker_polls() {
-    let mut d = Daemon::start(&["--poll-us", "2000000"]);
+    let mut d = Daemon::start(&["--poll-us", "2000000", "--poll-mode", "fixed"]);
     let mut dev = d.connect_with(quick());
     assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
     dev.connection()

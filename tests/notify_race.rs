@@ -6,9 +6,9 @@
 //! again strands whatever the driver posted in between: the driver saw "no kick needed" and
 //! waits for a reply forever.
 //!
-//! Each configuration (EVENT_IDX on and off, polling on with the default `--poll-us` and off
-//! with `--poll-us 0`, on the ring fast path; without EVENT_IDX, polling on and off, on the
-//! virtio-queue path too) runs two drivers at once against one daemon:
+//! Each configuration (EVENT_IDX on and off; polling adaptive (the default), fixed
+//! (`--poll-mode fixed`) and off (`--poll-us 0`); on the ring fast path, and without EVENT_IDX
+//! on the virtio-queue path too) runs two drivers at once against one daemon:
 //!
 //! - the request queue: one to three MAP/UNMAP requests written into the rings, then made
 //!   available by one index store (as a driver's `virtqueue_add` does, however slow the test
@@ -305,7 +305,7 @@ fn worker_tid(d: &Daemon) -> libc::pid_t {
 }
 
 /// One configuration's run; what went wrong, if anything.
-fn race(event_idx: bool, poll: bool, fast: bool) -> Vec<String> {
+fn race(event_idx: bool, poll: &str, fast: bool) -> Vec<String> {
     let requests = knob("NOTIFY_RACE_REQUESTS", 10_000);
     let records = knob("NOTIFY_RACE_RECORDS", 10_000);
     let limits = Limits {
@@ -314,11 +314,14 @@ fn race(event_idx: bool, poll: bool, fast: bool) -> Vec<String> {
     };
     let seed = knob("NOTIFY_RACE_SEED", 0x6e6f_7469_6679)
         ^ u64::from(event_idx) << 2
-        ^ u64::from(poll) << 1
+        ^ u64::from(poll != "off") << 1
+        ^ u64::from(poll == "fixed") << 3
         ^ u64::from(fast);
     let mut args = vec!["--ring-fast-path", if fast { "on" } else { "off" }];
-    if !poll {
-        args.extend(["--poll-us", "0"]);
+    match poll {
+        "off" => args.extend(["--poll-us", "0"]),
+        "fixed" => args.extend(["--poll-mode", "fixed"]),
+        _ => {}
     }
     let d = Daemon::start(&args);
     let mut dev = d.connect_with(Options {
@@ -414,11 +417,11 @@ fn race(event_idx: bool, poll: bool, fast: bool) -> Vec<String> {
 fn nothing_strands_on_either_queue() {
     let mut problems = Vec::new();
     for event_idx in [true, false] {
-        for poll in [true, false] {
+        for poll in ["adaptive", "fixed", "off"] {
             problems.extend(race(event_idx, poll, true));
         }
     }
-    for poll in [true, false] {
+    for poll in ["adaptive", "fixed", "off"] {
         problems.extend(race(false, poll, false));
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -75,8 +75,15 @@ fn assert_frozen(q: &Virtqueue, how_long: Duration, what: &str) {
 #[test]
 fn the_driver_need_not_kick_while_the_engine_polls_and_must_once_it_sleeps() {
     for fast in ["on", "off"] {
-        // A poll window that outlasts a debug build's round trip by far.
-        let d = Daemon::start(&["--ring-fast-path", fast, "--poll-us", "100000"]);
+        // A poll window that outlasts a debug build's round trip by far, every time.
+        let d = Daemon::start(&[
+            "--ring-fast-path",
+            fast,
+            "--poll-us",
+            "100000",
+            "--poll-mode",
+            "fixed",
+        ]);
         for event_idx in [true, false] {
             let what = format!("fast path {fast}, event_idx {event_idx}");
             let mut dev = d.connect_with(options(event_idx));
@@ -104,7 +111,14 @@ fn the_driver_need_not_kick_while_the_engine_polls_and_must_once_it_sleeps() {
 fn a_disabled_queue_is_left_alone_and_resumes_when_enabled() {
     for fast in ["on", "off"] {
         // A long poll window: the engine is still polling when the queue goes off.
-        let d = Daemon::start(&["--ring-fast-path", fast, "--poll-us", "2000"]);
+        let d = Daemon::start(&[
+            "--ring-fast-path",
+            fast,
+            "--poll-us",
+            "2000",
+            "--poll-mode",
+            "fixed",
+        ]);
         for event_idx in [true, false] {
             let what = format!("fast path {fast}, event_idx {event_idx}");
             let mut dev = d.connect_with(options(event_idx));
@@ -228,7 +242,14 @@ fn steady_load(q: &mut Virtqueue, extra: &GuestRam, phase: &AtomicU8, answered: 
 fn the_memory_table_replaced_under_a_polling_engine() {
     for fast in ["on", "off"] {
         // A long poll window: the engine never stops polling under the load.
-        let d = Daemon::start(&["--ring-fast-path", fast, "--poll-us", "2000"]);
+        let d = Daemon::start(&[
+            "--ring-fast-path",
+            fast,
+            "--poll-us",
+            "2000",
+            "--poll-mode",
+            "fixed",
+        ]);
         for event_idx in [true, false] {
             let what = format!("fast path {fast}, event_idx {event_idx}");
             let mut dev: Driver = d.connect_with(options(event_idx));
