@@ -229,6 +229,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::pacing::PollMode::Adaptive)]
     pub poll_mode: crate::pacing::PollMode,
 
+    /// Run each connection's request worker (the thread that serves the queues) only on these
+    /// CPUs, e.g. `3` or `2-3,6`: a CPU no vCPU uses keeps its polling away from the guest.
+    /// Costs the scheduler's freedom to move the worker off a busy CPU; on a vCPU's CPU it is
+    /// the worst placement. Default: wherever the scheduler puts it.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub worker_cpus: Option<CpuList>,
+
     /// Largest virtqueue size offered to the frontend (a power of two, 2 to 32768).
     #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_queue_size)]
     pub queue_size: u16,
@@ -338,6 +345,8 @@ pub enum ConfigError {
     TooManyEndpoints(String),
     #[error("queue size {0:?} is not a power of two between 2 and 32768")]
     QueueSize(String),
+    #[error("invalid CPU list {0:?} (expected e.g. 3 or 2-3,6; CPUs 0 to 1023)")]
+    CpuList(String),
     #[error("{0:?} is on PCI segment {1}; the VIOT's virtio-pci IOMMU node is on segment 0")]
     IommuSegment(String, u16),
     #[error("invalid PCI range {0:?} (expected BDF or BDF-BDF on one segment, first <= last)")]
@@ -434,6 +443,8 @@ pub struct DaemonConfig {
     pub config: Config,
     pub fault_backlog: usize,
     pub poll: crate::pacing::PollPolicy,
+    /// `--worker-cpus`: the request worker's CPUs.
+    pub worker_cpus: Option<CpuList>,
     pub queue_size: u16,
     /// The seccomp filter installed before serving.
     pub seccomp: SeccompMode,
@@ -551,6 +562,31 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
         .ok()
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| ConfigError::Mode(s.to_string()))
+}
+
+/// The largest CPU number `--worker-cpus` takes (the size of the kernel's `cpu_set_t`).
+pub const MAX_CPU: usize = 1023;
+
+/// CPUs, sorted, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// A CPU list as `taskset -c` takes it: `N`, `N-M` and commas, CPUs 0 to [`MAX_CPU`].
+pub fn parse_cpu_list(s: &str) -> Result<CpuList, ConfigError> {
+    let bad = || ConfigError::CpuList(s.to_string());
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let first: usize = first.trim().parse().map_err(|_| bad())?;
+        let last: usize = last.trim().parse().map_err(|_| bad())?;
+        if first > last || last > MAX_CPU {
+            return Err(bad());
+        }
+        cpus.extend(first..=last);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(CpuList(cpus))
 }
 
 /// A virtqueue size: a power of two from 2 to 32768 (virtio 1.2, 2.7).
@@ -779,6 +815,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 budget: Duration::from_micros(args.poll_us),
                 mode: args.poll_mode,
             },
+            worker_cpus: args.worker_cpus,
             queue_size: args.queue_size,
             seccomp: args.seccomp,
             ring_fast_path: args.ring_fast_path.is_on(),
@@ -931,6 +968,24 @@ mod tests {
             DaemonConfig::try_from(hand).unwrap_err(),
             ConfigError::Listen
         );
+    }
+
+    #[test]
+    fn worker_cpus_take_a_cpu_list() {
+        let c = |extra: &[&str]| DaemonConfig::try_from(args(extra)).unwrap().worker_cpus;
+        assert_eq!(c(&[]), None);
+        assert_eq!(c(&["--worker-cpus", "3"]), Some(CpuList(vec![3])));
+        assert_eq!(
+            c(&["--worker-cpus", "6,2-3,3"]),
+            Some(CpuList(vec![2, 3, 6]))
+        );
+        for bad in ["", "x", "3-2", "1,", "-1", "1024", "0-1024"] {
+            assert_eq!(
+                parse_cpu_list(bad),
+                Err(ConfigError::CpuList(bad.to_string())),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub struct Needs {
     pub state_file: bool,
     /// `--master-socket` (see `MASTERS`).
     pub masters: bool,
+    /// `--worker-cpus`: each connection's request worker is created on the CPUs asked for
+    /// (`sched_setaffinity` on the calling thread only).
+    pub worker_affinity: bool,
 }
 
 /// Exit status of a daemon stopped by `--seccomp trap` (128 + SIGSYS, as a shell reports a
@@ -245,6 +248,13 @@ pub fn filters_for(mode: SeccompMode, needs: Needs) -> Result<Vec<BpfProgram>, E
         .chain(&extra)
         .map(|&nr| (nr, Vec::new()))
         .collect();
+    if needs.worker_affinity {
+        // The calling thread's own affinity (pid 0), nothing else's.
+        rules.insert(
+            libc::SYS_sched_setaffinity,
+            vec![arg_rule(0, SeccompCmpOp::Eq, 0)?],
+        );
+    }
     let no_exec = arg_rule(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?;
     for &nr in NO_EXEC {
         rules.insert(nr, vec![no_exec.clone()]);
@@ -408,11 +418,24 @@ mod tests {
         let both = len(Needs {
             masters: true,
             state_file: true,
+            ..Needs::default()
         });
         assert!(
             plain < masters && masters < both,
             "{plain} {masters} {both}"
         );
+    }
+
+    /// sched_setaffinity only with --worker-cpus, and then only on the calling thread.
+    #[test]
+    fn worker_cpus_add_the_calling_threads_affinity() {
+        assert!(!allowed_syscalls().contains(&libc::SYS_sched_setaffinity));
+        let len = |needs| filters_for(SeccompMode::Kill, needs).unwrap()[1].len();
+        let pinned = len(Needs {
+            worker_affinity: true,
+            ..Needs::default()
+        });
+        assert!(len(Needs::default()) < pinned);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::{
-    config::{DaemonConfig, Listen},
+    config::{CpuList, DaemonConfig, Listen},
     control,
     device::Device,
     vhost_user::{IommuBackend, FAULT_EVENT},
@@ -209,17 +209,22 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
         crate::seccomp::Needs {
             state_file: config.state_file.is_some(),
             masters: config.masters.is_some(),
+            worker_affinity: config.worker_cpus.is_some(),
         },
     )?;
 
     let mut listener = Listener::from(listener);
     loop {
         let backend = IommuBackend::new(device.clone()).map_err(ServerError::Device)?;
-        let mut daemon = VhostUserDaemon::new(
-            "vhost-device-iommu".into(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
+        // The request worker is spawned here and inherits this thread's CPUs.
+        let mut daemon = with_affinity(config.worker_cpus.as_ref(), || {
+            VhostUserDaemon::new(
+                "vhost-device-iommu".into(),
+                backend.clone(),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+        })
+        .map_err(ServerError::Device)?
         .map_err(|e| ServerError::VhostUser(e.to_string()))?;
         for handler in daemon.get_epoll_handlers() {
             handler
@@ -249,6 +254,78 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
+    }
+}
+
+/// Runs `f` on this thread with its CPU affinity set to `cpus` (threads it spawns keep that
+/// affinity), then restores the thread's own.
+fn with_affinity<T>(cpus: Option<&CpuList>, f: impl FnOnce() -> T) -> io::Result<T> {
+    let Some(cpus) = cpus else {
+        return Ok(f());
+    };
+    let mut own = CpuSet::new();
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `own`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), own.raw_mut()) }
+        != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let mut wanted = CpuSet::new();
+    for &cpu in &cpus.0 {
+        wanted.set(cpu);
+    }
+    wanted.apply().map_err(|e| {
+        let why = if e.raw_os_error() == Some(libc::EINVAL) {
+            "none of these CPUs is online and allowed to this process".to_string()
+        } else {
+            e.to_string()
+        };
+        io::Error::new(
+            e.kind(),
+            format!("--worker-cpus {}: {why}", cpus_text(cpus)),
+        )
+    })?;
+    let result = f();
+    own.apply()?;
+    Ok(result)
+}
+
+fn cpus_text(cpus: &CpuList) -> String {
+    cpus.0
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A `cpu_set_t`.
+struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    fn new() -> Self {
+        // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+        CpuSet(unsafe { std::mem::zeroed() })
+    }
+
+    fn set(&mut self, cpu: usize) {
+        // SAFETY: CPU_SET writes the bit of `cpu` inside the set (`cpu` <= MAX_CPU, checked
+        // when the option was parsed, is below CPU_SETSIZE).
+        unsafe { libc::CPU_SET(cpu, &mut self.0) }
+    }
+
+    fn raw_mut(&mut self) -> &mut libc::cpu_set_t {
+        &mut self.0
+    }
+
+    /// Makes the set this thread's affinity.
+    fn apply(&self) -> io::Result<()> {
+        // SAFETY: sched_setaffinity reads size_of::<cpu_set_t>() bytes from the set.
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

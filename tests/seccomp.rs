@@ -308,3 +308,74 @@ fn a_call_outside_the_allowlist_is_logged_trapped_or_fatal() {
         }
     }
 }
+
+/// `Cpus_allowed_list` of each thread of the daemon, by name.
+fn thread_cpus(d: &Daemon) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+                .trim()
+                .to_string();
+            Some((comm.trim_end().to_string(), cpus))
+        })
+        .collect()
+}
+
+/// Polls `f` for up to 5 s; its last answer.
+fn settle<T>(mut f: impl FnMut() -> (bool, T)) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (done, value) = f();
+        if done || std::time::Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn worker_cpus_pin_each_connections_worker_only_under_seccomp_kill() {
+    let mut d = Daemon::start_logged(&["--seccomp", "kill", "--worker-cpus", "0"], "info");
+    wait_confined(&mut d);
+    // The process's CPUs, as a thread started before any worker has them (a new thread is
+    // named a moment after it starts: wait for the name).
+    let own = settle(|| {
+        let signals = thread_cpus(&d).into_iter().find(|(n, _)| n == "signals");
+        (signals.is_some(), signals)
+    })
+    .map(|(_, c)| c)
+    .expect("the signal thread");
+    for connection in 0..2 {
+        let mut dev = d.connect_with(quick());
+        assert_eq!(status_of(&mut dev, &attach(1, EP)), Status::Ok);
+        assert_confined(&mut d, "serving with --worker-cpus");
+        let placed = |(name, cpus): &(String, String)| {
+            cpus == if name == "vring_worker" {
+                "0"
+            } else {
+                own.as_str()
+            }
+        };
+        let threads = settle(|| {
+            let threads = thread_cpus(&d);
+            let done =
+                threads.iter().any(|(n, _)| n == "vring_worker") && threads.iter().all(placed);
+            (done, threads)
+        });
+        assert!(
+            threads.iter().any(|(n, _)| n == "vring_worker"),
+            "connection {connection}: no worker: {threads:?}"
+        );
+        for t in &threads {
+            assert!(placed(t), "connection {connection}: {t:?}: {threads:?}");
+        }
+        // The next connection gets a worker of its own, created as this one ends.
+        drop(dev);
+    }
+}
