@@ -580,10 +580,90 @@ static void gpa_list(void *buf, size_t size, char *out, size_t outlen)
 	}
 }
 
-static void report(const char *name, unsigned long pairs, double secs, size_t size)
+// Latencies of single ioctls (sampled), in a log-linear histogram: 4 buckets per power of two
+// of nanoseconds, up to 2^41 ns.
+#define LAT_BUCKETS 164
+struct lat {
+	unsigned long n[2][LAT_BUCKETS]; // [map, unmap]
+};
+
+static uint64_t now_ns(void)
 {
-	marker("BENCH name=%s size=%zu pairs=%lu secs=%.4f pairs_per_sec=%.0f", name, size, pairs,
-	       secs, secs > 0 ? pairs / secs : 0.0);
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+static void lat_add(struct lat *l, int unmap, uint64_t ns)
+{
+	unsigned i;
+	if (ns < 4) {
+		i = ns;
+	} else {
+		unsigned e = 63 - __builtin_clzll(ns);
+		i = (e - 1) * 4 + ((ns >> (e - 2)) & 3);
+		if (i >= LAT_BUCKETS)
+			i = LAT_BUCKETS - 1;
+	}
+	l->n[unmap][i]++;
+}
+
+// The middle of the bucket holding quantile q of one kind, in nanoseconds (0: no samples).
+static uint64_t lat_q(const struct lat *l, int unmap, double q)
+{
+	unsigned long total = 0, seen = 0, rank;
+	for (unsigned i = 0; i < LAT_BUCKETS; i++)
+		total += l->n[unmap][i];
+	if (!total)
+		return 0;
+	rank = (unsigned long)(total * q + 0.999999);
+	if (rank < 1)
+		rank = 1;
+	for (unsigned i = 0; i < LAT_BUCKETS; i++) {
+		seen += l->n[unmap][i];
+		if (seen >= rank) {
+			if (i < 4)
+				return i;
+			unsigned e = i / 4 + 1;
+			uint64_t lo = (uint64_t)(4 + i % 4) << (e - 2);
+			return lo + ((1ULL << (e - 2)) >> 1);
+		}
+	}
+	return 0;
+}
+
+static void report(const char *name, unsigned long pairs, double secs, size_t size,
+		   const struct lat *l)
+{
+	marker("BENCH name=%s size=%zu pairs=%lu secs=%.4f pairs_per_sec=%.0f "
+	       "map_p50_ns=%llu map_p90_ns=%llu map_p99_ns=%llu map_max_ns=%llu "
+	       "unmap_p50_ns=%llu unmap_p90_ns=%llu unmap_p99_ns=%llu unmap_max_ns=%llu",
+	       name, size, pairs, secs, secs > 0 ? pairs / secs : 0.0,
+	       (unsigned long long)lat_q(l, 0, 0.5), (unsigned long long)lat_q(l, 0, 0.9),
+	       (unsigned long long)lat_q(l, 0, 0.99), (unsigned long long)lat_q(l, 0, 1.0),
+	       (unsigned long long)lat_q(l, 1, 0.5), (unsigned long long)lat_q(l, 1, 0.9),
+	       (unsigned long long)lat_q(l, 1, 0.99), (unsigned long long)lat_q(l, 1, 1.0));
+}
+
+// One map or unmap, timed when `timed` (the 4 KiB loops time one iteration in 4, so that the
+// clock reads cost the loop little).
+static int timed_map(struct vfio *v, struct lat *l, int timed, void *vaddr, uint64_t iova,
+		     uint64_t size)
+{
+	uint64_t t = timed ? now_ns() : 0;
+	int ret = dma_map(v, vaddr, iova, size);
+	if (timed)
+		lat_add(l, 0, now_ns() - t);
+	return ret;
+}
+
+static int timed_unmap(struct vfio *v, struct lat *l, int timed, uint64_t iova, uint64_t size)
+{
+	uint64_t t = timed ? now_ns() : 0;
+	int ret = dma_unmap(v, iova, size);
+	if (timed)
+		lat_add(l, 1, now_ns() - t);
+	return ret;
 }
 
 static void step_bench(const char *ep)
@@ -592,6 +672,7 @@ static void step_bench(const char *ep)
 		      n2m = param_ul("n2m", 2000);
 	struct vfio v;
 	char *buf4k, *buf32, *buf2m;
+	static struct lat lat;
 	double t;
 
 	if (vfio_open(&v, ep, "bench") < 0)
@@ -605,40 +686,51 @@ static void step_bench(const char *ep)
 		goto out;
 	}
 
+	marker("BENCH_START name=map4k_x1");
+	memset(&lat, 0, sizeof(lat));
 	t = now();
 	for (unsigned long i = 0; i < n4k; i++) {
-		if (dma_map(&v, buf4k, IOVA_BENCH, PAGE) < 0 || dma_unmap(&v, IOVA_BENCH, PAGE) < 0) {
+		int timed = i % 4 == 0;
+		if (timed_map(&v, &lat, timed, buf4k, IOVA_BENCH, PAGE) < 0 ||
+		    timed_unmap(&v, &lat, timed, IOVA_BENCH, PAGE) < 0) {
 			fail("step=bench name=map4k_x1 i=%lu errno=%d", i, errno);
 			goto out;
 		}
 	}
-	report("map4k_x1", n4k, now() - t, PAGE);
+	report("map4k_x1", n4k, now() - t, PAGE, &lat);
 
+	marker("BENCH_START name=map4k_x32");
+	memset(&lat, 0, sizeof(lat));
 	t = now();
 	for (unsigned long r = 0; r < rounds; r++) {
+		int timed = r % 4 == 0;
 		for (unsigned j = 0; j < 32; j++) {
-			if (dma_map(&v, buf32 + j * PAGE, IOVA_BENCH + j * PAGE, PAGE) < 0) {
+			if (timed_map(&v, &lat, timed, buf32 + j * PAGE, IOVA_BENCH + j * PAGE,
+				      PAGE) < 0) {
 				fail("step=bench name=map4k_x32 round=%lu map=%u errno=%d", r, j, errno);
 				goto out;
 			}
 		}
 		for (unsigned j = 0; j < 32; j++) {
-			if (dma_unmap(&v, IOVA_BENCH + j * PAGE, PAGE) < 0) {
+			if (timed_unmap(&v, &lat, timed, IOVA_BENCH + j * PAGE, PAGE) < 0) {
 				fail("step=bench name=map4k_x32 round=%lu unmap=%u errno=%d", r, j, errno);
 				goto out;
 			}
 		}
 	}
-	report("map4k_x32", rounds * 32, now() - t, PAGE);
+	report("map4k_x32", rounds * 32, now() - t, PAGE, &lat);
 
+	marker("BENCH_START name=map2m");
+	memset(&lat, 0, sizeof(lat));
 	t = now();
 	for (unsigned long i = 0; i < n2m; i++) {
-		if (dma_map(&v, buf2m, IOVA_BENCH, SZ_2M) < 0 || dma_unmap(&v, IOVA_BENCH, SZ_2M) < 0) {
+		if (timed_map(&v, &lat, 1, buf2m, IOVA_BENCH, SZ_2M) < 0 ||
+		    timed_unmap(&v, &lat, 1, IOVA_BENCH, SZ_2M) < 0) {
 			fail("step=bench name=map2m i=%lu errno=%d", i, errno);
 			goto out;
 		}
 	}
-	report("map2m", n2m, now() - t, SZ_2M);
+	report("map2m", n2m, now() - t, SZ_2M, &lat);
 out:
 	vfio_close(&v);
 }
