@@ -1,9 +1,9 @@
 //! The request path over a real vhost-user socket, side by side in one run:
 //!
-//! - the daemon (release build, `CARGO_BIN_EXE_vhost-device-iommu`) with its default adaptive
-//!   polling (`--poll-us 50`), with polling off (`--poll-us 0`), and with polling on while
-//!   every 2 MiB region of the IOVA window keeps one live mapping ("anchored": page-table
-//!   nodes are never freed and re-allocated);
+//! - the daemon (release build, `CARGO_BIN_EXE_vhost-device-iommu`) with its default polling
+//!   (adaptive windows up to the `--poll-us` budget), with polling off (`--poll-us 0`), and
+//!   with default polling while every 2 MiB region of the IOVA window keeps one live mapping
+//!   ("anchored": page-table nodes are never freed and re-allocated);
 //! - a minimal backend on the same rust-vmm crates that answers OK without a model and
 //!   allocates per request (`benches/common/minimal.rs`), sleeping between kicks or spinning
 //!   50 us on the avail ring after work: the "minimal backend", rebuilt here so
@@ -14,10 +14,12 @@
 //!
 //! The guest side is `examples/loadgen.rs` (compiled in here): MAP/UNMAP pairs, K requests
 //! per kick, busy-polling the used ring. Every backend is a separate process; rounds rotate
-//! over the backends so that all of them see the same machine load, and each keeps its median
-//! round. At the end: daemon CPU use while idle (connected, nothing sent, 2 s).
+//! over the backends so that all of them see the same machine load; each backend's rounds are
+//! reported as their median, worst and best (the distribution, not one good run). At the end:
+//! daemon CPU use while idle (connected, nothing sent, 2 s).
 //!
-//! Environment: `BENCH_SCALE` multiplies the time per run (default 1: 0.4 s x 3 rounds).
+//! Environment: `BENCH_SCALE` multiplies the time per run (default 1: 0.4 s per round);
+//! `REQUEST_PATH_ROUNDS` sets the rounds per K (default 5).
 //! `REQUEST_PATH_BASELINE=PATH` adds one more backend, another daemon binary (e.g. a build
 //! of an earlier commit) with default polling, so a change is compared in the same run.
 //! Under `cargo test --benches` (no `--bench`) it runs once, briefly.
@@ -161,12 +163,31 @@ fn spawn_all(cpu: Option<usize>) -> Vec<Backend> {
     backends
 }
 
-/// A placement's name, its backends, and per backend the median run of each K.
-type Placement<'a> = (&'a str, Vec<Backend>, Vec<Vec<BatchResult>>);
+/// A placement's name, its backends, and per backend and K its runs, sorted by rate.
+type Placement<'a> = (&'a str, Vec<Backend>, Vec<Vec<Runs>>);
 
-fn median_run(mut v: Vec<BatchResult>) -> BatchResult {
-    v.sort_by(|a, b| a.requests_per_sec().total_cmp(&b.requests_per_sec()));
-    v.remove(v.len() / 2)
+/// One backend's rounds at one K, slowest first.
+struct Runs(Vec<BatchResult>);
+
+impl Runs {
+    fn new(mut v: Vec<BatchResult>) -> Runs {
+        v.sort_by(|a, b| a.requests_per_sec().total_cmp(&b.requests_per_sec()));
+        Runs(v)
+    }
+
+    /// The middle round; of an even number, the slower of the two in the middle (never the
+    /// best of two).
+    fn median(&self) -> &BatchResult {
+        &self.0[(self.0.len() - 1) / 2]
+    }
+
+    fn worst(&self) -> &BatchResult {
+        &self.0[0]
+    }
+
+    fn best(&self) -> &BatchResult {
+        &self.0[self.0.len() - 1]
+    }
 }
 
 fn load_average() -> String {
@@ -186,10 +207,20 @@ fn main() {
     }
     let bench = args.iter().any(|a| a == "--bench");
     let test = !bench || args.iter().any(|a| a == "--test");
+    let rounds_env = std::env::var("REQUEST_PATH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0);
     let (duration, warmup, rounds, ks, idle): (f64, f64, usize, &[usize], f64) = if test {
         (0.05, 0.01, 1, &[1, 16], 0.2)
     } else {
-        (0.4 * scale(), 0.1, 3, &[1, 2, 16, 64], 2.0)
+        (
+            0.4 * scale(),
+            0.1,
+            rounds_env.unwrap_or(5),
+            &[1, 2, 16, 64],
+            2.0,
+        )
     };
     let started = std::time::Instant::now();
     println!("request path: load average before: {}", load_average());
@@ -227,12 +258,12 @@ fn main() {
             }
         }
         loadgen::pin_current_thread(None);
-        let medians: Vec<Vec<BatchResult>> = backends
+        let medians: Vec<Vec<Runs>> = backends
             .iter_mut()
             .map(|b| {
                 std::mem::take(&mut b.results)
                     .into_iter()
-                    .map(|(_, runs)| median_run(runs))
+                    .map(|(_, runs)| Runs::new(runs))
                     .collect()
             })
             .collect();
@@ -265,11 +296,33 @@ fn main() {
         println!("{}", loadgen::TABLE_HEADER);
         for ki in 0..ks.len() {
             for (b, m) in backends.iter().zip(medians) {
-                println!("{}", loadgen::format_row(b.label, &m[ki]));
+                println!("{}", loadgen::format_row(b.label, m[ki].median()));
             }
         }
         println!();
-        println!("ratios (requests/s), {name}:");
+        println!("every round, {name}: requests/s, median / worst / best of {rounds}:");
+        println!();
+        println!("| backend | K per kick | median | worst | best | all rounds (M/s) |");
+        println!("|---|---:|---:|---:|---:|---|");
+        for (ki, &k) in ks.iter().enumerate() {
+            for (b, m) in backends.iter().zip(medians) {
+                let runs = &m[ki];
+                println!(
+                    "| {} | {k} | {:.2}M | {:.2}M | {:.2}M | {} |",
+                    b.label,
+                    runs.median().requests_per_sec() / 1e6,
+                    runs.worst().requests_per_sec() / 1e6,
+                    runs.best().requests_per_sec() / 1e6,
+                    runs.0
+                        .iter()
+                        .map(|r| format!("{:.2}", r.requests_per_sec() / 1e6))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+        }
+        println!();
+        println!("ratios of the medians (requests/s), {name}:");
         println!();
         let baseline = medians.len() > BASELINE;
         println!(
@@ -281,7 +334,7 @@ fn main() {
             if baseline { "---:|" } else { "" }
         );
         for (ki, &k) in ks.iter().enumerate() {
-            let r = |i: usize| medians[i][ki].requests_per_sec();
+            let r = |i: usize| medians[i][ki].median().requests_per_sec();
             let extra = if baseline {
                 format!(" {:.2} |", r(DEFAULT) / r(BASELINE))
             } else {
@@ -317,11 +370,13 @@ fn main() {
     for (name, _, medians) in &all {
         for (k, target) in [(64, 6e6), (2, 3e6)] {
             if let Some(i) = find(k) {
-                let r = medians[0][i].requests_per_sec();
+                let runs = &medians[DEFAULT][i];
+                let r = runs.median().requests_per_sec();
                 println!(
-                    "- >= {:.0}M requests/s at {k} per kick ({name}): {:.2}M: {}",
+                    "- >= {:.0}M requests/s at {k} per kick ({name}), median of {rounds}: {:.2}M (worst {:.2}M): {}",
                     target / 1e6,
                     r / 1e6,
+                    runs.worst().requests_per_sec() / 1e6,
                     if r >= target { "MET" } else { "NOT MET" }
                 );
             }
@@ -331,8 +386,8 @@ fn main() {
     println!("== targets (state file) ==");
     for (name, backends, medians) in &all {
         if let Some(i) = find(64) {
-            let ratio =
-                medians[STATE_FILE][i].requests_per_sec() / medians[DEFAULT][i].requests_per_sec();
+            let ratio = medians[STATE_FILE][i].median().requests_per_sec()
+                / medians[DEFAULT][i].median().requests_per_sec();
             println!(
                 "- --state-file >= 0.9x at 64 per kick ({name}): {ratio:.2}x: {}",
                 if ratio >= 0.9 { "MET" } else { "NOT MET" }
