@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! DMA masters in other processes (the vhost-iommu-client crate) against the daemon, side by
 //! side in one run.
 //!

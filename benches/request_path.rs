@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request path over a real vhost-user socket, side by side in one run:
 //!
 //! - the daemon (release build, `CARGO_BIN_EXE_vhost-device-iommu`) with its default polling

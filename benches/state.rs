@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Saving and loading the device state of 1M 4 KiB mappings: what a migration (the source's
 //! SET_DEVICE_STATE_FD(SAVE), the destination's LOAD) and a `--state-file` snapshot cost.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The fast path, side by side with the structure QEMU and cloud-hypervisor use.
 //!
 //! Ours: `ownership::Translator::translate` (lock-free radix walk, one read-side critical

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Load generator: plays VMM + guest driver over a real vhost-user socket and hammers the
 //! request queue with MAP/UNMAP pairs, K requests per kick, busy-polling the used ring.
 //!

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The guest's view: the guest's VFIO map/unmap loop against QEMU's built-in virtio-iommu and
 # against our daemon (release build) on the same QEMU and guest, alternated round by round
 # (each device goes first in every other round). Prints, per round and device, the rates, the

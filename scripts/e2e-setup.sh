@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # End-to-end rig for vhost-device-iommu: an unpatched QEMU, a stock Debian guest kernel and an
 # initramfs with our guest test program. Everything lands in a cache outside the repository:
 #

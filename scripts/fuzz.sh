@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Runs the cargo-fuzz targets in fuzz/ on the stable toolchain.
 #
 #   scripts/fuzz.sh [SECONDS]        each target for SECONDS (default 60)

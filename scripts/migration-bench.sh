@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Migration of our daemon against QEMU's built-in virtio-iommu, side by side: runs the two
 # migration tests of tests/e2e_life.rs alternately (ours, built-in, ours, ...) ROUNDS times
 # and tabulates what each run printed on its MIGRATION lines: the downtime and total time

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Command line and topology: everything a user gives the daemon, validated in one place
 //! (`TryFrom<ServeArgs> for DaemonConfig`) into the device's features, config space and
 //! topology.

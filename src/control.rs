@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket: one JSON object per line in, one per line out.
 //!
 //! For operators and tests. Commands (`"cmd"`):

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-device-iommu ctl`: one request to a running daemon's control socket (see
 //! `control.rs` for the protocol), built from typed arguments or given as raw JSON.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device: the state that lives as long as the daemon, whichever frontend connects.
 //!
 //! [`Device`] holds the model (`ownership::Iommu`), the config space, the negotiated

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The dirty-page log of live migration: every write the daemon makes to guest memory marks
 //! the written 4 KiB pages in the log the frontend shared with `VHOST_USER_SET_LOG_BASE`, so
 //! that the frontend copies those pages again.

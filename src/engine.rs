@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request-queue engine: from a kick to the used entries.
 //!
 //! A pass takes the available chains of the request queue, checks and parses each one,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fault records on their way to the guest's event queue.
 //!
 //! The fast path (any thread) pushes records into a bounded backlog and wakes the device's

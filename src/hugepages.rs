@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Transparent huge pages for the page-table arena.
 //!
 //! The model reserves its page-table memory once ([`ownership::Iommu::table_memory`]); with

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-device-iommu`: serve a virtio-iommu over vhost-user, write its ACPI VIOT table, or
 //! talk to a running daemon's control socket.
 

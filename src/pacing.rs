@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! How the request worker waits for work: after a burst it polls the available ring for a
 //! while with notifications off (the driver then need not kick, and Linux's driver busy-waits
 //! on the used ring, so the device's response time is the guest's), otherwise it sleeps in

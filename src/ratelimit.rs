@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Rate-limited logging: a guest can make the daemon answer bad requests forever, but not fill
 //! the host's logs. Each call site owns a [`RateLimit`]; lines beyond the budget are counted and
 //! the count is reported with the next line that gets through.

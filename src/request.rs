@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request in, one status out: `virtio::Request` -> `ownership::Iommu` -> `virtio::Status`.
 //!
 //! This is the only place where model errors become virtio status codes ([`status_of`]); the

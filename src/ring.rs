@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request queue's fast path: the split ring read and written through host memory slices
 //! resolved once per pass, instead of one guest-memory lookup per ring or buffer access.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Least privilege: an optional seccomp-bpf filter (rust-vmm's `seccompiler`) confining the
 //! daemon, every thread of it, to the system calls serving needs.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's life: create the sockets, serve one frontend after another, stop cleanly.
 
 use std::{

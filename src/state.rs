@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device state as bytes: what a migration carries from one daemon to another and what
 //! `--state-file` keeps across a restart.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--state-file PATH`: the guest-visible state kept on disk while the daemon runs, so that a
 //! daemon started again with the same path and configuration resumes it (an upgrade, a crash)
 //! and the guest never learns the daemon was gone.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Counters of the daemon, reported by the control socket's `stats` command.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The fast path handed to DMA masters: translate an endpoint's IOVA into a guest-physical
 //! address, and report the guest-visible faults on the event queue.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user glue: what the frontend negotiates and sends, mapped onto the [`Device`].
 //!
 //! [`IommuBackend`] implements rust-vmm's `VhostUserBackend` for one frontend connection and

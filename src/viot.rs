@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The ACPI VIOT table ("Virtual I/O Translation") that tells a guest which endpoints a
 //! virtio-iommu translates.
 //!

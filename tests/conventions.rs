@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user backend program conventions (QEMU's docs/interop/vhost-user.rst, "Backend
 //! program conventions") and the command line's errors, on the real binary: `--fd` with a
 //! listening socket handed over as a management layer does, `--print-capabilities`, and a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket as a user reaches it: `vhost-device-iommu ctl` against the real daemon,
 //! and endpoints named by PCI address wherever the control socket takes one.
 

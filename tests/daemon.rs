@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon over a real vhost-user socket, driven by the rust-vmm `vhost` frontend (through
 //! the testkit's VMM + guest-driver model): negotiation, every request type, PROBE bytes,
 //! faults on the event queue, reset, reconnect, malformed chains, signals.

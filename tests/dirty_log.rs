@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The dirty-page log of live migration over a real vhost-user socket, driven by the rust-vmm
 //! `vhost` frontend as QEMU drives it: LOG_SHMFD negotiated, SET_LOG_BASE with a memfd,
 //! SET_FEATURES with `VHOST_F_LOG_ALL`. Every page the daemon writes (replies, used rings,

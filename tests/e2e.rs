@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end: a stock Debian 6.12 guest under an unpatched QEMU (10.2) drives a virtio-iommu
 //! through VFIO.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest's view of performance: the same VFIO map/unmap loop against QEMU's built-in
 //! virtio-iommu-pci and against our daemon, alternated round by round, same kernel, same
 //! accelerator; the distribution of the ratio over the rounds (median, worst, spread); what

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end: a real device behind our virtio-iommu. The example back-end
 //! `examples/vhost-user-blk` (a virtio-blk device over a file) serves QEMU's
 //! `vhost-user-blk-pci` at 00:08.0 with `iommu_platform=on,x-external-iommu=on` (the patched

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end against our daemon: a stock Debian 6.12 guest's virtio-iommu driver and VFIO
 //! program it through an unpatched QEMU's `vhost-user-test-device-pci` (QEMU >= 10.2), and
 //! what the guest maps is what our fast path translates (scenarios 1-5; scenario 6, QEMU's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device's life end to end: a Debian 6.12 guest holds VFIO mappings through our daemon
 //! (in the single-endpoint group 00:05.0 and in the two-function group 00:06.x) while the host
 //! pauses it, resets it, migrates it and restarts the daemon under it.

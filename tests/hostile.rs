@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile guests and faulty peers, against the real daemon binary: every resource a
 //! guest can make the daemon allocate is capped and answered (NOMEM, an error line), counted,
 //! and memory stays bounded; frontends that disconnect at any point, replace the memory table

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A daemon whose guest has gone quiet uses no CPU: after a burst of requests the request
 //! worker polls at most one window (`--poll-us`) and then sleeps until the next kick, in every
 //! poll mode. CPU time is read from each thread's `schedstat` (nanoseconds run), so a poller

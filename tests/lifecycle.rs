@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device's life over a real vhost-user socket, driven by the rust-vmm `vhost` frontend:
 //! what resets the guest's state and what keeps it, and the device-state transfer that carries
 //! it from one daemon to another (VHOST_USER_PROTOCOL_F_DEVICE_STATE).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The man pages in docs/man are generated from the CLI definition (clap_mangen): this test
 //! fails when they are out of date, and rewrites them with
 //! `VHOST_IOMMU_UPDATE_MAN=1 cargo test --test man`.

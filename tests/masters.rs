@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! DMA masters in other processes (`--master-socket`, the vhost-iommu-client crate) against
 //! the real daemon binary over real sockets, next to a guest driver (the testkit) over
 //! vhost-user: translations, the IOMMU's promise across processes (UNMAP, DETACH, ATTACH

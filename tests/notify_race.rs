@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Notification races on both queues, with the daemon driven the way Linux's virtio_ring
 //! decides whether to kick (`virtqueue_kick_prepare`): with VIRTIO_RING_F_EVENT_IDX, kick when
 //! the device's `avail_event` lies among the entries published since the last decision

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--state-file`: a daemon that dies (SIGKILL at any point) or stops (SIGTERM) and is started
 //! again with the same state file resumes the guest's state, and the frontend reconnects as
 //! QEMU does with `reconnect-ms` (the same rings, started again from the used index). Every

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request queue's ring fast path (src/ring.rs) at its edges, over a real vhost-user
 //! socket: chains it must hand to virtio-queue's slow path (buffers across memory regions,
 //! long chains, indirect tables, malformed chains) mixed into batches of simple ones, the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Differential test of the request queue's ring fast path (src/ring.rs): two daemons with the
 //! same topology, one with `--ring-fast-path on` and one with `--ring-fast-path off` (every
 //! chain through virtio-queue and `Device::process_chain`), get the same random guest input and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request queue's engine while the frontend changes things under it, on both ring paths
 //! (`--ring-fast-path on` and `off`), with and without EVENT_IDX: a queue disabled and
 //! re-enabled (`SET_VRING_ENABLE`) or stopped and restarted (`GET_VRING_BASE`, then

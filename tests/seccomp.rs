@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Least privilege: the daemon under its seccomp filter. Representative flows run
 //! with `--seccomp kill`, so a system call missing from the allowlist kills the daemon and
 //! fails the test: the handshake, every request type, config space, faults on the event

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The "minimal backend" baseline of the request-path benchmark: a vhost-user virtio-iommu
 //! backend on the same rust-vmm crates that answers OK to every request without a model. It
 //! copies each request's readable bytes into a fresh `Vec` (allocates per request, as the

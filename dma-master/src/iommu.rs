@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`vm_memory::Iommu`] for an [`Endpoint`]: IOVAs translated through the daemon's tables,
 //! cached in a `vm_memory` IOTLB per reader slot.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A DMA master in another process behind vhost-device-iommu.
 //!
 //! A device backend (a vhost-user net, blk or fs backend, a user-space driver) that does DMA

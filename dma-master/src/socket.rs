@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The master's end of the socket: frames out and in, with deadlines, on a non-blocking
 //! stream (a fault report must never block a DMA thread), plus the thread that notices the
 //! daemon hanging up.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The DMA-master socket's messages, as bytes: the one definition the daemon and the client
 //! share. No I/O here.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user side: the vhost crate's request handler, written out for a device whose ring
 //! addresses may be IOVAs.
 //!

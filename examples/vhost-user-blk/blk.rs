@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-blk requests over any `GuestMemory`: the guest's physical memory, or the IOVA space
 //! of `IommuMemory` (every access translated through the virtio-iommu).
 //!

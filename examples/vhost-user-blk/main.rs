@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-blk: a virtio-blk device over a file, served over vhost-user, whose every DMA
 //! goes through vhost-device-iommu's page tables when the guest's driver negotiates
 //! `VIRTIO_F_ACCESS_PLATFORM`.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Prints a fuzz input as the target decodes it: `cargo run --example show -- TARGET FILE...`.
 
 fn main() {

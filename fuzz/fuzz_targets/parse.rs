@@ -1,4 +1,5 @@
 #![no_main]
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 use libfuzzer_sys::fuzz_target;
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `chain`: hostile descriptor chains through the daemon's request path, on real guest
 //! memory.
 //!

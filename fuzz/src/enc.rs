@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The inverse of `arbitrary`'s decoding, for the seed corpus.
 //!
 //! libFuzzer inputs are decoded with `arbitrary` (derive); to write a seed that decodes to a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fuzz harnesses for vhost-device-iommu, shared by the cargo-fuzz targets in
 //! `fuzz_targets/` and by this crate's tests, which replay the committed corpus.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `masters`: the daemon's side of the DMA-master socket on hostile bytes. Frames are
 //! parsed as the daemon parses them (`wire::parse_header`, `wire::Request::decode`) and fed
 //! to `masters::Session`s on a real device (tables in a shared memfd), two masters at once.

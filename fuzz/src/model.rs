@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `model`: sequences of guest requests and host ownership calls on
 //! `ownership::Iommu`, checked against [`Reference`] after every step.
 //!

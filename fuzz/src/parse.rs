@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `parse`: the wire format crate on hostile bytes.
 //!
 //! Each input is a sequence of [`Case`]s. Beyond "no panic", every case checks the properties

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seed corpus (`fuzz/corpus/<target>/seed-*`), its generator and its replay.
 //!
 //! - `seeds_decode_to_themselves`: every seed decodes back to the value it was encoded from

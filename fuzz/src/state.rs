@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Target `state`: the device-state loader (`vhost_device_iommu::state::decode`, then
 //! `ownership::Iommu::restore`) on hostile bytes.
 //!

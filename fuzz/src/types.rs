@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Fuzz-input types shared by the targets: small selectors that steer the fuzzer towards the
 //! values that matter (IDs a topology knows, page-aligned addresses, the ends of ranges)
 //! while still reaching every value, and requests as the driver would write them.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Read-side critical sections and grace periods: the IOTLB-sync rule.
 //!
 //! A reader (a DMA master translating an IOVA) marks its slot busy while it walks the tables

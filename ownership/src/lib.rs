@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu model: endpoints, groups, domains, DMA owners and page tables.
 //!
 //! A pure state machine with no I/O. Two faces, after the Linux IOMMU core's DMA-ownership

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Radix page tables that readers walk without locks while one writer maps and unmaps.
 //!
 //! Every domain is a tree of 4 KiB nodes of 512 atomic entries (9 bits per level over a 4 KiB

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small, obviously correct reference for [`crate::Iommu`]: BTreeMaps and sets, no
 //! concurrency, no page tables; the granule, input range, domain range and limits come from the
 //! topology. The property tests and the fuzz targets check the model against it step by step.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's tables seen from a DMA master in another process.
 //!
 //! Readers read three things: the global epoch, a control area (the `bypass` flag and a state

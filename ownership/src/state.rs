@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest-programmed state of the model, taken out and put back: what a device-state
 //! transfer (migration) and a daemon restart carry.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Conformance tests (named after the IDs of docs/spec-checklist.md), the group
 //! and ownership rules, limits, and the IOTLB-sync ordering. `model` and `isolation` are
 //! property tests; `stress` is the long randomized reader/writer test of the grace periods

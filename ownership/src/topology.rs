@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The platform the device describes: endpoints, the groups they form, their reserved regions,
 //! the page-size mask, the input and domain ranges, and the resource limits.
 //!

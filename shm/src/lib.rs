@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Words of memory mapped with mmap(2), seen as `[AtomicU64]`.
 //!
 //! The page tables' readers and writer share nothing but atomic 64-bit words (see the

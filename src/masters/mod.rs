@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! DMA masters in other processes: the master socket (`--master-socket`).
 //!
 //! A device backend linking the `vhost-iommu-client` crate connects here, gets the page

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's readers' words in a memfd, for DMA masters in other processes.
 
 use std::{

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A virtio-iommu as a VMM plus guest driver see it: connection, memory, both queues.
 
 use std::{

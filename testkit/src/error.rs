@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors of the test kit.
 
 use std::{io, path::PathBuf, time::Duration};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test kit: a model of "VMM + guest driver" that drives any vhost-user backend over a real unix
 //! socket.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A split virtqueue driver (virtio 1.x, section 2.7) laid out in [`GuestRam`].
 //!
 //! The driver side of the rings: it writes descriptors and the available ring, reads the used

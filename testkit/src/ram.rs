@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest memory: memfd-backed regions shared with the backend, plus a small allocator.
 
 use std::{

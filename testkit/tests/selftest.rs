@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Self-test of `vhost_iommu_testkit` against a throwaway toy backend.
 //!
 //! The toy is a `VhostUserBackend` with 2 queues and a 40-byte config space that answers every

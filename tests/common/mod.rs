@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Harness shared by the integration tests: the real daemon binary as a child process on a temp
 //! socket, its control socket, and request helpers.
 #![allow(dead_code)]

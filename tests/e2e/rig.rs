@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The end-to-end rig: an unpatched QEMU (>= 10.2) + a stock Debian guest kernel + our
 //! initramfs, driven over the serial console.
 //!

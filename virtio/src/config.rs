@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `struct virtio_iommu_config`: 40 bytes, little-endian.
 
 use crate::{le32, le64, put32, put64, F_BYPASS_CONFIG};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `struct virtio_iommu_fault`: what the device writes into an eventq buffer.
 
 use crate::{le32, le64, put32, put64};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-iommu wire format (VIRTIO 1.2/1.3 "IOMMU Device", device ID 23).
 //!
 //! Bytes <-> typed values: requests and their status tail, the config space, PROBE

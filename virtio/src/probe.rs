@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! PROBE properties: what the device writes into a PROBE request's properties area.
 
 use crate::{le16, le64, put16, put64};

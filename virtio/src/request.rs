@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Requests on the requestq: head, body, tail and status.
 
 use std::fmt;

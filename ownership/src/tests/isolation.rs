@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property test: isolation. No sequence of guest requests (ATTACH, DETACH, MAP, UNMAP, reset,
 //! bypass) and host requests (DMA-API users, exclusive owners) lets an endpoint translate
 //! through a domain its group is not attached to, or lets a requester translate for a group it

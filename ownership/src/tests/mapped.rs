@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The model's readers' words in a shared file: the writer on read-write mappings, a "DMA
 //! master" on read-only mappings of the same file, translating with [`RemoteTables`]: the same
 //! answers as an in-process translator, and the writer's grace periods wait for its sections.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property test: random sequences of guest and host operations against a small, obviously
 //! correct reference model (BTreeMaps and sets, no concurrency, no page tables). After every
 //! step: the states agree, every endpoint of a group translates through the same domain, no

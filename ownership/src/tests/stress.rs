@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The long randomized reader/writer stress test of the IOTLB-sync rule.
 //!
 //! Reader threads translate random (endpoint, IOVA) pairs, in sections of every shape (one
