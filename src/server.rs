@@ -9,7 +9,7 @@ use std::{
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    sync::{Arc, Mutex},
 };
 
 use log::{info, warn};
@@ -240,7 +240,7 @@ fn serve(config: &DaemonConfig, created: &mut Vec<PathBuf>) -> Result<(), Server
         daemon
             .start(&mut listener)
             .map_err(|e| ServerError::VhostUser(e.to_string()))?;
-        device.stats().connections.fetch_add(1, Relaxed);
+        backend.count_connection();
         info!("frontend connected");
         *current.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         let result = daemon.wait();

@@ -12,7 +12,10 @@ use std::{
     fs::File,
     io,
     sync::{
-        atomic::Ordering::{Acquire, Relaxed, Release},
+        atomic::{
+            AtomicBool,
+            Ordering::{Acquire, Relaxed, Release},
+        },
         Arc, Mutex,
     },
 };
@@ -81,6 +84,10 @@ pub struct IommuBackend {
     /// regions, which SET_LOG_BASE gives a log): stopped when the frontend clears
     /// `VHOST_F_LOG_ALL`, carried over to the regions of a new memory table while logging.
     logs: Arc<Mutex<Vec<DirtyLog>>>,
+    /// This connection is in `stats.connections`: counted by whichever comes first, the
+    /// frontend's first GET_FEATURES (served on the connection's thread) or the accept loop
+    /// once the connection's thread runs.
+    counted: Arc<AtomicBool>,
 }
 
 impl IommuBackend {
@@ -93,7 +100,15 @@ impl IommuBackend {
             exit_fds: Arc::default(),
             requestq: Arc::default(),
             logs: Arc::default(),
+            counted: Arc::default(),
         })
+    }
+
+    /// Counts this connection in `stats.connections`, once.
+    pub fn count_connection(&self) {
+        if !self.counted.swap(true, Relaxed) {
+            self.device.stats.connections.fetch_add(1, Relaxed);
+        }
     }
 
     /// Stops the worker threads of this connection.
@@ -156,6 +171,7 @@ impl VhostUserBackend for IommuBackend {
     /// The device's features, `PROTOCOL_FEATURES`, and `VHOST_F_LOG_ALL`: every write to
     /// guest memory can be logged (QEMU refuses to migrate a vhost-user device without it).
     fn features(&self) -> u64 {
+        self.count_connection();
         self.device.offered
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits()
