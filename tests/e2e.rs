@@ -36,7 +36,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The host side of the guest's stops: MAPPED and GROUP_(RE)ATTACHED buffers must be in guest
 /// RAM at the GPAs the guest printed; the stops must come in the guest's order.
-fn builtin_checks() -> impl FnMut(&Marker, &rig::GuestMemory) -> Result<(), String> {
+fn builtin_checks() -> impl FnMut(&Marker, &rig::RamFile) -> Result<(), String> {
     let mut stops = Vec::new();
     move |m, memory| {
         if m.wait().is_some() {

@@ -16,7 +16,7 @@ mod rig;
 use std::process::Command;
 
 use common::Daemon;
-use rig::{pattern, GuestConfig, GuestMemory, Iommu, Marker, Rig};
+use rig::{pattern, GuestConfig, Iommu, Marker, RamFile, Rig};
 use serde_json::{json, Value};
 use vhost_device_iommu::viot::{build_viot, PciBdf};
 
@@ -73,7 +73,7 @@ impl HostChecks<'_> {
     fn check_buffer(
         &self,
         m: &Marker,
-        memory: &GuestMemory,
+        memory: &RamFile,
         endpoint: u64,
         owner: u64,
     ) -> Result<Option<u64>, String> {
@@ -142,7 +142,7 @@ impl HostChecks<'_> {
         Ok(a)
     }
 
-    fn on_marker(&mut self, m: &Marker, memory: &GuestMemory) -> Result<(), String> {
+    fn on_marker(&mut self, m: &Marker, memory: &RamFile) -> Result<(), String> {
         if m.wait().is_some() {
             self.stops.push(m.event.clone());
         }

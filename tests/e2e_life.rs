@@ -29,7 +29,7 @@ use std::{
 };
 
 use common::Daemon;
-use rig::{GuestConfig, GuestMemory, Iommu, Marker, Rig, Session};
+use rig::{GuestConfig, Iommu, Marker, RamFile, Rig, Session};
 use serde_json::{json, Value};
 use vhost_device_iommu::viot::{build_viot, PciBdf};
 
@@ -127,7 +127,7 @@ fn buffers(m: &Marker) -> Result<Vec<Buffer>, String> {
 }
 
 /// Guest RAM holds each buffer's pattern at the GPAs the guest reported.
-fn check_ram(memory: &GuestMemory, buffers: &[Buffer]) -> Result<(), String> {
+fn check_ram(memory: &RamFile, buffers: &[Buffer]) -> Result<(), String> {
     for b in buffers {
         for (i, &gpa) in b.gpas.iter().enumerate() {
             let want = rig::pattern(b.seed, i as u64 * PAGE, PAGE as usize);
@@ -145,7 +145,7 @@ fn check_ram(memory: &GuestMemory, buffers: &[Buffer]) -> Result<(), String> {
 /// Through the daemon's control socket, as a DMA master would (owner of the group): every page
 /// of every buffer translates, on every endpoint of its group, to the GPA the guest reported,
 /// and guest RAM there holds the guest's pattern.
-fn check_daemon(d: &Daemon, memory: &GuestMemory, buffers: &[Buffer]) -> Result<(), String> {
+fn check_daemon(d: &Daemon, memory: &RamFile, buffers: &[Buffer]) -> Result<(), String> {
     for b in buffers {
         let claim = json!({"cmd": "claim", "endpoint": b.endpoints[0], "cookie": b.owner});
         ok(d.control(claim))?;

@@ -12,7 +12,7 @@
 //!   with the repository's QEMU patches), the accelerator, the guest steps and loop counts;
 //!   [`qemu_args`] turns it into QEMU's command line.
 //! * [`run_guest`] boots it, reads the console line by line with a deadline, hands every
-//!   `E2E ...` marker to a callback (which may read guest RAM through [`GuestMemory`]), answers
+//!   `E2E ...` marker to a callback (which may read guest RAM through [`RamFile`]), answers
 //!   `wait=<n>` markers with `GO <n>` once the callback returned, and returns the whole run; any
 //!   failure comes back as an [`E2eError`] whose message carries the full console log.
 //!
@@ -498,16 +498,16 @@ impl Marker {
 
 /// Guest RAM as the host sees it: the memory-backend-file. Below 4 GiB (all of our 512 MiB)
 /// a guest-physical address is the offset in the file.
-pub struct GuestMemory {
+pub struct RamFile {
     file: File,
     size: u64,
 }
 
-impl GuestMemory {
+impl RamFile {
     /// The RAM file of a running QEMU.
-    pub fn open(path: &Path) -> Result<GuestMemory, String> {
+    pub fn open(path: &Path) -> Result<RamFile, String> {
         let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(GuestMemory {
+        Ok(RamFile {
             file,
             size: GUEST_MEM_MIB << 20,
         })
@@ -542,7 +542,7 @@ pub fn pattern(seed: u32, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// Checks every page of a marker's buffer (`gpas`, `pattern`, `len`) in guest RAM.
-pub fn check_pattern(marker: &Marker, memory: &GuestMemory) -> Result<(), String> {
+pub fn check_pattern(marker: &Marker, memory: &RamFile) -> Result<(), String> {
     const PAGE: u64 = 4096;
     let seed = u32::try_from(marker.u64("pattern")?).map_err(|e| e.to_string())?;
     let len = marker.u64("len")?;
@@ -702,7 +702,7 @@ impl Drop for KillOnDrop {
 /// `E2E DONE status=ok`, reported no `FAIL`, and QEMU exited cleanly before `config.timeout`.
 pub fn run_guest<F>(rig: &Rig, config: &GuestConfig, on_marker: F) -> Result<GuestRun, E2eError>
 where
-    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+    F: FnMut(&Marker, &RamFile) -> Result<(), String>,
 {
     let _one_at_a_time = guest_lock();
     let start = Instant::now();
@@ -737,7 +737,7 @@ fn boot_and_follow<F>(
     mut on_marker: F,
 ) -> Result<(), String>
 where
-    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+    F: FnMut(&Marker, &RamFile) -> Result<(), String>,
 {
     let deadline = Instant::now() + config.timeout;
     let qemu = rig.qemu_binary(config.qemu)?;
@@ -784,7 +784,7 @@ where
         .reopen()
         .map_err(|e| format!("cannot open guest RAM file: {e}"))
         .and_then(|file| {
-            let memory = GuestMemory {
+            let memory = RamFile {
                 file,
                 size: GUEST_MEM_MIB << 20,
             };
@@ -836,14 +836,14 @@ where
 fn follow_console<F>(
     rx: &mpsc::Receiver<Option<String>>,
     stdin: &mut impl Write,
-    memory: &GuestMemory,
+    memory: &RamFile,
     run: &mut GuestRun,
     deadline: Instant,
     config: &GuestConfig,
     on_marker: &mut F,
 ) -> Result<Option<Marker>, String>
 where
-    F: FnMut(&Marker, &GuestMemory) -> Result<(), String>,
+    F: FnMut(&Marker, &RamFile) -> Result<(), String>,
 {
     let mut in_dmesg = false;
     let mut done = None;
@@ -1015,8 +1015,8 @@ pub struct Vm {
 
 impl Vm {
     /// Guest RAM of this QEMU as the host sees it.
-    pub fn memory(&self) -> Result<GuestMemory, String> {
-        GuestMemory::open(self.mem.path())
+    pub fn memory(&self) -> Result<RamFile, String> {
+        RamFile::open(self.mem.path())
     }
 
     /// Its QMP client.
