@@ -520,14 +520,15 @@ fn chain_seeds() -> Vec<(&'static str, Input)> {
             Input {
                 setup: setup(0),
                 cmds: vec![
+                    // Records are kept only once a driver listens (posted event buffers).
+                    Cmd::Event {
+                        lens: [24, 0, 0],
+                        readable_first: false,
+                    },
                     Cmd::Translate {
                         endpoint: Id::Small(8),
                         iova: Addr::Page(3),
                         write: true,
-                    },
-                    Cmd::Event {
-                        lens: [24, 0, 0],
-                        readable_first: false,
                     },
                     Cmd::Translate {
                         endpoint: Id::Small(8),
