@@ -225,8 +225,9 @@ pub struct ServeArgs {
 
     /// How long each poll window is: `adaptive` follows the guest's gaps between requests
     /// (0 up to the budget) and stops polling for a while when the worker loses its CPU to
-    /// another task (a vCPU on the same CPU) or keeps missing; `fixed` polls the whole budget
-    /// after every burst, yielding every 1024 spins, which can hold up a vCPU sharing its CPU.
+    /// another task (a vCPU on the same CPU); `fixed` polls the whole budget after every burst,
+    /// whoever else wants the CPU, which can hold up a vCPU sharing it. Both yield the CPU
+    /// every 1024 spins.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::pacing::PollMode::Adaptive)]
     pub poll_mode: crate::pacing::PollMode,
 

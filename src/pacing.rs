@@ -13,14 +13,26 @@
 //! - it grows (doubling, up to the budget `--poll-us`) when the request that woke the worker
 //!   came soon after an empty window, and shrinks (halving, to 0) when the worker slept longer
 //!   than the budget;
-//! - a window ends at once when the worker notices it lost its CPU meanwhile (two clock reads
-//!   of the poll loop far apart: another task ran on its CPU), and windows at the full budget
-//!   that keep ending empty just before the next request (what a worker sees that holds up the
-//!   vCPU on its own CPU) count the same: the worker then polls no more for a while (1 ms,
-//!   doubling while it keeps happening, up to 1 s) and sleeps, so that a kick wakes it, on a
-//!   free CPU if there is one, and the scheduler preempts for it otherwise.
+//! - the worker yields its CPU every 1024 spins (about 16 us), so that a vCPU waiting for the
+//!   same CPU runs at once instead of after the window;
+//! - a window ends at once when the worker notices it lost its CPU (a yield that came back
+//!   late, or two clock reads of the poll loop far apart, and the kernel counted an
+//!   involuntary switch: another task ran on its CPU) for the second time in a row, with no
+//!   sign in between that it had the CPU to itself: the worker then polls no more for a
+//!   while (1 ms, doubling while it happens again right after each back-off, up to 128 ms) and
+//!   sleeps, so that a kick wakes it, on a free CPU if there is one, and the scheduler
+//!   preempts for it otherwise;
+//! - a gap with no involuntary switch is the hypervisor's (the whole CPU did not run, as a
+//!   nested or overcommitted VM sees every few milliseconds): no task of this host waited for
+//!   the worker's CPU, so the window goes on.
 //!
-//! `fixed` keeps every window at the budget and yields the CPU every 1024 spins (the daemon's
+//! Windows at the full budget that ended empty just before the next request used to count as
+//! trouble too (a worker holding up the vCPU on its own CPU sees that). But a driver whose
+//! gaps are a little longer than the budget shows the same, and a back-off makes its gaps
+//! longer still (each request then waits for a kick and a wake-up): on a worker alone on its
+//! CPU the back-offs fed each other for seconds. The yields catch the shared CPU directly.
+//!
+//! `fixed` keeps every window at the budget and polls on after a lost CPU (the daemon's
 //! behaviour before the adaptive windows, kept for comparison).
 
 use std::time::{Duration, Instant};
@@ -34,7 +46,7 @@ pub enum PollMode {
     /// for a while after the worker lost its CPU during one.
     #[default]
     Adaptive,
-    /// Every window is the budget; the worker yields the CPU every 1024 spins.
+    /// Every window is the budget, polled to its end even after the worker lost its CPU.
     Fixed,
 }
 
@@ -53,14 +65,26 @@ const CHECK_EVERY: u32 = 64;
 /// Two clock reads this far apart in a poll loop mean the worker was not running between
 /// them: 64 spins take about a microsecond, a time slice of another task milliseconds.
 const LOST_CPU_NS: u64 = 30_000;
-/// Windows at the full budget in a row that ended empty just before the next request.
-const MISSES: u32 = 4;
-/// The back-off after trouble (a lost CPU, or `MISSES`), doubled while trouble follows trouble
-/// within four back-offs, back to the minimum after a calm spell.
+/// Lost CPUs in a row that make a back-off. A vCPU on the worker's CPU takes every yield (it
+/// always waits for the CPU); a task that wakes now and then (a timer, a monitor reading
+/// /proc every few milliseconds) takes one, and the worker has its CPU back before the next.
+/// Backing off for each of those fed the back-offs: a resumed window met the next one within
+/// milliseconds, and the worker stayed off for most of a run with a CPU to itself.
+const LOST_IN_A_ROW: u32 = 2;
+/// The back-off after a lost CPU, doubled while it happens again
+/// within `PERSISTS_NS` of the back-off's end, back to the minimum otherwise.
 const BACKOFF_MIN_NS: u64 = 1_000_000;
-const BACKOFF_MAX_NS: u64 = 1_000_000_000;
-/// `--poll-mode fixed` yields every this many spins.
-const FIXED_YIELD_EVERY: u32 = 1024;
+/// One window per 128 ms costs a vCPU sharing the worker's CPU at most 50 us in 128 ms, and a
+/// back-off that was not needed is over soon.
+const BACKOFF_MAX_NS: u64 = 128_000_000;
+/// A vCPU that wants the worker's CPU takes it within a scheduler tick of the worker polling
+/// again: trouble that soon after a back-off is the same trouble. Unrelated preemptions (a few
+/// per second on a busy host) rarely come that soon, so they cannot ratchet the back-off up:
+/// doubling whenever trouble followed trouble within four back-offs could hold a worker at
+/// the longest back-off for as long as they kept coming.
+const PERSISTS_NS: u64 = 4_000_000;
+/// Poll windows yield the CPU every this many spins.
+const YIELD_EVERY: u32 = 1024;
 /// One pass in this many is timed (two clock reads).
 const SAMPLE_EVERY: u32 = 64;
 
@@ -99,8 +123,6 @@ struct Window {
     backoff: u64,
     /// The last trouble, if any.
     trouble_at: Option<u64>,
-    /// Full-budget windows in a row that ended empty just before the next request.
-    misses: u32,
 }
 
 impl Window {
@@ -111,13 +133,12 @@ impl Window {
             quiet_until: 0,
             backoff: BACKOFF_MIN_NS,
             trouble_at: None,
-            misses: 0,
         }
     }
 
-    /// The worker woke at `now` after sleeping `slept`; `after_empty` when a window ran before
-    /// the sleep and found nothing.
-    fn woke(&mut self, now: u64, slept: u64, after_empty: bool) {
+    /// The worker woke after sleeping `slept`; `after_empty` when a window ran before the sleep
+    /// and found nothing.
+    fn woke(&mut self, slept: u64, after_empty: bool) {
         if self.budget == 0 {
             return;
         }
@@ -127,42 +148,24 @@ impl Window {
             if self.len < START_NS {
                 self.len = 0;
             }
-            self.misses = 0;
         } else if after_empty {
-            if self.len < self.budget {
-                // The next request came soon after the window: a longer one might catch it.
-                self.len = (self.len * 2).clamp(START_NS, self.budget);
-            } else {
-                self.misses += 1;
-                if self.misses >= MISSES {
-                    // Whole budgets spent for nothing, the request right behind each: the gap
-                    // is longer than the budget, or (the usual case) the worker holds up the
-                    // vCPU it waits for.
-                    self.trouble(now);
-                }
-            }
+            // The next request came soon after the window: a longer one might catch it.
+            self.len = (self.len * 2).clamp(START_NS, self.budget);
         } else if self.len == 0 {
             self.len = START_NS.min(self.budget);
         }
     }
 
-    /// A window found work.
-    fn caught(&mut self) {
-        self.misses = 0;
-    }
-
-    /// Polling hurts (the worker lost its CPU, or kept missing): none for a while.
+    /// Polling hurts (another task wanted the worker's CPU): none for a while.
     fn trouble(&mut self, now: u64) {
-        self.backoff = match self.trouble_at {
-            Some(at) if now.saturating_sub(at) <= 4 * self.backoff => {
-                (self.backoff * 2).min(BACKOFF_MAX_NS)
-            }
-            _ => BACKOFF_MIN_NS,
+        self.backoff = if self.trouble_at.is_some() && now <= self.quiet_until + PERSISTS_NS {
+            (self.backoff * 2).min(BACKOFF_MAX_NS)
+        } else {
+            BACKOFF_MIN_NS
         };
         self.trouble_at = Some(now);
         self.quiet_until = now + self.backoff;
         self.len = START_NS.min(self.budget);
-        self.misses = 0;
     }
 
     /// The window to poll at `now` (0: none).
@@ -175,11 +178,29 @@ impl Window {
     }
 }
 
+/// The calling thread's involuntary context switches (another task took its CPU), or `None`
+/// when the kernel does not say.
+fn involuntary_switches() -> Option<u64> {
+    // SAFETY: an all-zero `rusage` is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the `rusage` it is given, which lives across the call.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (r == 0).then_some(usage.ru_nivcsw as u64)
+}
+
 /// Per-worker state: the window and the timing samples in flight.
 #[derive(Debug)]
 pub struct Pacer {
     policy: PollPolicy,
     window: Window,
+    /// Where the worker's involuntary switches come from (the kernel; a fake in tests), and
+    /// the count at the last look.
+    switches: fn() -> Option<u64>,
+    switches_seen: Option<u64>,
+    /// Times in a row another task took the worker's CPU, with no sign between them that the
+    /// worker had it to itself (a yield that came straight back, or a window that caught a
+    /// request without losing its CPU).
+    lost_in_a_row: u32,
     /// The clock's origin for `window`'s times.
     origin: Instant,
     /// When the worker last went to sleep, and whether a window before it found nothing.
@@ -193,10 +214,18 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// A pacer for the calling thread (the worker).
     pub fn new(policy: PollPolicy) -> Pacer {
+        Pacer::with_switches(policy, involuntary_switches)
+    }
+
+    fn with_switches(policy: PollPolicy, switches: fn() -> Option<u64>) -> Pacer {
         Pacer {
             policy,
             window: Window::new(policy.budget.as_nanos() as u64),
+            switches,
+            switches_seen: switches(),
+            lost_in_a_row: 0,
             origin: Instant::now(),
             slept_at: None,
             slept_after_empty: false,
@@ -208,6 +237,24 @@ impl Pacer {
 
     pub fn policy(&self) -> PollPolicy {
         self.policy
+    }
+
+    /// After a gap in the poll loop: did another task run on the worker's CPU since the last
+    /// look? (A kernel that does not say counts as yes.)
+    fn another_task_ran(&mut self) -> bool {
+        let now = (self.switches)();
+        let ran = now.is_none() || now != self.switches_seen;
+        self.switches_seen = now;
+        ran
+    }
+
+    /// A gap in the poll loop: the CPU was taken by another task (`true`), or stopped.
+    fn gap(&mut self) -> bool {
+        let taken = self.another_task_ran();
+        if taken {
+            self.lost_in_a_row += 1;
+        }
+        taken
     }
 
     fn ns(&self, t: Instant) -> u64 {
@@ -224,16 +271,7 @@ impl Pacer {
         let slept = now.duration_since(slept_at).as_nanos() as u64;
         stats.sleep_ns.record(slept);
         if self.policy.mode == PollMode::Adaptive {
-            let before = self.window.backoff;
-            let trouble = self.window.trouble_at;
-            self.window
-                .woke(self.ns(now), slept, self.slept_after_empty);
-            if self.window.trouble_at != trouble {
-                Pacing::add(&stats.backoffs_missed, 1);
-            }
-            if self.window.backoff != before {
-                Pacing::set(&stats.backoff_ns, self.window.backoff);
-            }
+            self.window.woke(slept, self.slept_after_empty);
             Pacing::set(&stats.window_ns, self.window.len);
         } else {
             Pacing::set(&stats.window_ns, self.window.budget);
@@ -288,6 +326,7 @@ impl Pacer {
         let mut spins = 0u32;
         // A fixed window keeps polling after a lost CPU; it is counted all the same.
         let mut lost = false;
+        let mut stolen = false;
         let end = loop {
             match probe(spins) {
                 Probe::Moved => break PollEnd::Moved,
@@ -300,23 +339,39 @@ impl Pacer {
                 let since = now.duration_since(last).as_nanos() as u64;
                 last = now;
                 if since > LOST_CPU_NS {
-                    lost = true;
-                    if !fixed {
-                        break PollEnd::LostCpu;
+                    if self.gap() {
+                        lost = true;
+                        if !fixed && self.lost_in_a_row >= LOST_IN_A_ROW {
+                            break PollEnd::LostCpu;
+                        }
+                    } else {
+                        stolen = true;
                     }
                 }
                 if now.duration_since(start).as_nanos() as u64 >= window {
                     break PollEnd::Empty;
                 }
             }
-            if fixed && spins % FIXED_YIELD_EVERY == 0 {
+            if spins % YIELD_EVERY == 0 {
                 // Give the CPU away if someone else (a vCPU) waits for it.
                 let before = Instant::now();
                 std::thread::yield_now();
                 Pacing::add(&stats.yields, 1);
-                if before.elapsed().as_nanos() as u64 > LOST_CPU_NS {
+                let after = Instant::now();
+                if after.duration_since(before).as_nanos() as u64 > LOST_CPU_NS {
                     Pacing::add(&stats.yields_late, 1);
+                    if self.gap() {
+                        lost = true;
+                        if !fixed && self.lost_in_a_row >= LOST_IN_A_ROW {
+                            break PollEnd::LostCpu;
+                        }
+                    } else {
+                        stolen = true;
+                    }
+                } else {
+                    self.lost_in_a_row = 0;
                 }
+                last = after;
             }
             std::hint::spin_loop();
         };
@@ -324,10 +379,14 @@ impl Pacer {
         Pacing::add(&stats.poll_ns, now.duration_since(start).as_nanos() as u64);
         if lost {
             Pacing::add(&stats.windows_preempted, 1);
+        } else if end == PollEnd::Moved {
+            self.lost_in_a_row = 0;
+        }
+        if stolen {
+            Pacing::add(&stats.windows_stolen, 1);
         }
         match end {
             PollEnd::Moved => {
-                self.window.caught();
                 if let Some(published) = self.published_at.take() {
                     stats
                         .polled_gap_ns
@@ -351,6 +410,8 @@ impl Pacer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
     use super::*;
 
     const US: u64 = 1_000;
@@ -360,16 +421,18 @@ mod tests {
     fn windows_grow_while_the_next_request_comes_just_after_them() {
         let mut w = Window::new(50 * US);
         assert_eq!(w.len, START_NS);
-        let mut now = 0;
         for expect in [8 * US, 16 * US, 32 * US, 50 * US, 50 * US] {
-            now += 20 * US;
-            w.woke(now, 10 * US, true);
+            w.woke(10 * US, true);
             assert_eq!(w.len, expect);
         }
+        // Whole budgets that keep missing just before the next request are no trouble: the
+        // window stays (a shared CPU shows in the yields instead).
+        for _ in 0..100 {
+            w.woke(5 * US, true);
+        }
+        assert_eq!(w.at(0), 50 * US);
         // Caught: the window stays.
-        w.caught();
-        now += 20 * US;
-        w.woke(now, 10 * US, false);
+        w.woke(10 * US, false);
         assert_eq!(w.len, 50 * US);
     }
 
@@ -380,38 +443,14 @@ mod tests {
         let mut now = 0;
         for expect in [25 * US, 12_500, 6_250, 0, 0] {
             now += 10 * MS;
-            w.woke(now, 10 * MS, true);
+            w.woke(10 * MS, true);
             assert_eq!(w.len, expect);
         }
         // A short gap again: polling resumes at the start.
         now += 10 * US;
-        w.woke(now, 10 * US, false);
+        w.woke(10 * US, false);
         assert_eq!(w.len, START_NS);
         assert_eq!(w.at(now), START_NS);
-    }
-
-    #[test]
-    fn full_windows_that_keep_missing_back_off() {
-        let mut w = Window::new(50 * US);
-        w.len = 50 * US;
-        let mut now = 0;
-        for _ in 0..MISSES - 1 {
-            now += 60 * US;
-            w.woke(now, 5 * US, true);
-            assert_eq!(w.at(now), 50 * US);
-        }
-        // A catch in between starts the count again.
-        w.caught();
-        for _ in 0..MISSES - 1 {
-            now += 60 * US;
-            w.woke(now, 5 * US, true);
-        }
-        assert_eq!(w.at(now), 50 * US);
-        now += 60 * US;
-        w.woke(now, 5 * US, true);
-        assert_eq!(w.at(now), 0, "backed off");
-        assert_eq!(w.at(now + BACKOFF_MIN_NS - 1), 0);
-        assert_eq!(w.at(now + BACKOFF_MIN_NS), START_NS, "back, from the start");
     }
 
     #[test]
@@ -428,9 +467,30 @@ mod tests {
             expect = (expect * 2).min(BACKOFF_MAX_NS);
         }
         assert_eq!(w.backoff, BACKOFF_MAX_NS);
-        // Calm for more than four back-offs: back to the minimum.
-        now += 4 * BACKOFF_MAX_NS + 1;
+        // Calm for a while after the back-off: back to the minimum.
+        now = w.quiet_until + PERSISTS_NS + 1;
         w.trouble(now);
+        assert_eq!(w.backoff, BACKOFF_MIN_NS);
+    }
+
+    #[test]
+    fn unrelated_preemptions_do_not_ratchet_the_back_off_up() {
+        // A preemption every 200 ms, none right after a back-off: each back-off is the
+        // shortest, and the worker polls nearly all the time.
+        let mut w = Window::new(50 * US);
+        let mut now = 0;
+        let mut off = 0;
+        for _ in 0..50 {
+            now += 200 * MS;
+            w.trouble(now);
+            assert_eq!(w.backoff, BACKOFF_MIN_NS);
+            off += w.quiet_until - now;
+        }
+        assert!(off * 100 <= now, "off {off} ns of {now}");
+        // Right at the end of a back-off, and then just too late.
+        w.trouble(w.quiet_until + PERSISTS_NS);
+        assert_eq!(w.backoff, 2 * BACKOFF_MIN_NS);
+        w.trouble(w.quiet_until + PERSISTS_NS + 1);
         assert_eq!(w.backoff, BACKOFF_MIN_NS);
     }
 
@@ -438,9 +498,89 @@ mod tests {
     fn no_budget_no_window() {
         let mut w = Window::new(0);
         assert_eq!(w.at(0), 0);
-        w.woke(10, 5, true);
-        w.woke(20, 5, false);
+        w.woke(5, true);
+        w.woke(5, false);
         assert_eq!(w.at(30), 0);
+    }
+
+    /// A probe that stops the worker for 100 us (a gap in the poll loop) on its 10th look.
+    fn gap_then_nothing(spins: u32) -> Probe {
+        if spins == 10 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Probe::Nothing
+    }
+
+    #[test]
+    fn a_gap_with_no_other_task_on_the_cpu_is_not_a_lost_cpu() {
+        // The hypervisor stopped the CPU: the kernel counted no involuntary switch.
+        fn still() -> Option<u64> {
+            Some(7)
+        }
+        let stats = Pacing::default();
+        let policy = PollPolicy {
+            budget: Duration::from_micros(50),
+            mode: PollMode::Adaptive,
+        };
+        let mut p = Pacer::with_switches(policy, still);
+        assert_eq!(p.poll(&stats, gap_then_nothing), PollEnd::Empty);
+        assert_eq!(stats.windows_stolen.load(Relaxed), 1);
+        assert_eq!(stats.windows_preempted.load(Relaxed), 0);
+        assert_eq!(p.window.quiet_until, 0, "no back-off");
+        assert_eq!(
+            p.window.at(p.ns(Instant::now())),
+            START_NS,
+            "the next window polls"
+        );
+    }
+
+    #[test]
+    fn gaps_while_another_task_ran_in_a_row_end_the_window_and_back_off() {
+        static SWITCHES: AtomicU64 = AtomicU64::new(0);
+        fn switching() -> Option<u64> {
+            Some(SWITCHES.fetch_add(1, Relaxed))
+        }
+        fn unknown() -> Option<u64> {
+            None
+        }
+        for switches in [switching as fn() -> Option<u64>, unknown] {
+            let stats = Pacing::default();
+            let policy = PollPolicy {
+                budget: Duration::from_micros(50),
+                mode: PollMode::Adaptive,
+            };
+            let mut p = Pacer::with_switches(policy, switches);
+            // Once is a task that woke for a moment: the window goes on.
+            assert_eq!(p.poll(&stats, gap_then_nothing), PollEnd::Empty);
+            assert_eq!(stats.windows_preempted.load(Relaxed), 1);
+            // A window that catches a request with its CPU to itself clears the count.
+            assert_eq!(p.poll(&stats, |_| Probe::Moved), PollEnd::Moved);
+            assert_eq!(p.poll(&stats, gap_then_nothing), PollEnd::Empty);
+            assert_eq!(stats.windows_preempted.load(Relaxed), 2);
+            assert_eq!(p.window.quiet_until, 0, "no back-off");
+            // Twice in a row: the window ends and polling backs off.
+            assert_eq!(p.poll(&stats, gap_then_nothing), PollEnd::LostCpu);
+            assert_eq!(stats.windows_preempted.load(Relaxed), 3);
+            assert_eq!(stats.windows_stolen.load(Relaxed), 0);
+            assert_eq!(p.window.at(p.ns(Instant::now())), 0, "backed off");
+            assert_eq!(p.poll(&stats, |_| Probe::Moved), PollEnd::Skipped);
+            // A fixed window polls on through it, counted all the same.
+            let stats = Pacing::default();
+            let mut p = Pacer::with_switches(
+                PollPolicy {
+                    mode: PollMode::Fixed,
+                    ..policy
+                },
+                switches,
+            );
+            assert_eq!(p.poll(&stats, gap_then_nothing), PollEnd::Empty);
+            assert_eq!(stats.windows_preempted.load(Relaxed), 1);
+        }
+    }
+
+    #[test]
+    fn the_kernel_counts_this_threads_involuntary_switches() {
+        assert!(involuntary_switches().is_some());
     }
 
     #[test]

@@ -208,15 +208,16 @@ pub struct Pacing {
     pub wakeups: AtomicU64,
     pub sleeps: AtomicU64,
     /// Poll windows: started, ended with nothing found, that lost the CPU meanwhile (another
-    /// task ran on it; an adaptive window ends there), and skipped during a back-off.
+    /// task ran on it; an adaptive window ends there), whose CPU stopped meanwhile with no
+    /// other task on it (the hypervisor's doing; the window goes on), and skipped during a
+    /// back-off.
     pub windows: AtomicU64,
     pub windows_empty: AtomicU64,
     pub windows_preempted: AtomicU64,
+    pub windows_stolen: AtomicU64,
     pub windows_skipped: AtomicU64,
-    /// Back-offs started because windows at the full budget kept ending empty just before the
-    /// next request (the other reason is a window that lost its CPU: `windows_preempted`),
-    /// and the length of the last back-off (nanoseconds without polling).
-    pub backoffs_missed: AtomicU64,
+    /// The length of the last back-off (nanoseconds without polling after a window lost its
+    /// CPU: `windows_preempted`).
     pub backoff_ns: AtomicU64,
     /// Nanoseconds spent polling (CPU time while the worker kept its CPU).
     pub poll_ns: AtomicU64,
@@ -256,9 +257,9 @@ impl Pacing {
                 "started": self.windows.load(Relaxed),
                 "empty": self.windows_empty.load(Relaxed),
                 "preempted": self.windows_preempted.load(Relaxed),
+                "stolen": self.windows_stolen.load(Relaxed),
                 "skipped": self.windows_skipped.load(Relaxed),
             },
-            "backoffs_missed": self.backoffs_missed.load(Relaxed),
             "backoff_ns": self.backoff_ns.load(Relaxed),
             "poll_ns": self.poll_ns.load(Relaxed),
             "yields": self.yields.load(Relaxed),

@@ -299,6 +299,7 @@ struct Figures {
     windows_empty: f64,
     windows_lost: f64,
     windows_skipped: f64,
+    windows_stolen: f64,
     yields_late: f64,
     window_us_end: f64,
 }
@@ -391,6 +392,7 @@ fn figures(start: &Edge, end: &Edge, samples: &[Sample]) -> Figures {
         f.windows_empty = delta(a, b, &["pacing", "windows", "empty"]);
         f.windows_lost = delta(a, b, &["pacing", "windows", "preempted"]);
         f.windows_skipped = delta(a, b, &["pacing", "windows", "skipped"]);
+        f.windows_stolen = delta(a, b, &["pacing", "windows", "stolen"]);
         f.yields_late = delta(a, b, &["pacing", "yields_late"]);
         f.window_us_end = b["pacing"]["window_ns"].as_f64().unwrap_or_default() / 1e3;
     }
@@ -414,7 +416,7 @@ fn describe(which: &str, name: &str, l: &Loop) -> String {
             let r = f.requests;
             let _ = write!(
                 s,
-                " | worker on {} (moves {}), cpu {}, waited {} ({:.0} us/slice), both runnable on one CPU {} (same CPU {}) | requests woken {} polled {} rechecked {}, sleeps {:.0}/s, windows {:.0}: empty {} lost CPU {:.0}, skipped {:.0}, late yields {:.0}, window at end {:.0} us",
+                " | worker on {} (moves {}), cpu {}, waited {} ({:.0} us/slice), both runnable on one CPU {} (same CPU {}) | requests woken {} polled {} rechecked {}, sleeps {:.0}/s, windows {:.0}: empty {} lost CPU {:.0}, CPU stopped {:.0}, skipped {:.0}, late yields {:.0}, window at end {:.0} us",
                 f.worker_cpu,
                 f.worker_moves,
                 pct(f.worker_cpu_use),
@@ -429,6 +431,7 @@ fn describe(which: &str, name: &str, l: &Loop) -> String {
                 f.windows,
                 pct(f.windows_empty / f.windows.max(1.0)),
                 f.windows_lost,
+                f.windows_stolen,
                 f.windows_skipped,
                 f.yields_late,
                 f.window_us_end,
