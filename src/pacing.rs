@@ -197,6 +197,8 @@ pub struct Pacer {
     /// the count at the last look.
     switches: fn() -> Option<u64>,
     switches_seen: Option<u64>,
+    /// How the worker gives its CPU away in a window (the scheduler's yield; a fake in tests).
+    yield_cpu: fn(),
     /// Times in a row another task took the worker's CPU, with no sign between them that the
     /// worker had it to itself (a yield that came straight back, or a window that caught a
     /// request without losing its CPU).
@@ -220,7 +222,12 @@ impl Pacer {
     }
 
     fn with_switches(policy: PollPolicy, switches: fn() -> Option<u64>) -> Pacer {
+        Pacer::with_hooks(policy, switches, std::thread::yield_now)
+    }
+
+    fn with_hooks(policy: PollPolicy, switches: fn() -> Option<u64>, yield_cpu: fn()) -> Pacer {
         Pacer {
+            yield_cpu,
             policy,
             window: Window::new(policy.budget.as_nanos() as u64),
             switches,
@@ -355,7 +362,7 @@ impl Pacer {
             if spins % YIELD_EVERY == 0 {
                 // Give the CPU away if someone else (a vCPU) waits for it.
                 let before = Instant::now();
-                std::thread::yield_now();
+                (self.yield_cpu)();
                 Pacing::add(&stats.yields, 1);
                 let after = Instant::now();
                 if after.duration_since(before).as_nanos() as u64 > LOST_CPU_NS {
@@ -503,6 +510,51 @@ mod tests {
         assert_eq!(w.at(30), 0);
     }
 
+    const SIZE: usize = std::mem::size_of::<libc::cpu_set_t>();
+    fn affinity() -> libc::cpu_set_t {
+        // SAFETY: an all-zero cpu_set_t is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: writes only the set it is given, for this thread (pid 0).
+        assert_eq!(unsafe { libc::sched_getaffinity(0, SIZE, &mut set) }, 0);
+        set
+    }
+    fn set_affinity(set: &libc::cpu_set_t) {
+        // SAFETY: reads only the set it is given; changes this thread's affinity only.
+        assert_eq!(unsafe { libc::sched_setaffinity(0, SIZE, set) }, 0);
+    }
+    fn only(cpu: usize) -> libc::cpu_set_t {
+        // SAFETY: an all-zero cpu_set_t is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE, inside the set.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set
+    }
+
+    /// Runs `f` on this thread pinned to one CPU with another thread spinning on that CPU.
+    fn sharing_a_cpu<T>(f: impl FnOnce() -> T) -> T {
+        let own = affinity();
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+            .find(|&c| unsafe { libc::CPU_ISSET(c, &own) })
+            .expect("a CPU");
+        set_affinity(&only(cpu));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                set_affinity(&only(cpu));
+                while !stop.load(Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let out = f();
+        stop.store(true, Relaxed);
+        spinner.join().unwrap();
+        set_affinity(&own);
+        out
+    }
+
     /// A probe that stops the worker for 100 us (a gap in the poll loop) on its 10th look.
     fn gap_then_nothing(spins: u32) -> Probe {
         if spins == 10 {
@@ -564,6 +616,7 @@ mod tests {
             assert_eq!(stats.windows_stolen.load(Relaxed), 0);
             assert_eq!(p.window.at(p.ns(Instant::now())), 0, "backed off");
             assert_eq!(p.poll(&stats, |_| Probe::Moved), PollEnd::Skipped);
+            assert_eq!(stats.windows_skipped.load(Relaxed), 1);
             // A fixed window polls on through it, counted all the same.
             let stats = Pacing::default();
             let mut p = Pacer::with_switches(
@@ -580,7 +633,98 @@ mod tests {
 
     #[test]
     fn the_kernel_counts_this_threads_involuntary_switches() {
-        assert!(involuntary_switches().is_some());
+        // Two threads spinning on one CPU: the scheduler preempts this one within a few time
+        // slices, and the count moves.
+        let (before, now) = sharing_a_cpu(|| {
+            let before = involuntary_switches().expect("getrusage");
+            let start = Instant::now();
+            let mut now = before;
+            while now == before && start.elapsed() < Duration::from_secs(10) {
+                now = involuntary_switches().expect("getrusage");
+            }
+            (before, now)
+        });
+        assert!(
+            now > before,
+            "no involuntary switch counted in 10 s on a shared CPU"
+        );
+    }
+
+    #[test]
+    fn windows_yield_and_a_vcpu_on_the_cpu_stops_them_at_the_second_lost_turn() {
+        static SWITCHES: AtomicU64 = AtomicU64::new(0);
+        fn switching() -> Option<u64> {
+            Some(SWITCHES.fetch_add(1, Relaxed))
+        }
+        fn never() -> Option<u64> {
+            Some(0)
+        }
+        /// Another task (a vCPU) runs for 100 us whenever the worker yields.
+        fn late() {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let policy = PollPolicy {
+            budget: Duration::from_millis(200),
+            mode: PollMode::Adaptive,
+        };
+        // Adaptive: the first yield that comes back late does not end the window, the second
+        // in a row does.
+        let stats = Pacing::default();
+        let mut p = Pacer::with_hooks(policy, switching, late);
+        p.window.len = p.window.budget;
+        assert_eq!(p.poll(&stats, |_| Probe::Nothing), PollEnd::LostCpu);
+        assert_eq!(p.lost_in_a_row, LOST_IN_A_ROW);
+        // (A gap of the loop itself on a busy machine counts too: at most that many yields.)
+        assert!(stats.yields.load(Relaxed) <= u64::from(LOST_IN_A_ROW));
+        assert!(stats.yields_late.load(Relaxed) >= 1);
+        assert_eq!(stats.windows_preempted.load(Relaxed), 1);
+        // Fixed: the window polls to its end through late yields, counting the lost CPU.
+        let stats = Pacing::default();
+        let mut p = Pacer::with_hooks(
+            PollPolicy {
+                budget: Duration::from_millis(5),
+                mode: PollMode::Fixed,
+            },
+            switching,
+            late,
+        );
+        assert_eq!(p.poll(&stats, |_| Probe::Nothing), PollEnd::Empty);
+        assert!(stats.yields_late.load(Relaxed) >= 2);
+        assert_eq!(stats.windows_preempted.load(Relaxed), 1);
+        // Late yields with no other task counted (the hypervisor's doing): the window goes on.
+        let stats = Pacing::default();
+        let mut p = Pacer::with_hooks(policy, never, late);
+        p.window.len = 2_000_000;
+        assert_eq!(p.poll(&stats, |_| Probe::Nothing), PollEnd::Empty);
+        assert!(stats.yields_late.load(Relaxed) >= 2);
+        assert_eq!(stats.windows_stolen.load(Relaxed), 1);
+        assert_eq!(stats.windows_preempted.load(Relaxed), 0);
+        // Yields that come straight back clear the count: the window polls to its end.
+        let stats = Pacing::default();
+        let mut p = Pacer::with_switches(policy, switching);
+        p.lost_in_a_row = 1;
+        p.window.len = 2_000_000;
+        let end = p.poll(&stats, |_| Probe::Nothing);
+        assert!(
+            stats.yields.load(Relaxed) >= 1,
+            "yields every {YIELD_EVERY} spins"
+        );
+        if stats.yields_late.load(Relaxed) == 0 && stats.windows_preempted.load(Relaxed) == 0 {
+            assert_eq!(end, PollEnd::Empty);
+            assert_eq!(p.lost_in_a_row, 0);
+        }
+    }
+
+    #[test]
+    fn a_window_at_the_start_length_or_the_budget_is_kept() {
+        // Halving down to exactly the start length keeps polling.
+        let mut w = Window::new(50 * US);
+        w.len = 2 * START_NS;
+        w.woke(10 * MS, true);
+        assert_eq!(w.len, START_NS);
+        // A sleep exactly as long as the budget is not a quiet driver: the window grows.
+        w.woke(50 * US, true);
+        assert_eq!(w.len, 2 * START_NS);
     }
 
     #[test]
@@ -610,5 +754,16 @@ mod tests {
         })
         .poll(&stats, |_| Probe::Moved);
         assert_eq!(fixed, PollEnd::Skipped, "a zero budget never polls");
+        let skipped = stats.windows_skipped.load(Relaxed);
+        let mut off = Pacer::new(PollPolicy {
+            budget: Duration::ZERO,
+            mode: PollMode::Adaptive,
+        });
+        assert_eq!(off.poll(&stats, |_| Probe::Moved), PollEnd::Skipped);
+        assert_eq!(
+            stats.windows_skipped.load(Relaxed),
+            skipped,
+            "no window to skip when polling is off"
+        );
     }
 }
