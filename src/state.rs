@@ -267,11 +267,13 @@ impl Body<'_> {
 
     fn u32_id(&mut self, previous: Option<u32>) -> Result<u32, StateError> {
         let step = self.v()?;
+        // A hostile step can be anything up to 2^64 - 1: the sum must not overflow.
         let id = match previous {
-            None => step,
-            Some(p) => u64::from(p) + 1 + step,
+            None => Some(step),
+            Some(p) => (u64::from(p) + 1).checked_add(step),
         };
-        u32::try_from(id).map_err(|_| StateError::Body("ID above 2^32"))
+        id.and_then(|id| u32::try_from(id).ok())
+            .ok_or(StateError::Body("ID above 2^32"))
     }
 
     /// A count of items that take at least `min_bytes` each: never more than the bytes left.
@@ -456,6 +458,30 @@ mod tests {
     use super::*;
 
     const PAGE: u64 = 4096;
+
+    #[test]
+    fn an_id_step_past_2_to_the_64_is_refused() {
+        for (previous, step) in [
+            (Some(5), u64::MAX),
+            (Some(u32::MAX), u64::MAX - u64::from(u32::MAX)),
+            (Some(u32::MAX), 0),
+            (None, u64::from(u32::MAX) + 1),
+        ] {
+            let mut bytes = Vec::new();
+            put_v(&mut bytes, step);
+            let mut body = Body { bytes: &bytes };
+            assert!(
+                matches!(
+                    body.u32_id(previous),
+                    Err(StateError::Body("ID above 2^32"))
+                ),
+                "{previous:?} + {step}"
+            );
+        }
+        let mut bytes = Vec::new();
+        put_v(&mut bytes, 2);
+        assert_eq!(Body { bytes: &bytes }.u32_id(Some(7)).unwrap(), 10);
+    }
 
     fn topology() -> Topology {
         Topology::builder()
