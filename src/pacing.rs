@@ -255,13 +255,16 @@ impl Pacer {
         ran
     }
 
-    /// A gap in the poll loop: the CPU was taken by another task (`true`), or stopped.
-    fn gap(&mut self) -> bool {
-        let taken = self.another_task_ran();
-        if taken {
-            self.lost_in_a_row += 1;
+    /// A gap in the poll loop: notes whether another task took the CPU (`lost`) or the CPU
+    /// stopped (`stolen`); `true` when an adaptive window ends here.
+    fn gap(&mut self, fixed: bool, lost: &mut bool, stolen: &mut bool) -> bool {
+        if !self.another_task_ran() {
+            *stolen = true;
+            return false;
         }
-        taken
+        *lost = true;
+        self.lost_in_a_row += 1;
+        !fixed && self.lost_in_a_row >= LOST_IN_A_ROW
     }
 
     fn ns(&self, t: Instant) -> u64 {
@@ -345,15 +348,8 @@ impl Pacer {
                 let now = Instant::now();
                 let since = now.duration_since(last).as_nanos() as u64;
                 last = now;
-                if since > LOST_CPU_NS {
-                    if self.gap() {
-                        lost = true;
-                        if !fixed && self.lost_in_a_row >= LOST_IN_A_ROW {
-                            break PollEnd::LostCpu;
-                        }
-                    } else {
-                        stolen = true;
-                    }
+                if since > LOST_CPU_NS && self.gap(fixed, &mut lost, &mut stolen) {
+                    break PollEnd::LostCpu;
                 }
                 if now.duration_since(start).as_nanos() as u64 >= window {
                     break PollEnd::Empty;
@@ -367,13 +363,8 @@ impl Pacer {
                 let after = Instant::now();
                 if after.duration_since(before).as_nanos() as u64 > LOST_CPU_NS {
                     Pacing::add(&stats.yields_late, 1);
-                    if self.gap() {
-                        lost = true;
-                        if !fixed && self.lost_in_a_row >= LOST_IN_A_ROW {
-                            break PollEnd::LostCpu;
-                        }
-                    } else {
-                        stolen = true;
+                    if self.gap(fixed, &mut lost, &mut stolen) {
+                        break PollEnd::LostCpu;
                     }
                 } else {
                     self.lost_in_a_row = 0;
